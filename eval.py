@@ -1,0 +1,775 @@
+"""
+Evaluation for MTAN (Liu et al., CVPR 2019) and MTI-Net (Vandenhende et al., ECCV 2020).
+
+This file holds two things:
+
+1. A metric library that works when eval.py is copied alone into another
+   project (it imports torch, math and the standard library only):
+   accumulators for every dense task of both papers, the multi-task
+   performance Delta_m in its published conventions, the Visual Decathlon
+   score, and helpers that print a metrics dict as the papers' table rows.
+2. The command line `python eval.py --checkpoint ...` (at the bottom).
+
+How the accumulators work
+-------------------------
+Each task has an accumulator with `update(pred, target)` once per batch and
+`compute()` once at the end. The state is a handful of *additive* tensors
+(sums, counts, histograms) that live on the prediction's device:
+
+* `update` never waits for the GPU: no `.item()`, `.cpu()`, `nonzero`,
+  `masked_select` or boolean indexing. Invalid pixels are removed by
+  multiplying (or `torch.where`-ing) a mask in, never by indexing.
+* `compute` copies the whole state to the host in one transfer and returns
+  plain Python floats.
+* Every metric is pooled over all valid pixels of the dataset, not averaged
+  per batch. The official MTAN code (and CAGrad / Nash-MTL, which reuse it)
+  averages depth and normal errors *per batch* (the normal "median" is even a
+  mean of per-batch medians), so its numbers depend on the batch size and on
+  how the last, smaller batch falls. Pooling gives one well-defined number per
+  dataset, is what LibMTL and the MTI-Net evaluation do for depth RMSE and
+  normals, and is what makes the state additive (so several GPUs can simply
+  sum it, see `all_reduce`). Expect pooled and per-batch values to differ in
+  the second or third significant digit.
+* Because the state is additive, `all_reduce()` sums it across
+  `torch.distributed` ranks; afterwards every rank computes the global result.
+
+Fractions are in [0, 1] and angles in degrees; `table_row` turns fractions
+into the percentages the papers print.
+
+Task names, target formats and ignore values follow the project contract:
+semantic / parts = long class ids with -1 ignored, depth 0 = invalid,
+normal all-zero vector = invalid, edge / saliency = {0, 1} maps with logits
+as predictions.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------
+# The base accumulator: additive state on the prediction's device
+# ----------------------------------------------------------------------------
+
+
+class Metric:
+    """An accumulator whose state is a dict of additive tensors.
+
+    Subclasses implement `new_state(device)` (zeros of the right shapes),
+    `update(pred, target)` and `compute()`. The state is created lazily on
+    the first update, on the prediction's device, so the same object works on
+    CPU and on any GPU without being told where.
+    """
+
+    def __init__(self):
+        self.state = None
+
+    def new_state(self, device):
+        raise NotImplementedError
+
+    def reset(self):
+        self.state = None
+
+    def _state_on(self, device):
+        if self.state is None:
+            self.state = self.new_state(device)
+        return self.state
+
+    def all_reduce(self):
+        """Sum the state over torch.distributed ranks (no-op when not distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self.state is None:  # a rank that saw no data still has to take part
+            nccl = dist.get_backend() == "nccl"
+            self.state = self.new_state(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        for tensor in self.state.values():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def host_state(self):
+        """The state on the CPU as float64, with a single device-to-host copy."""
+        state = self.state if self.state is not None else self.new_state("cpu")
+        names = list(state)
+        flat = torch.cat([state[k].reshape(-1).to(torch.float64) for k in names]).cpu()  # the one sync
+        out, start = {}, 0
+        for k in names:
+            n = state[k].numel()
+            out[k] = flat[start:start + n].reshape(state[k].shape)
+            start += n
+        return out
+
+
+def _ratio(num, den):
+    """num / den as a float, NaN when den == 0 (no valid pixel was seen)."""
+    return float(num / den) if float(den) != 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------
+# Semantic segmentation and human parts: a confusion matrix
+# ----------------------------------------------------------------------------
+
+
+class SegMetrics(Metric):
+    """Mean IoU and pixel accuracy from a dataset-wide confusion matrix.
+
+    MTAN `utils.ConfMatrix` and MTI-Net `eval_semseg` both accumulate
+    per-class counts over the whole dataset (rows = ground truth, columns =
+    prediction), then
+
+        IoU_c     = TP_c / (TP_c + FP_c + FN_c)          # one value per class
+        mIoU      = mean_c IoU_c
+        pixel_acc = sum_c TP_c / #valid pixels
+
+    They disagree on a class absent from both the ground truth and the
+    prediction (0 / 0), which happens on small subsets:
+
+        absent="skip"  the class is left out of the mean (a nan-mean); default.
+        absent="zero"  the class counts as IoU 0 (MTI-Net: TP / max(union, 1e-8)).
+        absent="nan"   the whole mIoU is NaN (MTAN's plain mean over classes).
+
+    On a full NYUv2 / PASCAL val set every class occurs and all three agree.
+    A class present only in the prediction has IoU 0 under every rule.
+
+    `pred` is either logits (B, K, H, W) or class ids (B, H, W); `target` is
+    (B, H, W) long with `ignore_index` (and any id outside [0, K)) ignored.
+    The MTAN paper's NYUv2 numbers used an older per-image mIoU, about 8
+    points lower than this one (mtan.md section 5.1).
+    """
+
+    def __init__(self, num_classes, ignore_index=-1, absent="skip"):
+        super().__init__()
+        if absent not in ("skip", "zero", "nan"):
+            raise ValueError(f'absent must be "skip", "zero" or "nan", got {absent!r}')
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.absent = absent
+
+    def new_state(self, device):
+        k = self.num_classes
+        return {"confusion": torch.zeros(k, k, dtype=torch.long, device=device)}
+
+    def image_mask(self, target):
+        """Which images count, (B,) bool. Every image here; PartsMetrics overrides."""
+        return torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        k = self.num_classes
+        if pred.dim() == 4:  # logits (B, K, H, W) -> class ids (B, H, W)
+            pred = pred.argmax(1)
+        if target.dim() == 4:  # tolerate (B, 1, H, W)
+            target = target[:, 0]
+        pred, target = pred.long(), target.long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < k)  # (B, H, W)
+        valid &= self.image_mask(target)[:, None, None]
+        # cell index GT * K + prediction; invalid pixels add 0 to cell 0.
+        # (torch.bincount would read the largest index back to size its
+        # output, a host sync on CUDA, so we add into a fixed-size matrix.)
+        cell = target.clamp(0, k - 1) * k + pred.clamp(0, k - 1)
+        confusion = self._state_on(pred.device)["confusion"]
+        confusion.view(-1).index_add_(0, cell.reshape(-1), valid.reshape(-1).long())
+
+    def class_iou(self):
+        """Per-class IoU as a float64 CPU tensor (NaN for a class absent from GT and prediction)."""
+        conf = self.host_state()["confusion"]
+        tp = conf.diag()
+        union = conf.sum(0) + conf.sum(1) - tp  # TP + FP + FN
+        return tp / union
+
+    def compute(self):
+        conf = self.host_state()["confusion"]
+        tp = conf.diag()
+        union = conf.sum(0) + conf.sum(1) - tp
+        iou = tp / union  # NaN where union == 0
+        if self.absent == "zero":
+            miou = torch.where(union > 0, iou, torch.zeros_like(iou)).mean()
+        elif self.absent == "nan":
+            miou = iou.mean()
+        else:
+            miou = iou.nanmean()
+        return {"miou": float(miou), "pixel_acc": _ratio(tp.sum(), conf.sum())}
+
+
+class PartsMetrics(SegMetrics):
+    """Human-parts mIoU of MTI-Net on PASCAL-Context (`eval_human_parts`).
+
+    The same dataset-wide confusion matrix as SegMetrics over 7 classes
+    (background, head, torso, upper arm, lower arm, upper leg, lower leg),
+    but an image only counts if it shows a person: the official evaluation
+    skips an image whose ground truth is a single value, all background (0)
+    or all void. Images without a person are all void in this project's
+    loader, so they drop out either way; an all-background image is skipped
+    explicitly here. Absent classes count as 0 by default, as in the
+    official code.
+    """
+
+    def __init__(self, num_classes=7, ignore_index=-1, absent="zero"):
+        super().__init__(num_classes, ignore_index, absent)
+
+    def image_mask(self, target):
+        all_background = (target == 0).flatten(1).all(1)  # (B,)
+        return ~all_background
+
+
+# ----------------------------------------------------------------------------
+# Depth: absolute, relative and RMS error over valid pixels
+# ----------------------------------------------------------------------------
+
+
+class DepthMetrics(Metric):
+    """Depth errors pooled over every valid pixel (target != 0) of the dataset.
+
+        abs_err = sum |p - t|       / N        # MTAN utils.depth_error
+        rel_err = sum |p - t| / t   / N        # MTAN utils.depth_error
+        rmse    = sqrt(sum (p - t)^2 / N)      # MTI-Net eval_depth: RMSE pooled over all pixels
+
+    The official MTAN code computes abs_err and rel_err per batch and then
+    averages the batch values, so pixels of a small last batch weigh more;
+    we pool instead (see the module docstring). MTI-Net's `eval_depth`
+    replaces predictions <= 0 by 1e-9 before the RMSE (it also takes logs):
+    pass `clamp_nonpositive=True` to do the same.
+    Inputs: pred and target (B, 1, H, W), in metres (NYU) or disparity units.
+    """
+
+    def __init__(self, clamp_nonpositive=False):
+        super().__init__()
+        self.clamp_nonpositive = clamp_nonpositive
+
+    def new_state(self, device):
+        zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        return {"abs": zero(torch.float64), "rel": zero(torch.float64),
+                "sq": zero(torch.float64), "count": zero(torch.long)}
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        p, t = pred.float(), target.float()  # (B, 1, H, W)
+        if self.clamp_nonpositive:
+            p = torch.where(p <= 0, torch.full_like(p, 1e-9), p)
+        valid = t != 0
+        err = torch.where(valid, (p - t).abs(), torch.zeros_like(p))  # 0 on invalid pixels
+        t_safe = torch.where(valid, t, torch.ones_like(t))  # avoids 0 / 0 on invalid pixels
+        s = self._state_on(p.device)
+        s["abs"] += err.sum(dtype=torch.float64)
+        s["rel"] += (err / t_safe).sum(dtype=torch.float64)
+        s["sq"] += (err * err).sum(dtype=torch.float64)
+        s["count"] += valid.sum()
+
+    def compute(self):
+        s = self.host_state()
+        n = s["count"]
+        return {"abs_err": _ratio(s["abs"], n), "rel_err": _ratio(s["rel"], n),
+                "rmse": math.sqrt(_ratio(s["sq"], n))}
+
+
+# ----------------------------------------------------------------------------
+# Surface normals: angular error statistics, median from a fine histogram
+# ----------------------------------------------------------------------------
+
+
+class NormalMetrics(Metric):
+    """Angular error (degrees) between predicted and ground-truth normals.
+
+    Per valid pixel (ground truth not the zero vector), after normalising
+    the prediction (so its length does not matter) and the ground truth:
+
+        angle = degrees(acos(clamp(<p, g>, -1, 1)))   # MTAN normal_error, MTI-Net eval_normals
+
+    Reported over all valid pixels of the dataset: the mean, the median, the
+    RMSE sqrt(mean angle^2) (MTI-Net), and the fractions of pixels with an
+    angle *strictly below* 11.25, 22.5 and 30 degrees.
+
+    The median needs every error, which does not fit a bounded state; we
+    keep a histogram of `bins` equal bins over [0, 180] on the device (36000
+    bins = 0.005 degree) and interpolate linearly inside the bin holding the
+    middle pixel, so the median is off by less than one bin width (checked
+    against torch.median in the tests). The official MTAN code instead
+    averages per-batch medians, which is not the dataset median.
+    The angle is computed in float64: acos loses precision near 0 degrees
+    in float32.
+    """
+
+    thresholds = (11.25, 22.5, 30.0)
+
+    def __init__(self, bins=36000):
+        super().__init__()
+        self.bins = bins
+
+    def new_state(self, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        return {"sum": torch.zeros((), **f64), "sq": torch.zeros((), **f64),
+                "count": torch.zeros((), dtype=torch.long, device=device),
+                "within": torch.zeros(len(self.thresholds), dtype=torch.long, device=device),
+                "hist": torch.zeros(self.bins, dtype=torch.long, device=device)}
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        p, g = pred.double(), target.double()  # (B, 3, H, W)
+        valid = (g != 0).any(1)  # (B, H, W): the all-zero vector marks "no ground truth"
+        p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        angle = torch.rad2deg(torch.acos((p * g).sum(1).clamp(-1, 1)))  # (B, H, W) in [0, 180]
+        angle = torch.where(valid, angle, torch.zeros_like(angle))
+        s = self._state_on(pred.device)
+        s["sum"] += angle.sum()
+        s["sq"] += (angle * angle).sum()
+        s["count"] += valid.sum()
+        s["within"] += torch.stack([(valid & (angle < t)).sum() for t in self.thresholds])
+        # histogram bin of each angle; invalid pixels add 0
+        idx = (angle * (self.bins / 180.0)).long().clamp(0, self.bins - 1)
+        s["hist"].index_add_(0, idx.reshape(-1), valid.reshape(-1).long())
+
+    def compute(self):
+        s = self.host_state()
+        n = s["count"]
+        out = {"mean": _ratio(s["sum"], n), "median": self._median(s["hist"]),
+               "rmse": math.sqrt(_ratio(s["sq"], n))}
+        for t, w in zip(self.thresholds, s["within"]):
+            out[f"within_{t:g}"] = _ratio(w, n)
+        return out
+
+    def _median(self, hist):
+        """The 50 % point of the histogram, interpolated linearly inside its bin."""
+        n = float(hist.sum())
+        if n == 0:
+            return float("nan")
+        width = 180.0 / self.bins
+        cum = hist.cumsum(0)  # pixels in bins 0..k
+        k = int(torch.searchsorted(cum, torch.tensor([n / 2], dtype=cum.dtype)))  # bin with the middle
+        below = float(cum[k] - hist[k])  # pixels in bins before k
+        return (k + (n / 2 - below) / float(hist[k])) * width
+
+
+# ----------------------------------------------------------------------------
+# Edges: an approximate ODS F-score with a distance tolerance
+# ----------------------------------------------------------------------------
+
+
+def _dilate(x, radius, shape="disk"):
+    """Max filter of (B, 1, H, W) `x` over a disk (or square) of `radius` pixels.
+
+    The disk {dx^2 + dy^2 <= r^2} is the union of the centred rectangles
+    (2|dy|+1) x (2 floor(sqrt(r^2 - dy^2))+1), dy = 0..floor(r), so its max
+    filter is the max of r+1 rectangular max-pools. Max filtering commutes
+    with thresholding: dilate(x)>=t == dilate(x>=t), which lets one call
+    serve every threshold.
+    """
+    r = int(math.floor(radius + 1e-9))
+    if shape == "square":
+        return F.max_pool2d(x, 2 * r + 1, stride=1, padding=r)
+    out = x
+    for dy in range(r + 1):
+        dx = int(math.floor(math.sqrt(max(radius * radius - dy * dy, 0.0)) + 1e-9))
+        if dy or dx:
+            out = torch.maximum(out, F.max_pool2d(x, (2 * dy + 1, 2 * dx + 1), stride=1, padding=(dy, dx)))
+    return out
+
+
+class EdgeMetrics(Metric):
+    """Approximate ODS F-score for edge maps (MTI-Net's PASCAL "odsF").
+
+    The official number comes from SEISM / the BSDS benchmark in MATLAB
+    (mtinet.md section 7.6): for each of 99 thresholds t, binarise the edge
+    probability at >= t, thin it to one-pixel-wide lines, match it one-to-one
+    (bipartite matching, `correspondPixels`) with the ground-truth boundary
+    within maxDist = 0.0075 x the image diagonal, and count over the dataset
+
+        P(t) = matched predicted px / predicted px
+        R(t) = matched GT px / GT px
+        F(t) = 2 P R / (P + R),   odsF = max_t F(t)   # ODS: one threshold for the whole dataset
+
+    Here, on the device and without MATLAB:
+      * a predicted pixel is a hit if a GT pixel lies within the tolerance
+        (GT dilated by a disk), a GT pixel is recalled if a predicted pixel
+        lies within it (the probability map max-filtered by the same disk);
+      * no thinning of the prediction and no one-to-one matching: several
+        predicted pixels may claim the same GT pixel and vice versa.
+    So it over-counts matches and the score is biased *upwards* (optimistic)
+    compared with SEISM, typically by a fraction of a point for thin maps and
+    more for thick, blurry ones (a thick band inside the tolerance is all
+    "hits"; only band pixels farther than the tolerance are penalised).
+    Report it as "approx-odsF", never next to SEISM numbers as if equal.
+
+    State: per-threshold histograms (additive), independent of image size.
+    `tolerance` is in pixels (`unit="pixels"`) or a fraction of the image
+    diagonal (`unit="diagonal"`, default 0.0075 as SEISM/BSDS). Predictions
+    are logits (B, 1, H, W); targets {0, 1} boundary maps of the same size.
+    """
+
+    def __init__(self, tolerance=0.0075, unit="diagonal", num_thresholds=99, shape="disk"):
+        super().__init__()
+        if unit not in ("pixels", "diagonal"):
+            raise ValueError(f'unit must be "pixels" or "diagonal", got {unit!r}')
+        if shape not in ("disk", "square"):
+            raise ValueError(f'shape must be "disk" or "square", got {shape!r}')
+        self.tolerance, self.unit, self.shape = tolerance, unit, shape
+        self.num_thresholds = num_thresholds  # thresholds k / (T + 1), k = 1..T (SEISM: 0.01..0.99)
+
+    def new_state(self, device):
+        n = self.num_thresholds + 1  # bin j = number of thresholds <= value
+        z = lambda: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+        return {"pred": z(), "pred_hit": z(), "gt": z()}
+
+    def radius(self, height, width):
+        if self.unit == "pixels":
+            return float(self.tolerance)
+        return self.tolerance * math.hypot(height, width)
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        prob = torch.sigmoid(pred.float())  # (B, 1, H, W)
+        gt = (target > 0.5).float()
+        r = self.radius(*prob.shape[-2:])
+        near_gt = _dilate(gt, r, self.shape) > 0  # a GT pixel within r
+        best_near = _dilate(prob, r, self.shape)  # highest probability within r
+
+        s = self._state_on(prob.device)
+        t = torch.arange(1, self.num_thresholds + 1, device=prob.device) / (self.num_thresholds + 1)
+        # j = #thresholds <= p, so "p >= t_k" <=> j >= k (k = 1..T)
+        bin_pred = torch.bucketize(prob, t, right=True).reshape(-1)
+        bin_best = torch.bucketize(best_near, t, right=True).reshape(-1)
+        s["pred"].index_add_(0, bin_pred, torch.ones_like(bin_pred))
+        s["pred_hit"].index_add_(0, bin_pred, near_gt.reshape(-1).long())
+        s["gt"].index_add_(0, bin_best, gt.reshape(-1).long())
+
+    def compute(self):
+        s = self.host_state()
+        at_least = lambda h: h.flip(0).cumsum(0).flip(0)[1:]  # noqa: E731  count with bin >= k, k = 1..T
+        n_pred, n_hit, n_rec = at_least(s["pred"]), at_least(s["pred_hit"]), at_least(s["gt"])
+        n_gt = s["gt"].sum()
+        precision = n_hit / n_pred.clamp_min(1)  # 0 when nothing is predicted (BSDS convention)
+        recall = n_rec / max(float(n_gt), 1.0)
+        f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+        return {"odsf": float(f.max())}
+
+
+# ----------------------------------------------------------------------------
+# Saliency: max F and "mIoU" over 15 thresholds (MTI-Net / ASTMT eval_sal)
+# ----------------------------------------------------------------------------
+
+
+class SaliencyMetrics(Metric):
+    """Saliency maxF and mIoU exactly as MTI-Net's `eval_sal` (mtinet.md section 7.5).
+
+    For each image and each of 15 thresholds t = linspace(0.2, 0.9, 15),
+    binarise the probability at > t and compute
+
+        IoU  = TP / (TP + FP + FN)          (1 when GT and prediction are both empty)
+        prec = TP / (TP + FP + 1e-12),  rec = TP / (TP + FN + 1e-12)
+
+    then average each over *images* (not pixels) per threshold, and
+
+        F(t) = 2 mP mR / (mP + mR + 1e-12)          # from the mean P and mean R
+        maxf = max_t F(t),   miou = max_t mean IoU(t)   # "mIoU" = best threshold's mean IoU
+
+    Delta_m uses miou. The official code reads 8-bit PNGs (255 x sigmoid,
+    truncated); we threshold the float probability, which can move a pixel
+    that sits within 1/255 of a threshold.
+    Inputs: logits (B, 1, H, W), targets (B, 1, H, W) in {0, 1}.
+    """
+
+    def __init__(self, num_thresholds=15, low=0.2, high=0.9):
+        super().__init__()
+        self.num_thresholds, self.low, self.high = num_thresholds, low, high
+
+    def new_state(self, device):
+        z = lambda: torch.zeros(self.num_thresholds, dtype=torch.float64, device=device)  # noqa: E731
+        return {"iou": z(), "prec": z(), "rec": z(),
+                "images": torch.zeros((), dtype=torch.long, device=device)}
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        prob = torch.sigmoid(pred.float()).flatten(1)  # (B, HW)
+        gt = (target > 0.5).flatten(1)  # (B, HW)
+        t = torch.linspace(self.low, self.high, self.num_thresholds, device=prob.device)
+        binary = prob[:, None, :] > t[None, :, None]  # (B, T, HW)
+        tp = (binary & gt[:, None, :]).sum(-1).double()  # (B, T)
+        n_pred = binary.sum(-1).double()  # TP + FP
+        n_gt = gt.sum(-1, keepdim=True).double()  # TP + FN, (B, 1)
+        union = n_pred + n_gt - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.ones_like(tp))
+        s = self._state_on(prob.device)
+        s["iou"] += iou.sum(0)
+        s["prec"] += (tp / (n_pred + 1e-12)).sum(0)
+        s["rec"] += (tp / (n_gt + 1e-12)).sum(0)
+        s["images"] += prob.shape[0]
+
+    def compute(self):
+        s = self.host_state()
+        n = float(s["images"])
+        if n == 0:
+            return {"maxf": float("nan"), "miou": float("nan")}
+        miou, mp, mr = s["iou"] / n, s["prec"] / n, s["rec"] / n  # per threshold
+        f = 2 * mp * mr / (mp + mr + 1e-12)
+        return {"maxf": float(f.max()), "miou": float(miou.max())}
+
+
+# ----------------------------------------------------------------------------
+# One accumulator per task
+# ----------------------------------------------------------------------------
+
+
+def metrics_for(tasks, **options):
+    """A fresh accumulator per task, in the order of `tasks`.
+
+    `tasks` maps task name -> output channels, e.g. {"semantic": 13, "depth": 1,
+    "normal": 3}. `options` holds keyword arguments per task, e.g.
+    metrics_for(tasks, edge={"tolerance": 1, "unit": "pixels"}, semantic={"absent": "zero"}).
+    """
+    makers = {
+        "semantic": lambda c, o: SegMetrics(c, **o),
+        "parts": lambda c, o: PartsMetrics(c, **o),
+        "depth": lambda c, o: DepthMetrics(**o),
+        "normal": lambda c, o: NormalMetrics(**o),
+        "edge": lambda c, o: EdgeMetrics(**o),
+        "saliency": lambda c, o: SaliencyMetrics(**o),
+    }
+    for name in list(tasks) + list(options):
+        if name not in makers:
+            raise ValueError(f"no metrics for task {name!r}; known tasks: {', '.join(makers)}")
+    for name in options:
+        if name not in tasks:
+            raise ValueError(f"options given for task {name!r}, which is not in {list(tasks)}")
+    return {name: makers[name](channels, dict(options.get(name, {}))) for name, channels in tasks.items()}
+
+
+def update_all(metrics, preds, batch):
+    """Feed one batch to every accumulator: preds[task] against batch[task]."""
+    for name, metric in metrics.items():
+        metric.update(preds[name], batch[name])
+
+
+def compute_all(metrics):
+    """{task: {metric: float}} for a dict of accumulators."""
+    return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def average_results(history):
+    """Mean of several results dicts, e.g. the last 10 epochs (the MTAN / Nash-MTL protocol)."""
+    if not history:
+        raise ValueError("average_results needs at least one results dict")
+    return {task: {m: sum(r[task][m] for r in history) / len(history) for m in metrics}
+            for task, metrics in history[0].items()}
+
+
+# ----------------------------------------------------------------------------
+# Multi-task performance Delta_m
+# ----------------------------------------------------------------------------
+
+# Results dicts are {task: {metric: value}} as returned by compute_all; a
+# baseline must use the same units as the results (fractions or percentages
+# alike), since Delta_m only uses ratios.
+
+HIGHER_IS_BETTER = {
+    "miou": True, "pixel_acc": True, "maxf": True, "odsf": True,
+    "within_11.25": True, "within_22.5": True, "within_30": True,
+    "abs_err": False, "rel_err": False, "rmse": False, "mean": False, "median": False,
+}
+
+# One metric per task, as MTI-Net's calculate_multi_task_performance (mtinet.md 7.7).
+PRIMARY_METRIC = {"semantic": "miou", "parts": "miou", "saliency": "miou",
+                  "edge": "odsf", "normal": "mean", "depth": "rmse"}
+
+# The 9 NYUv2 metrics of Nash-MTL / CAGrad / FAMO, in their column order.
+NYUV2_9 = (("semantic", "miou"), ("semantic", "pixel_acc"), ("depth", "abs_err"), ("depth", "rel_err"),
+           ("normal", "mean"), ("normal", "median"), ("normal", "within_11.25"),
+           ("normal", "within_22.5"), ("normal", "within_30"))
+
+# Single-task rows ("STL") printed by the papers, in this file's units (fractions, degrees, metres).
+# SegNet single-task NYUv2, the BASE of Nash-MTL / CAGrad (ecosystem.md section 2.1).
+STL_NYUV2_SEGNET = {
+    "semantic": {"miou": 0.3830, "pixel_acc": 0.6376},
+    "depth": {"abs_err": 0.6754, "rel_err": 0.2780},
+    "normal": {"mean": 25.01, "median": 19.21, "within_11.25": 0.3014, "within_22.5": 0.5720, "within_30": 0.6915},
+}
+# MTI-Net repository v1 README, HRNet-18 single-task models (mtinet.md section 9.1).
+STL_NYUD_HRNET18 = {"semantic": {"miou": 0.345}, "depth": {"rmse": 0.610}}
+STL_PASCAL_HRNET18 = {"semantic": {"miou": 0.594}, "parts": {"miou": 0.603}, "saliency": {"miou": 0.670},
+                      "edge": {"odsf": 0.692}, "normal": {"mean": 14.6}}
+# The same README, ResNet-50 single-task on NYUD.
+STL_NYUD_RESNET50 = {"semantic": {"miou": 0.401}, "depth": {"rmse": 0.571}}
+
+
+def _relative_gain(results, baseline, task, metric):
+    """(-1)^l (M - M_stl) / M_stl: positive when `results` beats the baseline."""
+    for name, d in (("results", results), ("baseline", baseline)):
+        if task not in d or metric not in d[task]:
+            raise KeyError(f"{name} has no value for {task}/{metric}")
+    if metric not in HIGHER_IS_BETTER:
+        raise KeyError(f"unknown metric {metric!r}: say whether higher is better in HIGHER_IS_BETTER")
+    base = baseline[task][metric]
+    if base == 0:
+        raise ValueError(f"baseline {task}/{metric} is 0: relative change undefined")
+    gain = (results[task][metric] - base) / base
+    return gain if HIGHER_IS_BETTER[metric] else -gain
+
+
+def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
+    """Relative multi-task performance against a single-task baseline, in percent.
+
+    The three published conventions give different numbers and even
+    different signs, so the caller must name one (ecosystem.md section 1.2):
+
+    convention="mtinet"  (Maninis et al. 2019 / MTI-Net / Auto-Lambda; higher is better)
+        Delta_m = 100/T * sum_t (-1)^{l_t} (M_t - M_stl,t) / M_stl,t
+        one metric per task (PRIMARY_METRIC: mIoU, odsF, mean angle, depth
+        RMSE; override with metrics={"depth": "abs_err"} for Auto-Lambda),
+        l_t = 1 if lower is better. Positive = better than single-task.
+        Tasks: `tasks` if given (MTI-Net counts main tasks only), else all
+        tasks of `results`.
+
+    convention="nyuv2-9"  (Nash-MTL / CAGrad / FAMO; lower is better)
+        Delta_m = 100/9 * sum_m (-1)^{h_m} (M_m - M_stl,m) / M_stl,m
+        over the 9 NYUv2 metrics NYUV2_9, h_m = 1 if higher is better.
+        Negative = better than single-task; use STL_NYUV2_SEGNET as baseline.
+
+    convention="libmtl"  (LibMTL's Delta_p; higher is better)
+        the mean of the per-metric gains within each task, then over tasks,
+        over every metric the baseline lists for the task.
+    """
+    if convention == "nyuv2-9":
+        return -100.0 * sum(_relative_gain(results, baseline, t, m) for t, m in NYUV2_9) / len(NYUV2_9)
+    tasks = list(tasks if tasks is not None else results)
+    if not tasks:
+        raise ValueError("delta_m needs at least one task")
+    if convention == "mtinet":
+        chosen = dict(PRIMARY_METRIC, **(metrics or {}))
+        missing = [t for t in tasks if t not in chosen]
+        if missing:
+            raise KeyError(f"no primary metric for {missing}; pass metrics={{task: metric}}")
+        return 100.0 * sum(_relative_gain(results, baseline, t, chosen[t]) for t in tasks) / len(tasks)
+    if convention == "libmtl":
+        per_task = []
+        for t in tasks:
+            names = list((metrics or {}).get(t) or baseline.get(t, {}))
+            if not names:
+                raise KeyError(f"baseline has no metrics for task {t!r}")
+            per_task.append(sum(_relative_gain(results, baseline, t, m) for m in names) / len(names))
+        return 100.0 * sum(per_task) / len(per_task)
+    raise ValueError(f'convention must be "mtinet", "nyuv2-9" or "libmtl", got {convention!r}')
+
+
+# ----------------------------------------------------------------------------
+# Visual Decathlon score (Rebuffi, Bilen, Vedaldi, NeurIPS 2017)
+# ----------------------------------------------------------------------------
+
+# Top-1 test accuracy (%) of the "Finetune" baseline (per-domain fine-tuned
+# ResNet-26), keyed by the official domain (folder) names, MTAN Table 4.
+FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82,
+            "dtd": 55.53, "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69,
+            "svhn": 96.55, "ucf101": 51.20}
+DECATHLON_DOMAINS = tuple(FINETUNE)
+
+
+def decathlon_score(accuracy, baseline=FINETUNE):
+    """The challenge score S = sum_d alpha_d max(0, E_max_d - E_d)^gamma.
+
+    E_d = 100 - accuracy (% top-1 error), E_max_d = 2 x the baseline's
+    error, gamma = 2 and alpha_d = 1000 / E_max_d^2, so a perfect domain
+    earns 1000 points and the baseline itself 250 per domain (2500 for 10).
+    `accuracy` and `baseline` map domain name -> accuracy in percent; any
+    domain names work as long as both dicts have the same ones.
+    """
+    missing = [d for d in baseline if d not in accuracy]
+    unknown = [d for d in accuracy if d not in baseline]
+    if missing or unknown:
+        raise KeyError(f"decathlon_score: missing domains {missing}, unknown domains {unknown}; "
+                       f"expected exactly {list(baseline)}")
+    if max(accuracy.values()) <= 1.0 < max(baseline.values()):
+        raise ValueError("decathlon_score: accuracies look like fractions; pass percentages (0-100)")
+    score = 0.0
+    for domain, base_acc in baseline.items():
+        e_max = 2.0 * (100.0 - base_acc)
+        if e_max <= 0:
+            raise ValueError(f"decathlon_score: baseline accuracy of {domain!r} is 100 %, E_max would be 0")
+        error = 100.0 - accuracy[domain]
+        score += 1000.0 / e_max ** 2 * max(0.0, e_max - error) ** 2
+    return score
+
+
+# ----------------------------------------------------------------------------
+# Table rows as the papers print them
+# ----------------------------------------------------------------------------
+
+# (task, metric) -> (column header, scale, decimals). Scale 100 turns a
+# fraction into the percentage the papers print.
+COLUMNS = {
+    ("semantic", "miou"): ("mIoU", 100, 2), ("semantic", "pixel_acc"): ("Pix Acc", 100, 2),
+    ("parts", "miou"): ("Parts mIoU", 100, 2), ("parts", "pixel_acc"): ("Parts Acc", 100, 2),
+    ("depth", "abs_err"): ("Abs", 1, 4), ("depth", "rel_err"): ("Rel", 1, 4), ("depth", "rmse"): ("RMSE", 1, 4),
+    ("normal", "mean"): ("Mean", 1, 2), ("normal", "median"): ("Median", 1, 2),
+    ("normal", "rmse"): ("Angle RMSE", 1, 2), ("normal", "within_11.25"): ("11.25", 100, 2),
+    ("normal", "within_22.5"): ("22.5", 100, 2), ("normal", "within_30"): ("30", 100, 2),
+    ("saliency", "maxf"): ("Sal maxF", 100, 2), ("saliency", "miou"): ("Sal mIoU", 100, 2),
+    ("edge", "odsf"): ("odsF", 100, 2),
+}
+
+# Which metrics each table style shows per task; tasks a style does not
+# list fall back to the MTI-Net columns.
+STYLES = {
+    # MTAN Table 3 (NYUv2) and Table 2 (CityScapes, whose Rel Err is printed x100)
+    "mtan": {"semantic": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"],
+             "normal": ["mean", "median", "within_11.25", "within_22.5", "within_30"]},
+    "mtan-cityscapes": {"semantic": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"]},
+    # MTI-Net tables: one metric per task (the Delta_m metrics)
+    "mtinet": {"semantic": ["miou"], "parts": ["miou"], "saliency": ["miou"], "edge": ["odsf"],
+               "normal": ["mean"], "depth": ["rmse"]},
+}
+
+
+def table_row(results, tasks=None, style="mtan"):
+    """[(column header, formatted value)] for one results dict {task: {metric: value}}.
+
+    style: "mtan" (NYUv2 columns mIoU, Pix Acc, Abs, Rel, Mean, Median, 11.25,
+    22.5, 30), "mtan-cityscapes" (Rel Err x100, as MTAN Table 2), "mtinet"
+    (one metric per task) or "all" (every metric of every task). `tasks`
+    selects and orders the tasks (default: those of `results`). A metric
+    missing from `results` prints as "-".
+    """
+    if style != "all" and style not in STYLES:
+        raise ValueError(f'style must be one of {list(STYLES) + ["all"]}, got {style!r}')
+    row = []
+    for task in (tasks if tasks is not None else results):
+        values = results.get(task, {})
+        if style == "all":
+            names = list(values)
+        else:
+            names = STYLES[style].get(task) or STYLES["mtinet"].get(task) or list(values)
+        for metric in names:
+            header, scale, decimals = COLUMNS.get((task, metric), (f"{task} {metric}", 1, 4))
+            if style == "mtan-cityscapes" and (task, metric) == ("depth", "rel_err"):
+                header, scale, decimals = "Rel Err", 100, 2
+            value = values.get(metric)
+            text = "-" if value is None else f"{value * scale:.{decimals}f}"
+            row.append((header, text))
+    return row
+
+
+def format_table(rows, names=None):
+    """A Markdown table (aligned, readable as plain text) from table_row outputs.
+
+    `rows` is a list of rows, or a dict {row name: row}; `names` labels a list.
+    Columns are the union of the rows' headers in first-seen order.
+    """
+    if isinstance(rows, dict):
+        names, rows = list(rows), list(rows.values())
+    headers = []
+    for row in rows:
+        headers += [h for h, _ in row if h not in headers]
+    table = [[dict(row).get(h, "-") for h in headers] for row in rows]
+    if names is not None:
+        headers = ["method"] + headers
+        table = [[str(n)] + r for n, r in zip(names, table)]
+    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)]
+    left = 1 if names is not None else 0  # the method names are left-aligned, numbers right-aligned
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in table])
+
+
+# ----------------------------------------------------------------------------
+# Command line (added by the train/eval issue)
+# ----------------------------------------------------------------------------
