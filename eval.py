@@ -28,8 +28,8 @@ Each task has an accumulator with `update(pred, target)` once per batch and
   how the last, smaller batch falls. Pooling gives one well-defined number per
   dataset, is what LibMTL and the MTI-Net evaluation do for depth RMSE and
   normals, and is what makes the state additive (so several GPUs can simply
-  sum it, see `all_reduce`). Expect pooled and per-batch values to differ in
-  the second or third significant digit.
+  sum it, see `all_reduce`). Pooled and per-batch values differ slightly
+  for means and fractions and more for the median; compare like with like.
 * Because the state is additive, `all_reduce()` sums it across
   `torch.distributed` ranks; afterwards every rank computes the global result.
 
@@ -744,21 +744,30 @@ def table_row(results, tasks=None, style="mtan"):
     return row
 
 
-def format_table(rows, names=None):
-    """A Markdown table (aligned, readable as plain text) from table_row outputs.
+def format_table(rows, tasks=None, style="mtan"):
+    """A Markdown table (aligned, readable as plain text), one line per method.
 
-    `rows` is a list of rows, or a dict {row name: row}; `names` labels a list.
+    `rows` is a dict {name: row} or a list of (name, row) pairs or a list of
+    unnamed rows, where each row is either a `table_row` output or a results
+    dict {task: {metric: value}} (turned into a row with `tasks` and `style`).
     Columns are the union of the rows' headers in first-seen order.
     """
     if isinstance(rows, dict):
-        names, rows = list(rows), list(rows.values())
+        rows = list(rows.items())
+    rows = list(rows)
+    named = bool(rows) and all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], (list, dict))
+                               for r in rows)
+    names = [str(n) for n, _ in rows] if named else None
+    rows = [r for _, r in rows] if named else rows
+    rows = [table_row(r, tasks, style) if isinstance(r, dict) else r for r in rows]
+
     headers = []
     for row in rows:
         headers += [h for h, _ in row if h not in headers]
     table = [[dict(row).get(h, "-") for h in headers] for row in rows]
     if names is not None:
         headers = ["method"] + headers
-        table = [[str(n)] + r for n, r in zip(names, table)]
+        table = [[n] + r for n, r in zip(names, table)]
     widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)]
     left = 1 if names is not None else 0  # the method names are left-aligned, numbers right-aligned
 
@@ -768,6 +777,12 @@ def format_table(rows, names=None):
 
     rule = "|" + "|".join(":" + "-" * (w + 1) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in table])
+
+
+def format_metrics(results):
+    """One compact line for logs: "semantic miou 0.3911 pixel_acc 0.6531 | depth abs_err 0.5510 ..."."""
+    return " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                      for task, metrics in results.items())
 
 
 # ----------------------------------------------------------------------------

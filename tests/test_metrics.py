@@ -553,6 +553,16 @@ def test_format_table():
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     assert lines[0].split("|")[1].strip() == "method" and set(lines[1]) <= set("|-:")
     assert "38.30" in lines[2] and "39.11" in lines[3]
+    # results dicts and (name, results) pairs are turned into rows on the way
+    assert ev.format_table([("STL", ev.STL_NYUV2_SEGNET), ("MTAN+DWA", DWA_ROW)]) == text
+    nyud = ev.format_table([ev.STL_NYUD_HRNET18], {"semantic": 40, "depth": 1}, style="mtinet")
+    assert nyud.splitlines()[0].split() == ["|", "mIoU", "|", "RMSE", "|"]
+    assert "34.50" in nyud and "0.6100" in nyud
+
+
+def test_format_metrics():
+    line = ev.format_metrics({"semantic": {"miou": 0.5, "pixel_acc": 0.75}, "depth": {"rmse": 0.6}})
+    assert line == "semantic miou 0.5000 pixel_acc 0.7500 | depth rmse 0.6000"
 
 
 # ----------------------------------------------------------------------------
