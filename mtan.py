@@ -1,0 +1,542 @@
+"""
+MTAN: "End-to-End Multi-Task Learning with Attention" (Liu, Johns, Davison, CVPR 2019), in plain PyTorch.
+
+Every network of the paper's experiments, in the order a reader needs them:
+
+    1. building blocks   ConvLayer, Stage, PredictionHead, TaskHeads, AttentionMask, SharedConv
+    2. SegNetBackbone    VGG-16 encoder + mirrored decoder, max-pool with indices / max-unpool
+    3. SegNet            One Task (one task) and Split standard / wide / deep (several tasks)
+    4. MTAN              shared SegNet + one soft-attention chain per task; one task = STAN
+    5. DenseSegNet, CrossStitchSegNet      the remaining baselines of the paper's Tables 2 and 3
+    6. WideResNetMTAN    WRN-28-4 + attention for the Visual Decathlon (Table 4)
+
+Every model is `Model(tasks, ...)`, `tasks` an ordered dict name -> output channels, e.g.
+{"semantic": 13, "depth": 1, "normal": 3}, and `forward(x)` returns a dict name -> (B, C, H, W) prediction
+at the input resolution: "semantic" gives logits, "normal" unit vectors, anything else raw values.
+
+The idea (paper Fig. 2). A shared network learns features useful to all tasks. Each task i owns a chain of
+small attention modules that, at every stage j, softly selects the shared features it wants:
+
+    â_i^j = a_i^j ⊙ p^j                                 Eq. (1)   attended features
+    a_i^j = h_i^j( g_i^j( [u^j ; f^j(â_i^(j-1))] ) )    Eq. (2)   attention mask, values in (0, 1)
+
+u^j is the output of the first conv of shared stage j, p^j the output of its last conv, g and h are
+task-specific 1x1 convs (the mask module), f^j is a 3x3 conv shared by all tasks. Eq. (2) summarises the
+official code only loosely; the exact wiring, which this file follows, is asymmetric:
+
+    ENCODER stage j (fine to coarse)
+
+    shared   in ─► conv ─┬─► conv.. ─┬─► maxpool ─► stage j+1  (indices kept)
+                         │ u_j       │ p_j
+                         ▼           ▼
+    task i   x_(j-1) ─► g,h ─► a ──► ⊙ ─► f ─► maxpool ─► x_j
+
+    DECODER stage j (coarse to fine)
+
+    shared   z ─► unpool ───────┬─► conv.. ─┬─► stage j+1
+                                │ up_j      │ p_j
+                                ▼           ▼
+    task i   x ─► up×2 ─► f ─► g,h ─► a ──► ⊙ ─► x   (last x: head i)
+
+    Two arrows into g,h mean concatenation, shared feature first: [u_j; x_(j-1)] and [up_j; f(...)].
+    Encoder: mask, then f, then a plain 2x2 max-pool (no indices); stage 0's mask sees u_0 alone.
+    Decoder: bilinear x2 upsampling (align_corners=True) and f come *first*, and the mask reads the unpooled
+    tensor up_j entering the shared stage, not a conv output. Both multiply the stage's last conv output p_j.
+
+Deviations from the official code (lorenmt/mtan), each repeated where it happens:
+  * heads return logits for "semantic" (official: log_softmax; here the loss does it) and normalise
+    normals with an epsilon (official: none);
+  * no `logsigma` uncertainty parameters: they belong to the loss weighting (train.py), so parameter counts
+    are the official ones minus 3;
+  * any task names and channel counts instead of three hard-coded tasks, and a `width` multiplier;
+  * MTAN runs the shared convs f once on the task-stacked batch (same maths, see SharedConv);
+  * DenseSegNet drops a decoder block whose output the official code never uses;
+  * WideResNetMTAN returns logits (official: softmax probabilities, then log(p + 1e-20) in the loss).
+"""
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The five stage widths of VGG-16 ("filter" in the official code) and its convs per stage (2, 2, 3, 3, 3).
+WIDTHS = (64, 128, 256, 512, 512)
+NUM_CONVS = (2, 2, 3, 3, 3)
+
+
+def scaled_widths(width: float = 1.0, wide: bool = False) -> List[int]:
+    """Stage widths times `width` (1.0 = the paper). Split Wide widens only the deepest stage to 1024."""
+    base = WIDTHS[:4] + (1024,) if wide else WIDTHS
+    return [max(1, round(c * width)) for c in base]
+
+
+def check_tasks(tasks: Dict[str, int]) -> Dict[str, int]:
+    """A copy of `tasks`, insertion order kept: it fixes the order of heads, outputs and attention chains."""
+    if not tasks or not all(isinstance(c, int) and c > 0 for c in tasks.values()):
+        raise ValueError(f"tasks must be a non-empty dict name -> output channels (> 0), got {tasks!r}")
+    return dict(tasks)
+
+
+def check_input(x: torch.Tensor) -> None:
+    """SegNet pools five times by 2 and unpools back, so H and W must be multiples of 32."""
+    if x.dim() != 4 or x.shape[-2] % 32 or x.shape[-1] % 32:
+        raise ValueError(f"expected a (B, 3, H, W) input with H and W divisible by 32 (five 2x2 poolings), "
+                         f"got shape {tuple(x.shape)}")
+
+
+def init_official(model: nn.Module, uniform: bool = False) -> None:
+    """Official init: xavier_normal_ convs (xavier_uniform_ for Dense and Cross-stitch), zero biases, BN 1/0."""
+    xavier = nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            xavier(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. Building blocks
+
+
+class ConvLayer(nn.Module):
+    """conv 3x3 -> BN -> ReLU, the brick every SegNet here is made of (official `conv_layer`).
+
+    The conv keeps its bias although BN follows: redundant, but part of the official parameter counts."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+def conv_layers(channels: Sequence[int], deep: bool = False) -> nn.Sequential:
+    """ConvLayers through `channels`: [3, 64, 64] gives 3->64, 64->64. `deep` doubles each one (Split Deep)."""
+    layers = []
+    for cin, cout in zip(channels[:-1], channels[1:]):
+        layers.append(ConvLayer(cin, cout))
+        if deep:
+            layers.append(ConvLayer(cout, cout))
+    return nn.Sequential(*layers)
+
+
+class Stage(nn.Module):
+    """One SegNet stage, e.g. channels [128, 256, 256, 256]: three ConvLayers at one resolution.
+
+    Returns the first layer's output u (MTAN's mask input in the encoder) and the last one's p (the
+    feature the mask multiplies). With `deep` (Split Deep) every layer is doubled, `first` included."""
+
+    def __init__(self, channels: Sequence[int], deep: bool = False):
+        super().__init__()
+        self.first = conv_layers(channels[:2], deep)
+        self.rest = conv_layers(channels[1:], deep)
+
+    def forward(self, x):
+        u = self.first(x)
+        return u, self.rest(u)
+
+
+class PredictionHead(nn.Sequential):
+    """conv 3x3 -> conv 1x1 with *no* BN or ReLU between: the official head is purely linear."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1), nn.Conv2d(cin, cout, 1))
+
+
+def activate(task: str, y: torch.Tensor) -> torch.Tensor:
+    """Output convention by task name. "semantic" stays logits: the official code returns log_softmax, we leave
+    that to the loss (cross_entropy = log_softmax + nll, identical maths). "normal" becomes unit vectors; the
+    official code divides by the norm with no epsilon (NaN on a zero vector), F.normalize clamps it."""
+    if task == "normal":
+        return F.normalize(y, p=2, dim=1, eps=1e-12)
+    return y
+
+
+class TaskHeads(nn.ModuleDict):
+    """One PredictionHead per task. Takes one feature map shared by all heads, or a dict task -> feature."""
+
+    def __init__(self, tasks: Dict[str, int], cin: int):
+        super().__init__({name: PredictionHead(cin, cout) for name, cout in tasks.items()})
+
+    def forward(self, features):
+        return {name: activate(name, head(features[name] if isinstance(features, dict) else features))
+                for name, head in self.items()}
+
+
+class AttentionMask(nn.Sequential):
+    """The task-specific mask a = h(g(.)) of Eq. (2) (official `att_layer`, one per task and stage):
+    g = 1x1 conv -> BN -> ReLU, h = 1x1 conv -> BN -> sigmoid. Cheap (1x1) and full resolution: one weight in
+    (0, 1) per channel and pixel of the shared feature it gates."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 1), nn.BatchNorm2d(cout), nn.Sigmoid())
+
+
+class SharedConv(ConvLayer):
+    """The shared 3x3 feature extractor f of Eq. (2): one set of weights applied to every task's tensor.
+
+    Deviation (speed only): the official code calls f once per task. Here the T task tensors are stacked along
+    the batch dimension, (T*B, C, H, W), and the conv runs once for all of them: a conv treats each sample
+    independently, so this is the same maths with T times fewer kernel launches. BatchNorm is the catch: in
+    train mode it normalises with the statistics of its batch, and the stacked batch would mix the tasks'
+    statistics and update the running averages once instead of T times. So in train mode BN runs per task
+    chunk, exactly as the official loop does (same batch statistics, same sequential running-stat updates);
+    in eval mode BN is a fixed per-channel affine map and runs on the whole stack."""
+
+    def forward(self, x, num_tasks: int = 1):
+        y = self.conv(x)                                                # (T*B, C_out, H, W)
+        if self.training and num_tasks > 1:
+            y = torch.cat([self.bn(chunk) for chunk in y.chunk(num_tasks)])
+        else:
+            y = self.bn(y)
+        return F.relu(y, inplace=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. SegNet: the shared encoder-decoder (paper Sec. 3.1; Badrinarayanan et al. 2017)
+
+
+def encoder_plan(widths: Sequence[int], cin: int = 3) -> List[List[int]]:
+    """Conv widths of the five encoder stages: [3, 64, 64], [64, 128, 128], [128, 256, 256, 256],
+    [256, 512, 512, 512], [512, 512, 512, 512] (the 13 convs of VGG-16)."""
+    ins = [cin] + list(widths[:-1])
+    return [[i] + [c] * n for i, c, n in zip(ins, widths, NUM_CONVS)]
+
+
+def decoder_plan(widths: Sequence[int]) -> List[List[int]]:
+    """The mirror image, deepest stage first: [512, 512, 512, 512], [512, 256, 256, 256],
+    [256, 128, 128, 128], [128, 64, 64], [64, 64, 64]. Each stage's first conv does the narrowing."""
+    outs = [widths[0]] + list(widths[:-1])
+    return [[i] + [c] * n for i, c, n in reversed(list(zip(widths, outs, NUM_CONVS)))]
+
+
+class Encoded(NamedTuple):
+    first: List[torch.Tensor]    # u_j: output of stage j's first conv       (B, C_j, H/2^j, W/2^j)
+    last: List[torch.Tensor]     # p_j: output of its last conv, before pool  (B, C_j, H/2^j, W/2^j)
+    pooled: List[torch.Tensor]   # maxpool(p_j)                               (B, C_j, H/2^(j+1), W/2^(j+1))
+    indices: List[torch.Tensor]  # where each maximum came from, for unpooling
+
+
+class Decoded(NamedTuple):
+    unpooled: List[torch.Tensor]  # up_j: unpooled tensor entering stage j   (B, C_in, H/2^(4-j), W/2^(4-j))
+    last: List[torch.Tensor]      # p_j: output of its last conv               (B, C_out, H/2^(4-j), W/2^(4-j))
+
+
+class SegNetEncoder(nn.Module):
+    """Five stages, each followed by a 2x2 max-pool that remembers where its maxima were.
+
+    `side` (DenseSegNet only): extra tensors concatenated to the input of stages 1-4 (channels: own first)."""
+
+    def __init__(self, plan: List[List[int]], deep: bool = False):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage(channels, deep) for channels in plan)
+
+    def forward(self, x, side: Optional[List[torch.Tensor]] = None) -> Encoded:
+        out = Encoded([], [], [], [])
+        for j, stage in enumerate(self.stages):
+            if j > 0 and side is not None:
+                x = torch.cat([x, side[j - 1]], dim=1)
+            u, p = stage(x)                                             # (B, C_j, H/2^j, W/2^j)
+            x, idx = F.max_pool2d(p, 2, 2, return_indices=True)         # (B, C_j, H/2^(j+1), W/2^(j+1))
+            for lst, t in zip(out, (u, p, x, idx)):                     # out.first.append(u), ...
+                lst.append(t)
+        return out
+
+
+class SegNetDecoder(nn.Module):
+    """Stages deepest first, each preceded by a max-unpool that puts every value back where the matching
+    encoder pool found it (zeros elsewhere): SegNet's memory-cheap alternative to skip connections.
+
+    `side` (DenseSegNet only): extra tensors concatenated to each unpooled input (channels: own first)."""
+
+    def __init__(self, plan: List[List[int]], deep: bool = False):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage(channels, deep) for channels in plan)
+
+    def forward(self, z, indices: List[torch.Tensor], side: Optional[List[torch.Tensor]] = None) -> Decoded:
+        out = Decoded([], [])
+        for j, (stage, idx) in enumerate(zip(self.stages, reversed(indices))):
+            up = F.max_unpool2d(z, idx, 2, 2)                           # (B, C, 2h, 2w)
+            _, z = stage(up if side is None else torch.cat([up, side[j]], dim=1))
+            out.unpooled.append(up)
+            out.last.append(z)
+        return out
+
+
+class SegNetBackbone(nn.Module):
+    """Encoder + decoder. For a (B, 3, H, W) input the bottleneck is (B, 512, H/32, W/32) and the last decoder
+    output (B, 64, H, W). Returns every intermediate tensor: MTAN's attention reads them."""
+
+    def __init__(self, enc_plan: List[List[int]], dec_plan: List[List[int]], deep: bool = False):
+        super().__init__()
+        self.encoder = SegNetEncoder(enc_plan, deep)
+        self.decoder = SegNetDecoder(dec_plan, deep)
+
+    def forward(self, x, enc_side=None, dec_side=None):
+        enc = self.encoder(x, enc_side)
+        return enc, self.decoder(enc.pooled[-1], enc.indices, dec_side)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. One Task and Split (paper Sec. 4.1, baselines)
+
+
+class SegNet(nn.Module):
+    """One task: the paper's "One Task" baseline (vanilla SegNet, 24,981,069 parameters for 13 classes).
+    Several tasks: "Split", hard parameter sharing, every head on the same last decoder feature.
+      variant="standard"  the plain shared SegNet
+      variant="wide"      the deepest stage widened to 1024 channels (paper #P 1.75)
+      variant="deep"      every ConvLayer doubled, 52 body convs instead of 26 (paper #P 2)"""
+
+    def __init__(self, tasks: Dict[str, int], variant: str = "standard", width: float = 1.0):
+        super().__init__()
+        if variant not in ("standard", "wide", "deep"):
+            raise ValueError(f"variant must be 'standard', 'wide' or 'deep', got {variant!r}")
+        self.tasks = check_tasks(tasks)
+        w = scaled_widths(width, wide=variant == "wide")
+        self.backbone = SegNetBackbone(encoder_plan(w), decoder_plan(w), deep=variant == "deep")
+        self.heads = TaskHeads(self.tasks, w[0])
+        init_official(self)
+
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        check_input(x)
+        _, dec = self.backbone(x)
+        return self.heads(dec.last[-1])                                 # heads read (B, 64, H, W)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. MTAN (paper Sec. 3, Fig. 2)
+
+
+class TaskAttention(nn.Module):
+    """The task-specific half of one attention chain: five encoder and five decoder masks (the shared convs f
+    live in MTAN). Mask sizes [in -> out] at width 1.0:
+      encoder: 64->64 (from u_0 alone), 256->128, 512->256, 1024->512, 1024->512   ([u_j; x_(j-1)] -> C_j)
+      decoder: 1024->512, 768->256, 384->128, 192->64, 128->64                     ([up_j; f(x)] -> C_out)"""
+
+    def __init__(self, widths: Sequence[int]):
+        super().__init__()
+        enc_in = [widths[0]] + [2 * c for c in widths[1:]]
+        self.encoder = nn.ModuleList(AttentionMask(i, c) for i, c in zip(enc_in, widths))
+        self.decoder = nn.ModuleList(AttentionMask(p[0] + p[-1], p[-1]) for p in decoder_plan(widths))
+
+
+class MTAN(nn.Module):
+    """Multi-Task Attention Network on SegNet: 44,229,073 parameters for the three NYUv2 tasks (official
+    44,229,076 with logsigma). One task gives STAN, the paper's single-task attention baseline.
+
+    forward(x, return_attention=True) also returns dict task -> its ten masks in order encoder stages 0-4
+    (full resolution first), then decoder stages 0-4 (coarsest first); attention[task][0] is the
+    (B, 64, H, W) first encoder mask shown in the paper's Fig. 5."""
+
+    def __init__(self, tasks: Dict[str, int], width: float = 1.0):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+        w = scaled_widths(width)
+        self.backbone = SegNetBackbone(encoder_plan(w), decoder_plan(w))
+        # encoder f_j: width of stage j -> width of stage j+1 (64->128, ..., 512->512), as x_j joins stage j+1
+        self.enc_f = nn.ModuleList(SharedConv(a, b) for a, b in zip(w, w[1:] + w[-1:]))
+        # decoder f_j (deepest first): into the width of decoder stage j's output (512->512, ..., 64->64)
+        self.dec_f = nn.ModuleList(SharedConv(p[0], p[-1]) for p in decoder_plan(w))
+        self.attention = nn.ModuleDict({name: TaskAttention(w) for name in self.tasks})
+        self.heads = TaskHeads(self.tasks, w[0])
+        init_official(self)
+
+    def forward(self, x, return_attention: bool = False):
+        check_input(x)
+        enc, dec = self.backbone(x)                 # the shared network runs once, whatever the task count
+        chains, T = list(self.attention.values()), len(self.tasks)
+        masks = {name: [] for name in self.tasks}
+
+        # Encoder: mask from u_j (and the previous output), gate p_j (Eq. 1), shared f, plain max-pool.
+        prev = [None] * T                           # x_(j-1) per task; stage 0's mask sees u_0 alone
+        for j in range(5):
+            u, p = enc.first[j], enc.last[j]        # (B, C_j, H/2^j, W/2^j)
+            a = [chain.encoder[j](u if x_ is None else torch.cat([u, x_], dim=1))   # Eq. (2), per task:
+                 for chain, x_ in zip(chains, prev)]                                # T x (B, C_j, H/2^j, W/2^j)
+            h = torch.cat([a_t * p for a_t in a])   # Eq. (1), tasks stacked on the batch: (T*B, C_j, H/2^j, W/2^j)
+            h = F.max_pool2d(self.enc_f[j](h, T), 2, 2)                 # (T*B, C_(j+1), H/2^(j+1), W/2^(j+1))
+            prev = h.chunk(T)
+            self._record(masks, a)
+
+        # Decoder: upsample and f first, then the mask from [up_j; f output], gating p_j.
+        for j in range(5):
+            up, p = dec.unpooled[j], dec.last[j]    # (B, C_in, H_j, W_j), (B, C_out, ...); H_j = H/2^(4-j)
+            y = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)   # (T*B, C_in, H_j, W_j)
+            y = self.dec_f[j](y, T)                 # (T*B, C_out, H_j, W_j)
+            a = [chain.decoder[j](torch.cat([up, y_t], dim=1))                   # T x (B, C_out, H_j, W_j)
+                 for chain, y_t in zip(chains, y.chunk(T))]
+            h = torch.cat([a_t * p for a_t in a])   # (T*B, C_out, H_j, W_j)
+            self._record(masks, a)
+
+        preds = self.heads(dict(zip(self.tasks, h.chunk(T))))           # each head reads (B, 64, H, W)
+        return (preds, masks) if return_attention else preds
+
+    def _record(self, masks, a):
+        for name, a_t in zip(self.tasks, a):
+            masks[name].append(a_t)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. Dense and Cross-stitch (paper Sec. 4.1, baselines)
+
+
+class DenseSegNet(nn.Module):
+    """"Dense": a shared SegNet plus one full SegNet per task that, at every stage, also reads the shared
+    network's features (concatenated, own first): the encoder the shared pooled output of the stage before,
+    the decoder the shared unpooled input of the same stage. Every network pools with its own indices.
+
+    Deviation: the official shared decoder ends in a block (64->64, 64->13 convs) whose output is never used,
+    44,583 parameters that get no gradient. We leave it out: it cannot change any prediction, it only costs
+    compute, and it would show as unused parameters (DDP's find_unused_parameters). Hence 123,699,409
+    parameters for the NYUv2 tasks, against 123,743,992 (official 123,743,995 with logsigma); the paper's
+    #P 4.95 holds either way."""
+
+    def __init__(self, tasks: Dict[str, int], width: float = 1.0):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+        w = scaled_widths(width)
+        self.shared = SegNetBackbone(encoder_plan(w), decoder_plan(w)[:-1])   # without the dead last block
+        # task networks: every stage input is doubled by the shared features, except the image input
+        enc = [p if j == 0 else [2 * p[0]] + p[1:] for j, p in enumerate(encoder_plan(w))]
+        dec = [[2 * p[0]] + p[1:] for p in decoder_plan(w)[:-1]] + [[2 * w[0], 2 * w[0], w[0]]]   # 128->128->64
+        self.task_nets = nn.ModuleDict({name: SegNetBackbone(enc, dec) for name in self.tasks})
+        self.heads = TaskHeads(self.tasks, w[0])
+        init_official(self, uniform=True)
+
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        check_input(x)
+        enc, dec = self.shared(x)
+        # the dead block's input: unpool the last live shared output with the first stage's indices
+        unpooled = dec.unpooled + [F.max_unpool2d(dec.last[-1], enc.indices[0], 2, 2)]   # 5 x (B, C, H_j, W_j)
+        feats = {}
+        for name, net in self.task_nets.items():
+            _, own = net(x, enc_side=enc.pooled, dec_side=unpooled)
+            feats[name] = own.last[-1]                                  # (B, 64, H, W)
+        return self.heads(feats)
+
+
+def stitch(weights: torch.Tensor, tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Cross-stitch unit as coded officially: sum_t w_t * x_t, one tensor for every receiving task."""
+    return sum(w * t for w, t in zip(weights, tensors))
+
+
+class CrossStitchSegNet(nn.Module):
+    """Cross-stitch network (Misra et al. 2016) on SegNet: one full SegNet per task, mixed between stages.
+
+    As the official code (not the original paper): one weight vector per layer, shared by all receiving tasks,
+    so every task receives the *same* mix sum_t w_t * x_t; weights start at 1 (a sum, not an average) and are
+    unconstrained. alpha (4, T) mixes the pooled outputs of encoder stages 0-3, beta (5, T) the inputs of
+    decoder stages 0-4, which each task then unpools with its *own* indices (official cs_unit_encoder/decoder)."""
+
+    def __init__(self, tasks: Dict[str, int], width: float = 1.0):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+        w = scaled_widths(width)
+        self.nets = nn.ModuleDict({name: SegNetBackbone(encoder_plan(w), decoder_plan(w)) for name in self.tasks})
+        self.alpha = nn.Parameter(torch.ones(4, len(self.tasks)))
+        self.beta = nn.Parameter(torch.ones(5, len(self.tasks)))
+        self.heads = TaskHeads(self.tasks, w[0])
+        init_official(self, uniform=True)                               # alpha and beta stay at 1
+
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        check_input(x)
+        nets = list(self.nets.values())
+        indices = [[] for _ in nets]
+        mixed = x                                                       # stage 0 of every network sees the image
+        for j in range(5):
+            pooled = []
+            for net, idx in zip(nets, indices):
+                _, p = net.encoder.stages[j](mixed)
+                z, i = F.max_pool2d(p, 2, 2, return_indices=True)       # (B, C_j, H/2^(j+1), W/2^(j+1))
+                pooled.append(z)
+                idx.append(i)
+            mixed = stitch(self.alpha[j] if j < 4 else self.beta[0], pooled)
+        for j in range(5):
+            outs = [net.decoder.stages[j](F.max_unpool2d(mixed, idx[4 - j], 2, 2))[1]
+                    for net, idx in zip(nets, indices)]                 # T x (B, C_out, H/2^(4-j), W/2^(4-j))
+            if j < 4:
+                mixed = stitch(self.beta[j + 1], outs)
+        return self.heads(dict(zip(self.tasks, outs)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 6. Visual Decathlon: WRN-28-4 with MTAN (paper Sec. 4.2, Table 4)
+
+# Domains and class counts in the official order, for `WideResNetMTAN(list(DECATHLON.values()), list(DECATHLON))`.
+DECATHLON = {"imagenet12": 1000, "aircraft": 100, "cifar100": 100, "daimlerpedcls": 2, "dtd": 47, "gtsrb": 43,
+             "omniglot": 1623, "svhn": 10, "ucf101": 101, "vgg-flowers": 102}
+
+
+class WideBasic(nn.Module):
+    """Pre-activation wide residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus a 1x1 conv shortcut when the
+    shape changes. As in the official code the stride sits on the *second* conv and every conv has a bias."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, stride, padding=1)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+def wide_group(cin: int, cout: int, num_blocks: int) -> nn.Sequential:
+    """num_blocks WideBasic blocks; the first changes the width and, in all three groups, halves the resolution."""
+    blocks = [WideBasic(cin, cout, stride=2)] + [WideBasic(cout, cout, stride=1) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+class WideResNetMTAN(nn.Module):
+    """WRN-28-4 shared by the ten Decathlon domains, one attention chain and linear classifier per domain:
+    10,237,656 parameters. forward(x, domain) runs the backbone and *only* that domain's chain.
+
+    Attention as in the SegNet encoder with one difference: the mask input and the gated feature are the same
+    tensor (a group's output). Official quirks kept: stride 2 in all three groups (layer1 too), so a 72x72 image
+    gives 36, 18, 9 pixel maps; the final BN has momentum 0.9; the classifier averages an 8x8 window of the 9x9
+    map (only its top-left corner); PyTorch default init (the official init function is never called), no dropout.
+    Deviation: returns logits; the official code returns softmax probabilities and takes log(p + 1e-20) in its
+    loss, which is cross-entropy on the logits up to that clamp."""
+
+    def __init__(self, num_classes: Sequence[int], domains: Optional[Sequence[str]] = None,
+                 depth: int = 28, widen_factor: int = 4):
+        super().__init__()
+        n, k = (depth - 4) // 6, widen_factor
+        w = [16, 16 * k, 32 * k, 64 * k]                                # 16, 64, 128, 256
+        self.domains = list(domains) if domains is not None else [str(i) for i in range(len(num_classes))]
+        if len(self.domains) != len(num_classes):
+            raise ValueError(f"{len(num_classes)} class counts but {len(self.domains)} domain names")
+        self.conv1 = nn.Conv2d(3, w[0], 3, padding=1)
+        self.groups = nn.ModuleList(wide_group(w[g], w[g + 1], n) for g in range(3))
+        self.bn = nn.BatchNorm2d(w[3], momentum=0.9)
+        self.shared_f = nn.ModuleList(ConvLayer(a, b) for a, b in zip(w, w[1:] + w[-1:]))   # 16->64, ..., 256->256
+        enc_in = [w[0]] + [2 * c for c in w[1:]]
+        self.attention = nn.ModuleList(
+            nn.ModuleList(AttentionMask(i, c) for i, c in zip(enc_in, w)) for _ in num_classes)
+        self.classifiers = nn.ModuleList(nn.Linear(w[3], c) for c in num_classes)
+
+    def forward(self, x, domain: Union[int, str]) -> torch.Tensor:
+        k = self.domains.index(domain) if isinstance(domain, str) else domain
+        if x.dim() != 4 or any(s % 8 or not 64 <= s < 128 for s in x.shape[-2:]):
+            raise ValueError(f"expected a (B, 3, H, W) input with H and W multiples of 8 in 64..120 (72 in the "
+                             f"paper: three stride-2 stages and an 8x8 average pool), got shape {tuple(x.shape)}")
+        g = [self.conv1(x)]                                             # (B, 16, 72, 72)
+        for group in self.groups:                                       # (B, 64, 36, 36), (B, 128, 18, 18),
+            g.append(group(g[-1]))                                      # (B, 256, 9, 9)
+        g[-1] = F.relu(self.bn(g[-1]))                                  # pre-activation nets end in BN-ReLU
+        h = None                                                        # the chain's output so far
+        for j, (mask, f) in enumerate(zip(self.attention[k], self.shared_f)):
+            a = mask(g[j] if h is None else torch.cat([g[j], h], dim=1))   # (B, C_j, ...) like g[j]
+            h = f(a * g[j])                                             # (B, C_(j+1), ...)
+            if j < 3:
+                h = F.max_pool2d(h, 2, 2)                               # to the next group's resolution
+        h = F.avg_pool2d(h, 8).flatten(1)                               # (B, 256): official 8x8 window on 9x9
+        return self.classifiers[k](h)                                   # (B, classes_k) logits
