@@ -13,6 +13,7 @@ Every network of the paper's experiments, in the order a reader needs them:
 Every model is `Model(tasks, ...)`, `tasks` an ordered dict name -> output channels, e.g.
 {"semantic": 13, "depth": 1, "normal": 3}, and `forward(x)` returns a dict name -> (B, C, H, W) prediction
 at the input resolution: "semantic" gives logits, "normal" unit vectors, anything else raw values.
+`width` multiplies every channel count: 1.0 is the paper (and its parameter counts), 0.25 a quick CPU toy.
 
 The idea (paper Fig. 2). A shared network learns features useful to all tasks. Each task i owns a chain of
 small attention modules that, at every stage j, softly selects the shared features it wants:
@@ -72,9 +73,9 @@ def scaled_widths(width: float = 1.0, wide: bool = False) -> List[int]:
 
 def check_tasks(tasks: Dict[str, int]) -> Dict[str, int]:
     """A copy of `tasks`, insertion order kept: it fixes the order of heads, outputs and attention chains."""
-    if not tasks or not all(isinstance(c, int) and c > 0 for c in tasks.values()):
+    if not tasks or any(int(c) != c or c < 1 for c in tasks.values()):
         raise ValueError(f"tasks must be a non-empty dict name -> output channels (> 0), got {tasks!r}")
-    return dict(tasks)
+    return {name: int(c) for name, c in tasks.items()}
 
 
 def check_input(x: torch.Tensor) -> None:
@@ -412,7 +413,7 @@ class DenseSegNet(nn.Module):
     def forward(self, x) -> Dict[str, torch.Tensor]:
         check_input(x)
         enc, dec = self.shared(x)
-        # the dead block's input: unpool the last live shared output with the first stage's indices
+        # the shared input of the last decoder stage (the official dead block's input), unpooled as usual
         unpooled = dec.unpooled + [F.max_unpool2d(dec.last[-1], enc.indices[0], 2, 2)]   # 5 x (B, C, H_j, W_j)
         feats = {}
         for name, net in self.task_nets.items():

@@ -224,6 +224,15 @@ def test_wide_resnet_mtan_every_domain():
         model(torch.rand(1, 3, 65, 72), 0)
 
 
+def test_wide_resnet_mtan_trains_only_the_chosen_domain():
+    torch.manual_seed(0)
+    model = mtan.WideResNetMTAN([5, 7, 3], depth=10, widen_factor=1)   # small WRN, same code path
+    F.cross_entropy(model(torch.rand(2, 3, 72, 72), 1), torch.tensor([0, 6])).backward()
+    for name, p in model.named_parameters():
+        chosen = not name.startswith(("attention.", "classifiers.")) or name.split(".")[1] == "1"
+        assert (p.grad is not None) == chosen, name
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 60, 96), (1, 3, 64, 100)])
 def test_input_not_divisible_by_32_raises(shape):
     model = mtan.SegNet({"depth": 1}, width=SMALL)
@@ -239,6 +248,10 @@ def test_bad_arguments_raise():
         mtan.SegNet(NYU, variant="narrow")
     with pytest.raises(ValueError, match="tasks"):
         mtan.MTAN({})
+    with pytest.raises(ValueError, match="tasks"):
+        mtan.SegNet({"semantic": 0})
+    with pytest.raises(ValueError, match="tasks"):
+        mtan.SegNet({"semantic": 2.5})
 
 
 def test_imports_only_torch_and_stdlib():
