@@ -788,3 +788,235 @@ def format_metrics(results):
 # ----------------------------------------------------------------------------
 # Command line (added by the train/eval issue)
 # ----------------------------------------------------------------------------
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
+                                "and optional pictures of predictions and attention masks.")
+    p.add_argument("--checkpoint", required=True, help="runs/NAME/last.pt (or the run folder)")
+    p.add_argument("--data-root", help="dataset folder, if it moved since training")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m")
+    p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
+                   help="delta_m convention (see delta_m's docstring)")
+    p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
+    p.add_argument("--num-vis", type=int, default=4, help="how many samples --save-vis draws")
+    p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--subset", type=int, help="evaluate only the first N samples")
+    return p
+
+
+def load_run(args):
+    """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
+    import torch
+    import train
+
+    try:
+        ckpt = train.load_checkpoint(args.checkpoint)
+    except train.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = dict(ckpt["config"])
+    if args.data_root:
+        cfg["data_root"] = args.data_root
+    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["channels_last"], cfg["compile"] = False, False
+    model = train.build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"error: the weights in {args.checkpoint} do not fit a {cfg['model']} model: "
+                         f"{str(e).splitlines()[0]}") from None
+    device = torch.device(cfg["device"])
+    return cfg, model.to(device).eval(), device
+
+
+def evaluation_split(cfg, args):
+    import torch
+    import data
+    import train
+
+    try:
+        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], args.split, **train.dataset_options(cfg))
+    except Exception as e:
+        raise SystemExit(f"error: {e}") from None
+    subset = args.subset or cfg.get("subset")
+    if subset:
+        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+    return dataset
+
+
+def main(argv=None):
+    import json
+    import os
+
+    import torch
+    import train
+
+    args = build_parser().parse_args(argv)
+    cfg, model, device = load_run(args)
+    normalise = train.InputNormalisation().to(device) if cfg.get("pretrained") else torch.nn.Identity()
+    if args.image:
+        return predict_image(args, cfg, model, device, normalise)
+    dataset = evaluation_split(cfg, args)
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
+    loader = train.make_loader(dataset, cfg, 0, train=False)
+    results = train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)
+    rows = [(f"{cfg['model']} ({args.split})", results)]
+    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
+              "tasks": cfg["tasks"], "metrics": results}
+    if args.baseline:
+        baseline = read_baseline(args.baseline)
+        rows.append(("baseline", baseline))
+        report["delta_m"] = delta_m(results, baseline, convention=args.convention)
+        report["delta_m_convention"] = args.convention
+    print(format_table(rows, cfg["tasks"]))
+    if "delta_m" in report:
+        print(f"delta_m ({args.convention} convention) = {report['delta_m']:+.2f} %")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint)) if not os.path.isdir(args.checkpoint) \
+        else args.checkpoint
+    path = os.path.join(folder, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    if args.save_vis:
+        save_visualisations(args, cfg, model, dataset, device, normalise)
+    return report
+
+
+def read_baseline(path):
+    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json ("final")."""
+    import json
+
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read --baseline {path}: {e}") from None
+    for key in ("metrics", "final"):
+        if key in blob:
+            return blob[key]
+    raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor 'final' (metrics.json)")
+
+
+# ---- pictures -----------------------------------------------------------------------------------------------
+
+
+def task_picture(task, tensor, num_classes):
+    """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps)."""
+    import torch
+    import data
+
+    if task in ("semantic", "parts"):
+        labels = tensor.argmax(0) if tensor.dim() == 3 else tensor
+        return data.colorize_semantic(labels.cpu(), num_classes)
+    if task == "depth":
+        return data.colorize_depth(tensor.float().cpu())
+    if task == "normal":
+        return data.colorize_normal(tensor.float().cpu())
+    probability = torch.sigmoid(tensor.float()) if tensor.min() < 0 or tensor.max() > 1 else tensor.float()
+    grey = (probability[0].clamp(0, 1) * 255).byte().cpu().numpy()
+    return grey[..., None].repeat(3, axis=2)
+
+
+def save_png(array, path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def image_picture(image):
+    return (image.clamp(0, 1).permute(1, 2, 0) * 255).byte().cpu().numpy()
+
+
+def model_outputs(model, image, with_attention):
+    """Predictions (and MTAN's attention masks when asked and available) for a (1, 3, H, W) batch."""
+    import torch
+
+    with torch.no_grad():
+        if with_attention:
+            return model(image, return_attention=True)
+        return model(image), None
+
+
+def has_attention(model):
+    import inspect
+
+    return "return_attention" in inspect.signature(model.forward).parameters
+
+
+def attention_picture(mask):
+    """The first encoder attention mask of a task (C, H, W) as a picture: the channel mean, rescaled per
+    image as in the MTAN paper's Fig. 5, in a blue-to-yellow colour map."""
+    import data
+
+    mean = mask.float().mean(0)
+    mean = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
+    return data.colorize_depth(mean[None] + 1e-3)
+
+
+def save_visualisations(args, cfg, model, dataset, device, normalise):
+    """One PNG per sample: the input, then ground truth and prediction of every task; for MTAN one more PNG
+    with the first encoder stage's attention mask of each task (the paper's Fig. 5)."""
+    import os
+
+    import numpy as np
+
+    os.makedirs(args.save_vis, exist_ok=True)
+    attention_wanted = has_attention(model)
+    for i in range(min(args.num_vis, len(dataset))):
+        sample = dataset[i]
+        image = sample["image"][None].to(device)
+        preds, attention = model_outputs(model, normalise(image), attention_wanted)
+        tiles = [image_picture(sample["image"])]
+        for task, channels in cfg["tasks"].items():
+            tiles.append(task_picture(task, sample[task], channels))
+            tiles.append(task_picture(task, preds[task][0], channels))
+        save_png(np.concatenate(tiles, axis=1), os.path.join(args.save_vis, f"{i:03d}_gt_pred.png"))
+        if attention:
+            masks = [attention_picture(attention[task][0][0]) for task in cfg["tasks"]]
+            save_png(np.concatenate([tiles[0]] + masks, axis=1),
+                     os.path.join(args.save_vis, f"{i:03d}_attention.png"))
+    print(f"wrote {min(args.num_vis, len(dataset))} samples to {args.save_vis} (columns: input, then ground "
+          f"truth and prediction of {', '.join(cfg['tasks'])})")
+
+
+def predict_image(args, cfg, model, device, normalise):
+    """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
+    predictions resized back to the original size, one PNG per task beside the image."""
+    import os
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    try:
+        picture = Image.open(args.image).convert("RGB")
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --image {args.image}: {e}") from None
+    width, height = picture.size
+    if cfg["data"] == "synthetic":
+        size = tuple(int(v) for v in str(cfg["resolution"]).split("x"))
+    else:
+        size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
+    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(device)
+    preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear")), False)
+    stem = os.path.splitext(args.image)[0]
+    written = []
+    for task, channels in cfg["tasks"].items():
+        pred = F.interpolate(preds[task].float(), size=(height, width), mode="bilinear")[0]
+        path = f"{stem}_{task}.png"
+        save_png(task_picture(task, pred, channels), path)
+        written.append(path)
+    print("wrote " + ", ".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
