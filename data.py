@@ -26,6 +26,7 @@ The file reads top to bottom:
 """
 import argparse
 import colorsys
+import contextlib
 import hashlib
 import math
 import os
@@ -168,126 +169,147 @@ def _rotate(v, axis, angle):
     return tuple(v[i] * c + cross[i] * s + axis[i] * along for i in range(3))
 
 
+class _Dice:
+    """The random numbers of one scene: a seeded CPU torch.Generator, handing out plain Python floats."""
+
+    def __init__(self, seed):
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def uniform(self, lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=self.rng, dtype=torch.float64).item()
+
+    def integer(self, lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (), generator=self.rng))
+
+    def direction(self):  # a uniformly random unit vector: a normalised Gaussian
+        v = torch.randn(3, generator=self.rng, dtype=torch.float64).tolist()
+        n = math.sqrt(sum(x * x for x in v)) + 1e-12
+        return [x / n for x in v]
+
+    def colour(self, hues, saturations, values):  # uniform in an HSV box, returned as RGB in [0, 1]
+        return list(colorsys.hsv_to_rgb(self.uniform(*hues) % 1.0, self.uniform(*saturations), self.uniform(*values)))
+
+
+def _material(first, second, pattern, period, a, b):
+    return list(first) + list(second) + [pattern, period] + list(a) + list(b)
+
+
+def _sample_camera(dice, half_width):
+    """Position and axes (right, down, forward in the world) of a camera standing near the front wall and
+    looking in, with a little random yaw, pitch (down) and roll."""
+    position = [dice.uniform(-0.3, 0.3) * half_width, dice.uniform(1.2, 1.7), dice.uniform(0.2, 0.6)]
+    yaw, pitch, roll = (math.radians(dice.uniform(-10, 10)), math.radians(dice.uniform(8, 22)),
+                        math.radians(dice.uniform(-3, 3)))
+    axes = []
+    for v in ((1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0)):
+        v = _rotate(v, (0.0, 0.0, 1.0), roll)
+        v = _rotate(v, (1.0, 0.0, 0.0), pitch)  # positive pitch tilts the view down
+        axes += _rotate(v, (0.0, 1.0, 0.0), yaw)
+    return position + axes
+
+
+def _sample_room_materials(dice):
+    """Floor (planks or tiles along the room's axes), walls (paint, or vertical stripes that show on the back
+    and the side walls alike), ceiling (plain), picture (a bright pattern at any angle)."""
+    floor = dice.colour((0.03, 0.12), (0.2, 0.6), (0.45, 0.8))
+    floor = _material(floor, [c * dice.uniform(0.6, 0.85) for c in floor], dice.integer(0, 2),
+                      dice.uniform(0.2, 0.6), (1, 0, 0), (0, 0, 1))
+    wall = dice.colour((0, 1), (0.05, 0.3), (0.7, 0.95))
+    diagonal = (math.sqrt(0.5), 0, math.sqrt(0.5))
+    wall = _material(wall, [c * dice.uniform(0.75, 0.9) for c in wall], dice.integer(0, 1),
+                     dice.uniform(0.1, 0.3), diagonal, diagonal)
+    ceiling = dice.colour((0, 1), (0.0, 0.05), (0.85, 0.95))
+    ceiling = _material(ceiling, ceiling, 0, 1.0, (1, 0, 0), (0, 0, 1))
+    first, second = dice.colour((0, 1), (0.6, 1.0), (0.6, 1.0)), dice.colour((0, 1), (0.6, 1.0), (0.3, 0.9))
+    pattern, period, angle = dice.integer(1, 2), dice.uniform(0.05, 0.2), dice.uniform(0, math.pi)
+    picture = _material(first, second, pattern, period, (math.cos(angle), math.sin(angle), 0),
+                        (-math.sin(angle), math.cos(angle), 0))
+    return [floor, wall, ceiling, picture]
+
+
+def _sample_picture(dice, half_width, height):
+    """An optional picture on the back wall (6 times in 10): present flag, x range, y range."""
+    if dice.uniform(0, 1) >= 0.6:
+        return [0.0, 0.0, 0.0, 0.0, 0.0]
+    w, h = dice.uniform(0.5, 1.6), dice.uniform(0.4, 1.0)
+    x = dice.uniform(-half_width + w / 2 + 0.1, half_width - w / 2 - 0.1)
+    y = dice.uniform(0.9, min(1.5, height - h - 0.1))
+    return [1.0, x - w / 2, x + w / 2, y, y + h]
+
+
+def _sample_primitives(dice, half_width, depth, camera_z):
+    """1 to 5 primitives standing on the floor, at least a metre in front of the camera, inside the room.
+    Each tries a few spots so that footprints rarely overlap (a crowded spot is kept after 20 tries).
+    Returns rows per kind: geometry (PRIMITIVE_SIZES) followed by a material."""
+    rows = {"spheres": [], "boxes": [], "cylinders": []}
+    footprints = []  # (x, z, radius)
+    for _ in range(dice.integer(1, 5)):
+        kind = ("spheres", "boxes", "cylinders")[dice.integer(0, 2)]
+        if kind == "spheres":
+            radius = dice.uniform(0.2, 0.6)
+            size, reach, half_height = [radius], radius, radius
+        elif kind == "boxes":
+            half = [dice.uniform(0.2, 0.6), dice.uniform(0.2, 0.7), dice.uniform(0.2, 0.6)]
+            turn = dice.uniform(0, math.pi / 2)
+            size, reach, half_height = half + [math.cos(turn), math.sin(turn)], math.hypot(half[0], half[2]), half[1]
+        else:
+            radius, half_height = dice.uniform(0.15, 0.45), dice.uniform(0.2, 0.8)
+            size, reach = [radius, half_height], radius
+        for _ in range(20):
+            x = dice.uniform(-half_width + reach + 0.05, half_width - reach - 0.05)
+            z = dice.uniform(camera_z + 1.0 + reach, depth - reach - 0.05)
+            if all(math.hypot(x - fx, z - fz) > reach + fr for fx, fz, fr in footprints):
+                break
+        footprints.append((x, z, reach))
+        first = dice.colour((0, 1), (0.45, 0.9), (0.55, 1.0))
+        second = [c * dice.uniform(0.3, 0.7) for c in first]
+        pattern, period = dice.integer(0, 2), dice.uniform(0.06, 0.2)
+        rows[kind].append([x, half_height, z] + size
+                          + _material(first, second, pattern, period, dice.direction(), dice.direction()))
+    return rows
+
+
+def _sample_holes(dice):
+    """Sensor holes: 0 to 3 blobs, each 2 or 3 overlapping ellipses. Centres are fractions of the image
+    width and height, radii fractions of the width; then the cosine and sine of the ellipse's tilt."""
+    holes = []
+    for _ in range(dice.integer(0, 3)):
+        cx, cy = dice.uniform(0.05, 0.95), dice.uniform(0.05, 0.95)
+        for _ in range(dice.integer(2, 3)):
+            tilt = dice.uniform(0, math.pi)
+            holes.append([cx + dice.uniform(-0.03, 0.03), cy + dice.uniform(-0.04, 0.04), dice.uniform(0.015, 0.045),
+                          dice.uniform(0.015, 0.045), math.cos(tilt), math.sin(tilt)])
+    return holes
+
+
 def sample_scene(seed):
     """Draw one random scene from an integer seed: a dict of small float32 tensors, in metres.
 
     World frame: y up, the floor is y = 0, the room spans x in [-half_width, half_width] and z in [0, depth]
     (z = depth is the back wall the camera faces). Nothing here depends on the image size, so a scene can be
     rendered at any resolution."""
-    rng = torch.Generator().manual_seed(seed)
+    dice = _Dice(seed)
+    half_width, height, depth = dice.uniform(1.8, 3.0), dice.uniform(2.5, 3.2), dice.uniform(4.0, 7.0)
+    camera = _sample_camera(dice, half_width)
+    # a directional light from above (the vector points towards the light), its strength, the ambient level
+    elevation, azimuth = math.radians(dice.uniform(35, 70)), dice.uniform(0, 2 * math.pi)
+    light = [math.cos(elevation) * math.sin(azimuth), math.sin(elevation), math.cos(elevation) * math.cos(azimuth),
+             dice.uniform(0.55, 0.8), dice.uniform(0.25, 0.45)]
+    materials = _sample_room_materials(dice)
+    picture = _sample_picture(dice, half_width, height)
+    primitives = _sample_primitives(dice, half_width, depth, camera[2])
+    holes = _sample_holes(dice)
 
-    def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand((), generator=rng, dtype=torch.float64).item()
-
-    def integer(lo, hi):  # inclusive
-        return int(torch.randint(lo, hi + 1, (), generator=rng))
-
-    def colour(hue, saturation, value):
-        return list(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
-
-    def material(first, second, pattern, period, a, b):
-        return first + second + [pattern, period] + list(a) + list(b)
-
-    def random_direction():  # a uniformly random unit vector, via a normalised Gaussian
-        v = torch.randn(3, generator=rng, dtype=torch.float64).tolist()
-        n = math.sqrt(sum(x * x for x in v)) + 1e-12
-        return [x / n for x in v]
-
-    # The room and the camera: a little random pose jitter around "standing at the door, looking in".
-    half_width, height, depth = uniform(1.8, 3.0), uniform(2.5, 3.2), uniform(4.0, 7.0)
-    position = (uniform(-0.3, 0.3) * half_width, uniform(1.2, 1.7), uniform(0.2, 0.6))
-    yaw, pitch, roll = (math.radians(uniform(-10, 10)), math.radians(uniform(8, 22)), math.radians(uniform(-3, 3)))
-    axes = []  # the camera's right, down and forward directions in the world
-    for v in ((1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0)):
-        v = _rotate(v, (0.0, 0.0, 1.0), roll)
-        v = _rotate(v, (1.0, 0.0, 0.0), pitch)  # positive pitch tilts the view down
-        axes += _rotate(v, (0.0, 1.0, 0.0), yaw)
-
-    # A directional light from above (the direction points towards the light) plus ambient light.
-    elevation, azimuth = math.radians(uniform(35, 70)), uniform(0, 2 * math.pi)
-    light = [math.cos(elevation) * math.sin(azimuth), math.sin(elevation), math.cos(elevation) * math.cos(azimuth)]
-    light += [uniform(0.55, 0.8), uniform(0.25, 0.45)]  # strength of the light, ambient level
-
-    # Room materials: floor (planks or tiles along the room's axes), walls (paint or vertical stripes that
-    # show on the back and the side walls alike), ceiling (plain), picture (a bright pattern at any angle).
-    hue = uniform(0.03, 0.12)
-    floor_colour = colour(hue, uniform(0.2, 0.6), uniform(0.45, 0.8))
-    floor = material(floor_colour, [c * uniform(0.6, 0.85) for c in floor_colour], integer(0, 2),
-                     uniform(0.2, 0.6), (1, 0, 0), (0, 0, 1))
-    wall_colour = colour(uniform(0, 1), uniform(0.05, 0.3), uniform(0.7, 0.95))
-    diagonal = (math.sqrt(0.5), 0, math.sqrt(0.5))
-    wall = material(wall_colour, [c * uniform(0.75, 0.9) for c in wall_colour], integer(0, 1),
-                    uniform(0.1, 0.3), diagonal, diagonal)
-    ceiling_colour = colour(uniform(0, 1), uniform(0.0, 0.05), uniform(0.85, 0.95))
-    ceiling = material(ceiling_colour, ceiling_colour, 0, 1.0, (1, 0, 0), (0, 0, 1))
-    angle = uniform(0, math.pi)
-    picture_material = material(colour(uniform(0, 1), uniform(0.6, 1.0), uniform(0.6, 1.0)),
-                                colour(uniform(0, 1), uniform(0.6, 1.0), uniform(0.3, 0.9)), integer(1, 2),
-                                uniform(0.05, 0.2), (math.cos(angle), math.sin(angle), 0),
-                                (-math.sin(angle), math.cos(angle), 0))
-
-    # An optional picture on the back wall: present flag, x range, y range.
-    picture = [0.0, 0.0, 0.0, 0.0, 0.0]
-    if uniform(0, 1) < 0.6:
-        w, h = uniform(0.5, 1.6), uniform(0.4, 1.0)
-        x = uniform(-half_width + w / 2 + 0.1, half_width - w / 2 - 0.1)
-        y = uniform(0.9, min(1.5, height - h - 0.1))
-        picture = [1.0, x - w / 2, x + w / 2, y, y + h]
-
-    # 1 to 5 primitives on the floor, at least a metre in front of the camera, inside the room; each new one
-    # tries a few spots so that footprints overlap rarely (a crowded spot is accepted after 20 tries).
-    rows = {"spheres": [], "boxes": [], "cylinders": []}
-    footprints = []  # (x, z, radius)
-    for _ in range(integer(1, 5)):
-        kind = ("spheres", "boxes", "cylinders")[integer(0, 2)]
-        if kind == "spheres":
-            radius = uniform(0.2, 0.6)
-            size = [radius]
-            reach, half_height = radius, radius
-        elif kind == "boxes":
-            half = [uniform(0.2, 0.6), uniform(0.2, 0.7), uniform(0.2, 0.6)]
-            turn = uniform(0, math.pi / 2)
-            size = half + [math.cos(turn), math.sin(turn)]
-            reach, half_height = math.hypot(half[0], half[2]), half[1]
-        else:
-            radius, half_height = uniform(0.15, 0.45), uniform(0.2, 0.8)
-            size = [radius, half_height]
-            reach = radius
-        for _ in range(20):
-            x = uniform(-half_width + reach + 0.05, half_width - reach - 0.05)
-            z = uniform(position[2] + 1.0 + reach, depth - reach - 0.05)
-            if all(math.hypot(x - fx, z - fz) > reach + fr for fx, fz, fr in footprints):
-                break
-        footprints.append((x, z, reach))
-        pattern = integer(0, 2)
-        first = colour(uniform(0, 1), uniform(0.45, 0.9), uniform(0.55, 1.0))
-        second = [c * uniform(0.3, 0.7) for c in first]
-        a = random_direction()
-        surface = material(first, second, pattern, uniform(0.06, 0.2), a, random_direction())
-        rows[kind].append([x, half_height, z] + size + surface)
-
-    # Sensor holes: 0 to 3 blobs, each 2 or 3 overlapping ellipses. Centres are fractions of the image width
-    # and height, radii fractions of the width; the last two numbers are the cosine and sine of the tilt.
-    holes = []
-    for _ in range(integer(0, 3)):
-        cx, cy = uniform(0.05, 0.95), uniform(0.05, 0.95)
-        for _ in range(integer(2, 3)):
-            tilt = uniform(0, math.pi)
-            holes.append([cx + uniform(-0.03, 0.03), cy + uniform(-0.04, 0.04), uniform(0.015, 0.045),
-                          uniform(0.015, 0.045), math.cos(tilt), math.sin(tilt)])
-
-    def table(values, width):
-        return torch.tensor(values, dtype=torch.float32).reshape(len(values), width)
+    def table(rows, width):
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), width)
 
     return {
         "room": torch.tensor([half_width, height, depth], dtype=torch.float32),
-        "camera": torch.tensor(list(position) + axes, dtype=torch.float32),  # position, right, down, forward
-        "light": torch.tensor(light, dtype=torch.float32),  # direction (3), strength, ambient
+        "camera": torch.tensor(camera, dtype=torch.float32),  # position, right, down, forward
+        "light": torch.tensor(light, dtype=torch.float32),
         "picture": torch.tensor(picture, dtype=torch.float32),
-        "materials": table([floor, wall, ceiling, picture_material], MATERIAL_SIZE),
-        "spheres": table(rows["spheres"], PRIMITIVE_SIZES["spheres"] + MATERIAL_SIZE),
-        "boxes": table(rows["boxes"], PRIMITIVE_SIZES["boxes"] + MATERIAL_SIZE),
-        "cylinders": table(rows["cylinders"], PRIMITIVE_SIZES["cylinders"] + MATERIAL_SIZE),
+        "materials": table(materials, MATERIAL_SIZE),  # floor, wall, ceiling, picture
+        **{kind: table(primitives[kind], PRIMITIVE_SIZES[kind] + MATERIAL_SIZE) for kind in PRIMITIVE_SIZES},
         "holes": table(holes, 6),
     }
 
@@ -500,11 +522,32 @@ def _hole_mask(holes, mask, height, width):
     return ((e1 * e1 + e2 * e2 < 1) & mask[:, None, :]).any(-1)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """Run the CPU renderer on one thread. Its tensors are small (a few 10^4 to 10^5 numbers), so splitting
+    each of its ~1000 elementwise ops across threads costs more than it saves, and on a busy machine, where a
+    thread waits for a core, up to 50 times more. For parallel rendering use DataLoader workers."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def render_scenes(scenes, resolution, device="cpu"):
     """Ray-cast scenes (dicts from `sample_scene`) at resolution (H, W) on `device`.
 
     Returns the batched sample dict: image (B, 3, H, W), semantic (B, H, W), depth (B, 1, H, W),
     normal (B, 3, H, W), edge (B, 1, H, W)."""
+    with _one_cpu_thread(device):
+        return _render(scenes, resolution, device)
+
+
+def _render(scenes, resolution, device):
     H, W = resolution
     s = _stack_scenes(scenes, device)
     B, N = len(scenes), H * W
@@ -751,14 +794,14 @@ def _image_tensor(name, array, path):
     array = _channels_last(name, array, path, 3)
     if array.dtype == np.uint8:
         return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
 
 
 def _float_tensor(name, array, path, channels):
-    """(H, W, C) or (H, W) -> float (C, H, W); NaN (unknown) becomes 0, the contract's "invalid"."""
+    """(H, W, C) or (H, W) -> float (C, H, W); NaN or inf (unknown) becomes 0, the contract's "invalid"."""
     array = _channels_last(name, array, path, channels)
-    array = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
-    return torch.from_numpy(np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0))
+    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
+    return tensor.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):
@@ -767,10 +810,11 @@ def _label_tensor(name, array, path, num_classes, shift=0):
         array = array[:, :, 0]
     if array.ndim != 2:
         raise dataset_error(name, f"label of shape {tuple(array.shape)}, expected (H, W)", path)
-    array = np.nan_to_num(np.asarray(array, dtype=np.float64), nan=-1)
-    labels = np.rint(array).astype(np.int64) + shift
-    labels[(labels < 0) | (labels >= num_classes)] = -1
-    return torch.from_numpy(labels)
+    labels = torch.from_numpy(np.array(array))  # a copy out of the memory map
+    if labels.is_floating_point():  # MTAN's files store ids as floats
+        labels = labels.nan_to_num_(nan=-1.0).round_()
+    labels = labels.long() + shift
+    return labels.masked_fill_((labels < 0) | (labels >= num_classes), -1)
 
 
 def _check_sizes(name, sample, paths):
@@ -1099,11 +1143,20 @@ def _numpy(x):
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
+# 20 colours that stay distinguishable side by side (Sasha Trubetskoy's list of distinct colours)
+_DISTINCT_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+                     (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+                     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)]
+
+
 def palette(num_classes):
-    """num_classes distinct colours (uint8, (K, 3)): hues spread by the golden ratio, so neighbours differ."""
-    colours = [colorsys.hsv_to_rgb((0.6180339887 * k) % 1.0, 0.75 if k % 2 else 0.55, 0.95 if k % 3 else 0.75)
-               for k in range(num_classes)]
-    return (np.array(colours).reshape(num_classes, 3) * 255).round().astype(np.uint8)
+    """num_classes colours as uint8 (K, 3): the 20 distinct colours, then hues spread by the golden ratio."""
+    colours = list(_DISTINCT_COLOURS[:num_classes])
+    for k in range(len(colours), num_classes):
+        r, g, b = colorsys.hsv_to_rgb((0.6180339887 * k) % 1.0, 0.7 if k % 2 else 0.45, 0.95 if k % 3 else 0.7)
+        colours.append((round(255 * r), round(255 * g), round(255 * b)))
+    return np.array(colours, dtype=np.uint8).reshape(num_classes, 3)
 
 
 def colorize_semantic(labels, num_classes):
@@ -1154,23 +1207,30 @@ def _grey(mask):
     return np.repeat((np.clip(mask, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
 
 
-def montage(samples, num_classes, titles=None):
-    """Rows of [image | semantic | depth | normals | edge | invalid mask] (a PIL image), one row per sample."""
-    columns = titles or ["image", "semantic", "depth", "normals", "edge", "invalid"]
+def montage(samples, num_classes, class_names=None):
+    """Rows of [image | semantic | depth | normals | edge | invalid mask] (a PIL image), one row per sample,
+    under a line of column titles and above a colour legend of the classes (when class_names is given)."""
+    titles = ["image", "semantic", "depth (near bright)", "normals", "edge", "invalid"]
     rows = []
     for s in samples:
         image = (np.clip(_numpy(s["image"]).transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
         rows.append(np.concatenate([image, colorize_semantic(s["semantic"], num_classes),
                                     colorize_depth(s["depth"]), colorize_normal(s["normal"]),
                                     _grey(s["edge"]), _grey(_numpy(s["depth"]) == 0)], axis=1))
-    H, W = rows[0].shape[0], rows[0].shape[1] // len(columns)
-    header = 14
-    canvas = Image.new("RGB", (rows[0].shape[1], header + H * len(rows)), (255, 255, 255))
+    H, W = rows[0].shape[0], rows[0].shape[1] // len(titles)
+    line = 14  # pixels per line of text
+    legend = line if class_names else 0
+    canvas = Image.new("RGB", (rows[0].shape[1], line + H * len(rows) + legend), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(columns):
+    for c, title in enumerate(titles):
         draw.text((c * W + 4, 1), title, fill=(0, 0, 0))
     for r, row in enumerate(rows):
-        canvas.paste(Image.fromarray(row), (0, header + r * H))
+        canvas.paste(Image.fromarray(row), (0, line + r * H))
+    x, y = 4, line + H * len(rows) + 2
+    for name, colour in zip(class_names or [], palette(num_classes)):
+        draw.rectangle([x, y, x + 9, y + 9], fill=tuple(int(c) for c in colour))
+        draw.text((x + 13, y - 1), name, fill=(0, 0, 0))
+        x += 13 + int(draw.textlength(name)) + 12
     return canvas
 
 
@@ -1188,7 +1248,7 @@ def main(argv=None):
     folder = os.path.dirname(args.out)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    montage(samples, len(CLASS_NAMES)).save(args.out)
+    montage(samples, len(CLASS_NAMES), CLASS_NAMES).save(args.out)
     print(f"wrote {args.out}: {args.num} {args.split} samples at {dataset.resolution[0]}x{dataset.resolution[1]}"
           f" (classes: {', '.join(CLASS_NAMES)})")
 

@@ -52,17 +52,6 @@ def test_render_batch_equals_stacked_getitem(scenes):
             assert torch.equal(batch[key][b], sample[key]), key
 
 
-def test_thread_count_does_not_change_the_bits():
-    dataset = data.SyntheticScenes("val", resolution=RES)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = dataset[2]
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(one[key], dataset[2][key]) for key in one)
-
-
 def test_train_and_val_never_share_a_scene():
     train = data.SyntheticScenes("train", resolution=RES)
     val = data.SyntheticScenes("val", resolution=RES)
@@ -571,16 +560,33 @@ def test_colour_maps():
     assert (rgb[0, 0] == 0).all() and rgb[0, 1].tolist() == [128, 128, 0]
 
 
+def test_palette_colours_are_distinct():
+    for k in (7, 13, 40):
+        colours = data.palette(k)
+        assert colours.shape == (k, 3) and len({tuple(c) for c in colours}) == k and colours.sum(1).min() > 0
+
+
 def test_montage_command_writes_a_png(tmp_path):
     out = str(tmp_path / "montage.png")
     data.main(["--out", out, "--num", "2", "--resolution", "32x64"])
     with Image.open(out) as picture:
-        assert picture.size == (6 * 64, 14 + 2 * 32)
+        assert picture.size == (6 * 64, 14 + 2 * 32 + 14)  # titles, 2 rows, legend
 
 
 # ----------------------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_renderer_and_augmentation_keep_every_tensor_on_the_device():
+    """On the "meta" device (shapes only, no data) any tensor left on the CPU raises a device-mismatch
+    error, so this checks the GPU code path on a machine without a GPU."""
+    dataset = data.SyntheticScenes("train", resolution=(32, 64))
+    batch = dataset.render_batch(range(3), "meta")
+    assert all(value.device.type == "meta" for value in batch.values())
+    assert batch["image"].shape == (3, 3, 32, 64) and batch["semantic"].dtype == torch.long
+    out = data.augment_batch(batch)
+    assert all(value.device.type == "meta" and value.shape == batch[key].shape for key, value in out.items())
 
 
 @requires_cuda
