@@ -31,6 +31,8 @@ import hashlib
 import math
 import os
 import re
+import struct
+import zlib
 
 import numpy as np
 import torch
@@ -626,7 +628,7 @@ def _render(scenes, resolution, device):
     }
 
 
-def parse_resolution(resolution, flag="resolution"):
+def parse_resolution(resolution, flag="resolution (--resolution)"):
     """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
     resolution five times)."""
     if isinstance(resolution, str):
@@ -648,13 +650,15 @@ class SyntheticScenes(torch.utils.data.Dataset):
     """The embedded dataset: procedurally rendered indoor rooms with the NYUv2 tasks plus edges.
 
     SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
-    and "val" (200; "test" is the same split) never share a scene. `render_batch(indices, device)` renders
-    a whole batch at once, on a GPU if you like; `__getitem__` uses the same code on the CPU. A sample at
-    96x128 takes a few milliseconds; cache=True keeps every sample once rendered (about 0.25 MB each at
-    96x128), which makes later epochs free. Each DataLoader worker keeps its own cache."""
+    and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
+    CPU (about 10 ms at 96x128 on one core); `render_batch(indices, device)` renders a whole batch at once
+    with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
+    the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
+    96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
 
     name = "synthetic"
     CLASS_NAMES = CLASS_NAMES
+    class_names = CLASS_NAMES
     DEFAULT_SIZES = {"train": 1000, "val": 200}
 
     def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
@@ -767,13 +771,12 @@ def _read_npy(name, path):
         raise dataset_error(name, f"cannot read this .npy file ({type(error).__name__}: {error})", path) from None
 
 
-def _read_picture(name, path):
-    """Read an image file with PIL into a numpy array, keeping its mode (RGB for photos, L or P for labels)."""
+def _read_picture(name, path, rgb):
+    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb, else the stored values
+    (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
     try:
         with Image.open(path) as picture:
-            if picture.mode not in ("L", "P", "RGB", "I", "I;16"):
-                picture = picture.convert("RGB")
-            return np.asarray(picture)
+            return np.asarray(picture.convert("RGB") if rgb else picture)
     except FileNotFoundError:
         raise dataset_error(name, "missing file", path) from None
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ... for a damaged file
@@ -859,9 +862,10 @@ class NYUv2(_CachedDataset):
     used as stored (no mean/std normalisation, as in MTAN). `val` is also the test split."""
 
     name = "nyuv2"
-    # The 13-class grouping of Couprie et al. (2013), in the usual alphabetical order of label ids 0..12.
+    # The 13-class grouping of Couprie et al. (2013) in its usual alphabetical order (the files carry no names).
     CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
                    "table", "tv", "wall", "window")
+    class_names = CLASS_NAMES
     tasks = {"semantic": 13, "depth": 1, "normal": 3}
     primary_tasks = {"semantic": 13, "depth": 1, "normal": 3}
     FOLDERS = ("image", "label", "depth", "normal")
@@ -894,6 +898,7 @@ class CityScapes(_CachedDataset):
     (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1], used as stored."""
 
     name = "cityscapes"
+    # Paper Table 1's groupings and the standard train ids, in that order (the files carry no names).
     CLASS_NAMES = {
         2: ("background", "foreground"),
         7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
@@ -907,7 +912,7 @@ class CityScapes(_CachedDataset):
             raise ValueError(f"CityScapes num_classes (--num-classes) must be 2, 7 or 19, got {num_classes!r}")
         root = _check_root(self.name, root)
         self.split = _resolve_split(self.name, split)
-        self.num_classes = num_classes
+        self.num_classes, self.class_names = num_classes, self.CLASS_NAMES[num_classes]
         self.tasks = {"semantic": num_classes, "depth": 1}
         self.primary_tasks = dict(self.tasks)
         self.folders = ("image", "depth", f"label_{num_classes}")
@@ -939,6 +944,7 @@ class NYUD(_CachedDataset):
                    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
                    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
                    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+    class_names = CLASS_NAMES
     tasks = {"semantic": 40, "depth": 1, "normal": 3, "edge": 1}
     primary_tasks = {"semantic": 40, "depth": 1}
     # task -> (folder, file extension)
@@ -973,9 +979,9 @@ class NYUD(_CachedDataset):
                  for task, (folder, ext) in self.FILES.items()}
         edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1)
         sample = {
-            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"]), paths["image"]),
-            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"]), paths["semantic"],
-                                      40, shift=-1),
+            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
+            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
+                                      paths["semantic"], 40, shift=-1),
             "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
             "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
             "edge": (edge > 0.5).float(),
@@ -985,10 +991,658 @@ class NYUD(_CachedDataset):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# 3b. PASCAL-Context: MTI-Net's PASCAL_MT with five tasks
+# -----------------------------------------------------------------------------------------------------------
+#
+# PASCAL_MT (mtinet.md section 8.2) keeps its JPEG images at their own sizes (about 500x375) and stores two of
+# its labels in MATLAB .mat files: the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap
+# (459 classes), whose class boundaries are the edge labels and whose classes decide where the distilled
+# normals count. This section holds, in order:
+#
+#   read_mat                 a MATLAB v5 .mat reader written with numpy, struct and zlib (no scipy)
+#   class tables             VOC classes, the 6 human-part groups, the Context classes that keep normals
+#   context_edges, thin      edge labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines
+#   human_parts_map          Pascal-Part person parts -> 6 groups + background
+#   augment_pascal_sample    the official training augmentation: flip, rotation, scale (mtinet.md 6.3)
+#   resize_pascal_sample     the fixed resize to 512x512 that every sample gets
+#   PascalContext            the dataset
+
+
+class MatFileError(ValueError):
+    """A file that read_mat cannot read: truncated, corrupt, not MATLAB v5, or an unsupported array type.
+    The message is "<path>: <problem>"; both are attributes too."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+# ---- MATLAB v5 .mat files ---------------------------------------------------------------------------------
+#
+# The format (MathWorks, "MAT-File Format", version 5): a 128-byte header, then one data element per variable.
+# Every data element starts with an 8-byte tag, (type, number of bytes) as two uint32, and its data is padded
+# to a multiple of 8 bytes. A variable is an miMATRIX element whose data is itself a list of elements: array
+# flags (class and logical/complex bits), dimensions, name, then the values of the class. MATLAB's default
+# `save` (v7) wraps each variable in an miCOMPRESSED element: a zlib stream holding the miMATRIX element.
+# Arrays are stored in column-major (Fortran) order.
+
+_MI_NUMBERS = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8",
+               16: "u1", 17: "u2", 18: "u4"}  # element type -> numpy code; 16-18 are UTF-8/16/32 text
+_MI_UTF8, _MI_UTF16, _MI_MATRIX, _MI_COMPRESSED = 16, 17, 14, 15
+_MX_NUMERIC = {6: np.float64, 7: np.float32, 8: np.int8, 9: np.uint8, 10: np.int16, 11: np.uint16,
+               12: np.int32, 13: np.uint32, 14: np.int64, 15: np.uint64}  # array class -> value dtype
+_MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
+_MX_UNSUPPORTED = {3: "object", 5: "sparse", 16: "function handle", 17: "opaque (string, table, ...)"}
+_COMPLEX_FLAG, _LOGICAL_FLAG = 0x0800, 0x0200  # bits of the array flags; the class is the low byte
+
+
+def read_mat(path):
+    """The variables of a MATLAB v5 .mat file (MATLAB's default format, compressed or not) as plain Python:
+
+        numeric or logical array   numpy array with MATLAB's shape (2-D at least): a[i, j] is a(i+1, j+1)
+        char array                 str (one row) or a list of str (one per row)
+        struct                     dict field -> value when 1x1, otherwise a list of such dicts in MATLAB's
+                                   linear (column-major) order
+        cell array                 numpy object array with MATLAB's shape
+        []  (an empty element)     numpy array of shape (0, 0)
+
+    Returns {variable name: value}. A missing file raises FileNotFoundError; anything unreadable raises
+    MatFileError naming the file (truncated, corrupt, MATLAB v4 or v7.3/HDF5, sparse or object arrays)."""
+    with open(path, "rb") as f:
+        return _MatReader(f.read(), str(path)).variables()
+
+
+class _MatReader:
+    """Walks the data elements of a MATLAB v5 file held in memory."""
+
+    def __init__(self, raw, path):
+        self.raw, self.path = raw, path
+        if len(raw) < 128:
+            self.fail(f"only {len(raw)} bytes, shorter than the 128-byte MAT-file header (truncated?)")
+        # The header ends with a version and the characters "MI" written as one 16-bit number: they read "IM"
+        # in a little-endian file and "MI" in a big-endian one.
+        if raw[126:128] not in (b"IM", b"MI"):
+            self.fail("not a MATLAB v5 MAT-file (no 'MI' endian indicator at byte 126; v4 is not supported)")
+        self.endian = "<" if raw[126:128] == b"IM" else ">"
+        version = struct.unpack(self.endian + "H", raw[124:126])[0]
+        if version != 0x0100:
+            self.fail(f"MAT-file version 0x{version:04x} is not supported (v7.3 files are HDF5; save with -v7)")
+
+    def fail(self, problem):
+        raise MatFileError(self.path, problem)
+
+    def element(self, buf, pos):
+        """The data element at byte `pos` of `buf`: (type, data bytes, position of the next element)."""
+        if pos + 8 > len(buf):
+            self.fail(f"truncated: the element tag at byte {pos} runs past the end ({len(buf)} bytes)")
+        first, count = struct.unpack_from(self.endian + "II", buf, pos)
+        if first >> 16:  # small element: type and byte count share 4 bytes, the (<= 4) data bytes follow
+            kind, count = first & 0xFFFF, first >> 16
+            if count > 4:
+                self.fail(f"corrupt: a small data element at byte {pos} claims {count} bytes (4 at most)")
+            return kind, buf[pos + 4:pos + 4 + count], pos + 8
+        start = pos + 8
+        if start + count > len(buf):
+            self.fail(f"truncated: the element at byte {pos} holds {count} bytes, only {len(buf) - start} follow")
+        padded = count if first == _MI_COMPRESSED else (count + 7) // 8 * 8  # compressed data is not padded
+        return first, buf[start:start + count], start + padded
+
+    def numbers(self, kind, data):
+        """Element data as a 1-D numpy array of its stored type."""
+        if kind not in _MI_NUMBERS:
+            self.fail(f"corrupt: unknown data type {kind}")
+        dtype = np.dtype(self.endian + _MI_NUMBERS[kind])
+        if len(data) % dtype.itemsize:
+            self.fail(f"corrupt: {len(data)} bytes is not a whole number of {dtype.name} values")
+        return np.frombuffer(data, dtype)
+
+    def variables(self):
+        found, pos = {}, 128
+        while pos < len(self.raw):
+            kind, data, pos = self.element(self.raw, pos)
+            if kind == _MI_COMPRESSED:
+                try:
+                    data = zlib.decompress(data)
+                except zlib.error as error:
+                    self.fail(f"corrupt compressed variable ({error})")
+                kind, data, _ = self.element(data, 0)
+            if kind != _MI_MATRIX:
+                self.fail(f"corrupt: expected a variable (element type 14), found element type {kind}")
+            name, value = self.matrix(data)
+            found[name] = value
+        return found
+
+    def matrix(self, buf):
+        """(name, value) of the data of an miMATRIX element."""
+        if not buf:  # MATLAB writes an empty array (say [] in a struct field) as an element with no data
+            return "", np.zeros((0, 0))
+        kind, flags, pos = self.element(buf, 0)
+        if kind != 6 or len(flags) != 8:
+            self.fail("corrupt: a variable does not start with its array flags")
+        flags = struct.unpack(self.endian + "II", flags)[0]
+        kind, dims, pos = self.element(buf, pos)
+        dims = tuple(int(d) for d in self.numbers(kind, dims))
+        _, name, pos = self.element(buf, pos)
+        name = name.decode("latin-1")
+        if len(dims) < 2 or min(dims) < 0:
+            self.fail(f"corrupt: variable {name!r} has dimensions {dims}")
+        mx = flags & 0xFF
+        if mx in _MX_NUMERIC:
+            return name, self.numeric(buf, pos, mx, flags, dims)
+        if mx == _MX_CHAR:
+            return name, self.char(buf, pos, dims)
+        if mx in (_MX_CELL, _MX_STRUCT):
+            return name, (self.cell if mx == _MX_CELL else self.struct)(buf, pos, dims)
+        self.fail(f"variable {name!r} is a MATLAB {_MX_UNSUPPORTED.get(mx, f'class {mx}')} array; "
+                  "this reader handles numeric, logical, char, struct and cell arrays")
+
+    def numeric(self, buf, pos, mx, flags, dims):
+        kind, data, pos = self.element(buf, pos)
+        values = self.numbers(kind, data).astype(_MX_NUMERIC[mx])  # may be stored in a smaller type
+        if flags & _COMPLEX_FLAG:
+            kind, data, pos = self.element(buf, pos)
+            values = values + 1j * self.numbers(kind, data)
+        if values.size != math.prod(dims):
+            self.fail(f"corrupt: {values.size} values for an array of shape {dims}")
+        values = values.reshape(dims, order="F")
+        return values != 0 if flags & _LOGICAL_FLAG else values
+
+    def char(self, buf, pos, dims):
+        kind, data, pos = self.element(buf, pos)
+        if kind in (_MI_UTF8, _MI_UTF16):
+            utf16 = "utf-16-le" if self.endian == "<" else "utf-16-be"
+            text = data.decode("utf-8" if kind == _MI_UTF8 else utf16)
+            codes = np.array([ord(c) for c in text], dtype=np.int64)
+        else:
+            codes = self.numbers(kind, data).astype(np.int64)  # usually UTF-16 code units (miUINT16)
+        if codes.size != math.prod(dims):
+            self.fail(f"corrupt: {codes.size} characters for a char array of shape {dims}")
+        if dims[0] == 0 or codes.size == 0:
+            return ""
+        rows = codes.reshape(dims[0], -1, order="F")  # (rows, characters per row)
+        text = ["".join(chr(c) for c in row) for row in rows]
+        return text[0] if len(text) == 1 else text
+
+    def cell(self, buf, pos, dims):
+        count = math.prod(dims)
+        if count * 8 > len(buf):  # every cell is at least an 8-byte tag
+            self.fail(f"corrupt: a cell array of shape {dims} cannot fit in {len(buf)} bytes")
+        cells = np.empty(count, dtype=object)
+        for i in range(count):
+            kind, data, pos = self.element(buf, pos)
+            if kind != _MI_MATRIX:
+                self.fail(f"corrupt: cell {i} is element type {kind}, not an array")
+            cells[i] = self.matrix(data)[1]
+        return cells.reshape(dims, order="F")
+
+    def struct(self, buf, pos, dims):
+        kind, length, pos = self.element(buf, pos)  # every field name takes this many bytes, NUL-padded
+        length = int(self.numbers(kind, length)[0]) if length else 0
+        _, names, pos = self.element(buf, pos)
+        fields = [names[i:i + length].split(b"\0")[0].decode("latin-1")
+                  for i in range(0, len(names), length)] if length else []
+        count = math.prod(dims)
+        if count * len(fields) * 8 > len(buf):
+            self.fail(f"corrupt: a struct array of shape {dims} cannot fit in {len(buf)} bytes")
+        items = []
+        for _ in range(count):  # the values run element by element, and field by field within an element
+            item = {}
+            for field in fields:
+                kind, data, pos = self.element(buf, pos)
+                if kind != _MI_MATRIX:
+                    self.fail(f"corrupt: struct field {field!r} is element type {kind}, not an array")
+                item[field] = self.matrix(data)[1]
+            items.append(item)
+        return items[0] if count == 1 else items
+
+
+# ---- class tables -----------------------------------------------------------------------------------------
+
+PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+                      "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+                      "sheep", "sofa", "train", "tvmonitor")  # semantic ids 0..20 (the PNGs' values)
+HUMAN_PART_NAMES = ("background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg")
+PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow the VOC order above)
+# Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting, mtinet.md 8.2: head
+# with hair, ears, eyebrows, eyes, mouth and nose; torso with neck; upper arms; lower arms with hands; upper
+# legs; lower legs with feet. l/r = left/right, u/l = upper/lower.
+HUMAN_PART_GROUPS = {
+    "head": 1, "hair": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1, "mouth": 1,
+    "nose": 1, "torso": 2, "neck": 2, "luarm": 3, "ruarm": 3, "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
+    "luleg": 5, "ruleg": 5, "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
+}
+# The PASCAL-Context classes (LabelMap ids) on which the distilled normals are kept; elsewhere they are set to
+# zero (invalid), because the network that produced them was trained on NYUD indoor scenes. Source: the
+# official code (SimonVandenhende/Multi-Task-Learning-PyTorch, data/pascal_context.py at d16e10b) builds it
+# from two files of its data/db_info/: every class name of nyu_classes.json (894 NYU names) that is also a
+# key of context_classes.json (459 Context names -> LabelMap id), except "unknown", mapped to its Context id,
+# plus "tvmonitor" (the NYU name is "television"). We read both files and did that intersection once: 169
+# names + tvmonitor = 170 classes, as mtinet.md 8.2 counts.
+NORMAL_VALID_CONTEXT_CLASSES = {
+    3: "air conditioner", 4: "antenna", 6: "ashtray", 9: "bag", 10: "ball", 11: "balloon", 13: "barrel",
+    15: "basket", 17: "bathtub", 18: "bed", 22: "bench", 23: "bicycle", 29: "blackboard", 30: "board",
+    33: "book", 34: "bottle", 36: "bowl", 37: "box", 38: "bracelet", 39: "brick", 41: "broom", 43: "bucket",
+    46: "cabinet", 49: "cake", 50: "calculator", 51: "calendar", 53: "camera", 55: "can", 56: "candle",
+    59: "car", 61: "cart", 62: "case", 65: "cat", 66: "cd", 68: "ceiling", 69: "cell phone", 72: "chair",
+    73: "chessboard", 78: "clock", 83: "coffee machine", 84: "comb", 85: "computer", 87: "cone", 88: "container",
+    95: "corkscrew", 96: "counter", 101: "crate", 104: "cup", 105: "curtain", 107: "cutting board",
+    111: "dishwasher", 113: "dog", 115: "door", 122: "drum", 124: "duck", 135: "envelope", 141: "fan",
+    142: "faucet", 143: "fax machine", 146: "fire extinguisher", 150: "fish tank", 154: "flag",
+    157: "flashlight", 158: "floor", 159: "flower", 165: "fork", 172: "fruit", 174: "furnace", 181: "glass",
+    183: "globe", 184: "glove", 191: "guitar", 193: "hammer", 195: "handle", 197: "hanger", 199: "hat",
+    202: "heater", 213: "ipod", 215: "ironing board", 216: "jar", 219: "key", 220: "keyboard", 223: "knife",
+    225: "ladder", 228: "laptop", 230: "lid", 232: "light", 233: "light bulb", 238: "lock", 239: "machine",
+    242: "map", 243: "mask", 246: "mattress", 250: "microphone", 251: "microwave", 252: "mirror", 255: "money",
+    260: "mouse", 261: "mouse pad", 263: "napkin", 269: "oven", 272: "pan", 273: "paper", 275: "paper cutter",
+    281: "pen", 283: "pencil", 284: "person", 285: "photo", 286: "piano", 287: "picture", 288: "pig",
+    290: "pillow", 291: "pipe", 292: "pitcher", 293: "plant", 295: "plate", 304: "pool table", 307: "pot",
+    309: "printer", 310: "projector", 314: "radiator", 315: "radio", 319: "range hood", 323: "remote control",
+    329: "rope", 330: "rug", 331: "ruler", 336: "scale", 342: "sculpture", 345: "sewing machine", 349: "shelves",
+    350: "shoe", 351: "shopping cart", 352: "shovel", 355: "sign", 357: "sink", 368: "sofa", 370: "spatula",
+    371: "speaker", 374: "spoon", 379: "stapler", 380: "stick", 383: "stool", 384: "stove", 397: "table",
+    401: "tape", 403: "telephone", 405: "tent", 407: "toaster", 408: "toilet", 411: "toothbrush", 412: "towel",
+    413: "toy", 414: "toy car", 417: "trampoline", 419: "tray", 421: "tricycle", 423: "trophy", 427: "tvmonitor",
+    429: "typewriter", 430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
+    443: "washing machine", 444: "watch", 446: "water dispenser", 454: "window", 457: "wire"
+}
+
+
+# ---- labels derived from the .mat files -------------------------------------------------------------------
+
+
+def _thinning_tables():
+    """Which pixels may go in each of the two subiterations of Guo & Hall's thinning ("Parallel thinning with
+    two-subiteration algorithms", Comm. ACM 32(3), 1989, algorithm A1), the algorithm of
+    skimage.morphology.thin that the official loader calls. Two bool tables indexed by a pixel's 8
+    neighbours as bits: x1 = east, then counter-clockwise x2 = north-east, x3 = north, ..., x8 = south-east,
+    with x_k in bit k-1."""
+    x = [((np.arange(256) >> k) & 1).astype(bool) for k in range(8)]  # x[k] is x_(k+1), for all 256 codes
+    # G1: exactly one 4-connected run of neighbours (Hilditch's crossing number is 1): the pixel is on an edge
+    # of the shape, not a bridge between two parts.
+    crossings = sum((~x[i] & (x[i + 1] | x[(i + 2) % 8])).astype(int) for i in (0, 2, 4, 6))
+    # G2: 2 <= min(n1, n2) <= 3, counting neighbour pairs: not an end point, not inside the shape.
+    n1 = sum((x[i] | x[i + 1]).astype(int) for i in (0, 2, 4, 6))
+    n2 = sum((x[i + 1] | x[(i + 2) % 8]).astype(int) for i in (0, 2, 4, 6))
+    g12 = (crossings == 1) & (np.minimum(n1, n2) >= 2) & (np.minimum(n1, n2) <= 3)
+    # G3 / G3': peel only the south-east side in the first subiteration, the north-west one in the second.
+    first = g12 & ~((x[1] | x[2] | ~x[7]) & x[0])
+    second = g12 & ~((x[5] | x[6] | ~x[3]) & x[4])
+    return first, second
+
+
+_THIN_TABLES = _thinning_tables()
+
+
+def _neighbour_codes(mask):
+    """(H, W) bool -> (H, W) uint8: the 8 neighbours as bits (east = bit 0, counter-clockwise); 0 outside."""
+    p = np.pad(mask, 1).astype(np.uint8)
+    return (p[1:-1, 2:] | p[:-2, 2:] << 1 | p[:-2, 1:-1] << 2 | p[:-2, :-2] << 3
+            | p[1:-1, :-2] << 4 | p[2:, :-2] << 5 | p[2:, 1:-1] << 6 | p[2:, 2:] << 7)
+
+
+def thin(mask):
+    """Thin a binary (H, W) mask to lines one pixel wide with the same connectivity (Guo-Hall, as
+    skimage.morphology.thin with no iteration limit): both subiterations until nothing changes."""
+    skeleton = np.array(mask, dtype=bool)
+    while True:
+        before = int(skeleton.sum())
+        for table in _THIN_TABLES:
+            skeleton &= ~table[_neighbour_codes(skeleton)]
+        if int(skeleton.sum()) == before:
+            return skeleton
+
+
+def context_edges(label_map):
+    """Edge labels from a PASCAL-Context LabelMap (H, W) -> bool (H, W), as the official loader makes them:
+    pixels where the 4-neighbour Laplacian of the class ids is not 0 (a 2-pixel band along every boundary
+    between classes; rarely a boundary pixel whose neighbours' ids happen to average to its own is missed,
+    as there), thinned to one-pixel lines."""
+    x = np.asarray(label_map, dtype=np.float64)
+    # OpenCV's Laplacian (kernel 0 1 0 / 1 -4 1 / 0 1 0) with its default border, which mirrors the image
+    # without repeating the border pixel: numpy's "reflect".
+    p = np.pad(x, 1, mode="reflect" if min(x.shape) > 1 else "edge")
+    laplacian = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * x
+    return thin(laplacian != 0)
+
+
+def _struct_list(value):
+    """A struct array from read_mat as a list of dicts ([] for an empty array)."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    if isinstance(value, np.ndarray) and value.size == 0:
+        return []
+    raise ValueError(f"expected a struct array, found {type(value).__name__}")
+
+
+def human_parts_map(anno, shape):
+    """Human-part ids (H, W) int64 from a Pascal-Part `anno` struct, as the official loader builds them:
+    0 = background, 1..6 = HUMAN_PART_GROUPS. Every person object paints its parts in file order (a later
+    part wins where masks overlap). The map is all 0 when no person with a non-empty mask is annotated, or
+    none of them has parts; the dataset then ignores the whole map. `shape` is the size of an all-0 map."""
+    objects = _struct_list(anno["objects"])
+    people = [o for o in objects if int(np.asarray(o["class_ind"]).reshape(-1)[0]) == PASCAL_PART_PERSON]
+    if not any(np.asarray(o["mask"]).any() for o in people):  # the official "has human parts" test (area > 0)
+        return np.zeros(shape, dtype=np.int64)
+    target = None
+    for person in people:
+        for part in _struct_list(person["parts"]):
+            mask = np.asarray(part["mask"]).astype(bool)
+            if target is None:
+                target = np.zeros(mask.shape, dtype=np.int64)
+            if part["part_name"] not in HUMAN_PART_GROUPS:
+                raise ValueError(f"unknown person part {part['part_name']!r} "
+                                 f"(known: {', '.join(HUMAN_PART_GROUPS)})")
+            target[mask] = HUMAN_PART_GROUPS[part["part_name"]]
+    return np.zeros(shape, dtype=np.int64) if target is None else target
+
+
+# ---- augmentation and resizing of one sample ---------------------------------------------------------------
+#
+# A PASCAL sample is a dict of tensors at one size (H, W): image (3, H, W) in [0, 1], semantic and parts
+# (H, W) long, saliency and edge (1, H, W) in {0, 1}, normal (3, H, W). Interpolation per map, as the official
+# transforms: cubic for the image and the normals, nearest for every label. Unlike the official code, the
+# normals are multiplied by their nearest-resampled validity, so an invalid (zero) normal stays exactly zero
+# and is never blended into a short vector that renormalisation would turn into a "valid" one (as
+# augment_batch does for NYUv2).
+
+
+def _resample_maps(sample, resample):
+    """Apply `resample(x (C, H, W) float, mode)` to every map of a sample with its interpolation."""
+    out = {}
+    for key, x in sample.items():
+        if key == "image":  # cubic overshoots a little: keep the image in [0, 1]
+            out[key] = resample(x, "bicubic").clamp_(0, 1)
+        elif key == "normal":
+            valid = (x != 0).any(0, keepdim=True).float()
+            out[key] = resample(x, "bicubic") * resample(valid, "nearest")
+        elif x.dim() == 2:  # (H, W) class ids: semantic, parts
+            out[key] = resample(x[None].float(), "nearest")[0].long()
+        else:  # (1, H, W) saliency, edge
+            out[key] = resample(x.float(), "nearest")
+    return out
+
+
+def unit_normals(normal):
+    """(3, H, W) normals scaled to unit length as the official FixedResize does (norm + float32 eps); zero
+    vectors (invalid) stay zero."""
+    return normal / (normal.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
+
+
+def flip_pascal_sample(sample):
+    """Mirror every map left-right; a normal's x component (pointing right) changes sign."""
+    out = {key: x.flip(-1) for key, x in sample.items()}
+    if "normal" in out:
+        out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return out
+
+
+def rotate_normals(normal, angle):
+    """Turn the in-plane part (x right, y down) of normals (3, H, W) as rotate_scale_pascal_sample turns the
+    image by `angle` degrees. The official code writes it with phi = atan2(n_x, n_y) and n_x' = r sin(phi + a),
+    n_y' = r cos(phi + a); expanding the sines gives this rotation. For a = 90: (1, 0, z) -> (0, -1, z), a
+    vector pointing right turns to point up, as the picture turns counter-clockwise."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return torch.stack([c * normal[0] + s * normal[1], -s * normal[0] + c * normal[1], normal[2]])
+
+
+def _rotation_grid(height, width, angle, scale):
+    """grid_sample grid (H, W, 2) of the official ScaleNRotate: cv2.warpAffine with
+    cv2.getRotationMatrix2D(centre=(W/2, H/2), angle, scale), which maps input pixel p to
+    c + scale * R (p - c), R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen for angle > 0; y is
+    down). Each output pixel q reads the input at c + R^T (q - c) / scale."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    dx, dy = xs - width / 2, ys - height / 2
+    source_x = width / 2 + (c * dx - s * dy) / scale
+    source_y = height / 2 + (s * dx + c * dy) / scale
+    # grid_sample's coordinates with align_corners=True: -1 and +1 are the centres of the first and last pixel
+    return torch.stack([2 * source_x / max(width - 1, 1) - 1, 2 * source_y / max(height - 1, 1) - 1], -1).float()
+
+
+def rotate_scale_pascal_sample(sample, angle, scale):
+    """Rotate every map by `angle` degrees (counter-clockwise on screen) and zoom it by `scale` about the image
+    centre, keeping its size. Pixels that come from outside the image are 0: black image, background for
+    semantic and parts (not ignore), zero (invalid) normals, no edge, not salient."""
+    out = dict(sample)
+    if "normal" in out:
+        out["normal"] = rotate_normals(out["normal"], angle)
+    height, width = sample["image"].shape[-2:]
+    grid = _rotation_grid(height, width, angle, scale)[None]  # (1, H, W, 2)
+
+    def warp(x, mode):  # (C, H, W) -> (C, H, W)
+        return F.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+
+    return _resample_maps(out, warp)
+
+
+def augment_pascal_sample(sample, generator=None, max_rotation=20.0, scales=(0.75, 1.25), flip_prob=0.5):
+    """MTI-Net's PASCAL training augmentation (mtinet.md 6.3) on one sample at its own size: a horizontal flip
+    with probability 1/2, then a rotation by an angle uniform in [-20, 20] degrees and a zoom by a factor
+    uniform in [0.75, 1.25] about the centre. Draws from `generator` (a CPU torch.Generator; None = torch's
+    global one, which DataLoader seeds per worker). Returns a new dict; the input is not modified."""
+    u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+    angle = -max_rotation + 2 * max_rotation * u[1]
+    scale = scales[0] + (scales[1] - scales[0]) * u[2]
+    if u[0] < flip_prob:
+        sample = flip_pascal_sample(sample)
+    return rotate_scale_pascal_sample(sample, angle, scale)
+
+
+def resize_pascal_sample(sample, size=(512, 512), targets=True):
+    """The official FixedResize: every map to `size` (H, W) without keeping the aspect ratio (cubic for the
+    image and normals, which are then renormalised; nearest for labels, the "floor" rule of cv2 and
+    F.interpolate). targets=False resizes only the image: the evaluation transform, whose predictions are
+    compared with the targets at the original size."""
+    size = tuple(size)
+
+    def resize(x, mode):  # (C, H, W) -> (C, *size)
+        return F.interpolate(x[None], size=size, mode=mode, align_corners=False if mode == "bicubic" else None)[0]
+
+    if not targets:
+        return dict(sample, image=resize(sample["image"], "bicubic").clamp_(0, 1))
+    out = _resample_maps(sample, resize)
+    if "normal" in out:
+        out["normal"] = unit_normals(out["normal"])
+    return out
+
+
+def ignore_empty_parts(sample):
+    """An all-background human-parts map (no person, or cropped out by augmentation) becomes all -1 (ignore),
+    as the official AddIgnoreRegions, which runs after augmentation and resizing."""
+    if "parts" in sample and not sample["parts"].any():
+        sample = dict(sample, parts=torch.full_like(sample["parts"], -1))
+    return sample
+
+
+# ---- the dataset ------------------------------------------------------------------------------------------
+
+DOWNLOADS["pascal"] = {
+    "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, edges)",
+    "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported dead; "
+    "copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
+    "layout": (
+        "ROOT/ImageSets/Context/train.txt, val.txt   one image id per line (4998 / 5105)\n"
+        "ROOT/JPEGImages/<id>.jpg                   RGB, about 500x375\n"
+        "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void (or semseg/pascal-context/<id>.png)\n"
+        "ROOT/human_parts/<id>.mat                  Pascal-Part annotation, variable 'anno'\n"
+        "ROOT/sal_distill/<id>.png                  grey, saliency in 0..255\n"
+        "ROOT/normals_distill/<id>.png              RGB, normals as (n + 1) * 255 / 2\n"
+        "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels, variable 'LabelMap' (459 classes)\n"
+        "(ROOT is the PASCAL_MT folder itself or the folder that holds it; .mat files are MATLAB v5)"
+    ),
+}
+
+
+def _fit_to_image(sample):
+    """Resize every target whose size differs from the image's to it, as the official loader does (nearest
+    for labels, cubic for normals): in PASCAL_MT they normally agree."""
+    size = tuple(sample["image"].shape[-2:])
+    wrong = {key: x for key, x in sample.items() if key != "image" and tuple(x.shape[-2:]) != size}
+    if wrong:
+        sample = dict(sample, **resize_pascal_sample(wrong, size))
+    return sample
+
+
+class PascalContext(_CachedDataset):
+    """MTI-Net's PASCAL_MT: PASCAL-Context images with five tasks, 4,998 train / 5,105 val images.
+
+    semantic  21 VOC classes (PASCAL_VOC_CLASSES), void 255 -> -1
+    parts     7 (HUMAN_PART_NAMES); an image without annotated person parts is all -1
+    saliency  distilled saliency binarised at x / 255 > 0.5
+    normal    distilled normals 2 x / 255 - 1, kept only on NORMAL_VALID_CONTEXT_CLASSES (elsewhere 0 = invalid)
+    edge      context_edges(LabelMap)
+
+    Every sample's image is resized to `size` (512x512, the aspect ratio is not kept). Training samples
+    (targets_at_original_size=False, the default for split "train") have their targets resized with it;
+    evaluation samples (the default for "val") keep their targets at the original image size, so predictions
+    are upsampled to it and scored there, as the official evaluation does. Their sizes vary from image to
+    image, so `variable_size` is True: batch them one at a time. augment=True applies augment_pascal_sample
+    to training samples before the resize (never to val: the official test transform has none).
+    cache=True keeps the decoded samples (before augmentation) in memory. `ids` lists the image ids."""
+
+    name = "pascal"
+    CLASS_NAMES = PASCAL_VOC_CLASSES
+    class_names = PASCAL_VOC_CLASSES
+    PART_NAMES = HUMAN_PART_NAMES
+    tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order
+    primary_tasks = dict(tasks)
+    FOLDERS = {"image": "JPEGImages", "parts": "human_parts", "saliency": "sal_distill",
+               "normal": "normals_distill", "context": os.path.join("pascal-context", "trainval")}
+    EXTENSIONS = {"image": ".jpg", "parts": ".mat", "saliency": ".png", "normal": ".png", "context": ".mat"}
+    SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))  # preferred first
+
+    def __init__(self, root, split="train", size=512, augment=False, targets_at_original_size=None,
+                 num_samples=None, cache=False):
+        root = _check_root(self.name, root)
+        if os.path.isdir(os.path.join(root, "PASCAL_MT")):  # the folder that holds PASCAL_MT is fine too
+            root = os.path.join(root, "PASCAL_MT")
+        self.root, self.split = root, _resolve_split(self.name, split)
+        self.size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        self.augment = bool(augment) and self.split == "train"
+        if targets_at_original_size is None:
+            targets_at_original_size = self.split == "val"
+        self.targets_at_original_size = self.variable_size = bool(targets_at_original_size)
+        ids = self._read_ids()
+        self.paths = self._find_files(ids)
+        self.ids = ids[: self._limit(len(ids), num_samples)]
+        self.length = len(self.ids)
+        self.cache = {} if cache else None
+
+    def _read_ids(self):
+        _check_folder(self.name, os.path.join(self.root, "ImageSets", "Context"))
+        list_path = os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt")
+        try:
+            with open(list_path) as f:
+                ids = [line.strip() for line in f if line.strip()]
+        except OSError as error:
+            raise dataset_error(self.name, f"cannot read the split list ({error.strerror})", list_path) from None
+        if not ids:
+            raise dataset_error(self.name, "no samples (empty split list)", list_path)
+        return ids
+
+    def _find_files(self, ids):
+        """{id: {what: path}} for every id of the split; a missing folder or file is a DatasetError."""
+        paths = {i: {} for i in ids}
+        for what, folder in self.FOLDERS.items():
+            present = set(os.listdir(_check_folder(self.name, os.path.join(self.root, folder))))
+            for i in ids:
+                paths[i][what] = os.path.join(self.root, folder, i + self.EXTENSIONS[what])
+                if i + self.EXTENSIONS[what] not in present:
+                    raise dataset_error(self.name, "missing file", paths[i][what])
+        semseg = [(folder, set(os.listdir(os.path.join(self.root, folder)))) for folder in self.SEMSEG_FOLDERS
+                  if os.path.isdir(os.path.join(self.root, folder))]
+        if not semseg:
+            raise dataset_error(self.name, "no semantic label folder (semseg/VOC12 or semseg/pascal-context)",
+                                os.path.join(self.root, self.SEMSEG_FOLDERS[0]))
+        for i in ids:
+            found = [folder for folder, present in semseg if i + ".png" in present]
+            if not found:
+                raise dataset_error(self.name, "missing file (in semseg/VOC12 or semseg/pascal-context)",
+                                    os.path.join(self.root, semseg[0][0], i + ".png"))
+            paths[i]["semantic"] = os.path.join(self.root, found[0], i + ".png")
+        return paths
+
+    def _mat_variable(self, path, variable):
+        try:
+            variables = read_mat(path)
+        except FileNotFoundError:
+            raise dataset_error(self.name, "missing file", path) from None
+        except MatFileError as error:
+            raise dataset_error(self.name, f"cannot read this .mat file ({error.problem})", path) from None
+        if variable not in variables:
+            raise dataset_error(self.name, f"no variable {variable!r} in this .mat file "
+                                f"(found: {', '.join(variables) or 'none'})", path)
+        return variables[variable]
+
+    def load(self, index):
+        """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
+        where no person is: the all-zero map becomes ignore only at the end (ignore_empty_parts)."""
+        paths = self.paths[self.ids[index]]
+        image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
+        size = tuple(image.shape[-2:])
+        label_map = np.asarray(self._mat_variable(paths["context"], "LabelMap"))
+        if label_map.ndim != 2:
+            raise dataset_error(self.name, f"LabelMap of shape {label_map.shape}, expected (H, W)",
+                                paths["context"])
+        anno = self._mat_variable(paths["parts"], "anno")
+        try:
+            parts = human_parts_map(anno, size)
+        except (KeyError, TypeError, IndexError, ValueError) as error:  # fields missing or of the wrong kind
+            raise dataset_error(self.name, f"not a Pascal-Part annotation ({type(error).__name__}: {error})",
+                                paths["parts"]) from None
+        saliency = _read_picture(self.name, paths["saliency"], rgb=False)
+        saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # a grey map saved as RGB: equal channels
+        normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
+        if normal.shape[:2] != label_map.shape:
+            raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
+                                f"{paths['context']} is {label_map.shape}", paths["normal"])
+        normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
+        sample = {
+            "image": image,
+            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
+                                      paths["semantic"], 21),
+            "parts": torch.from_numpy(parts),
+            "saliency": torch.from_numpy((saliency.astype(np.float32) / 255 > 0.5).astype(np.float32))[None],
+            "normal": torch.from_numpy(np.ascontiguousarray(normal.transpose(2, 0, 1), dtype=np.float32)),
+            "edge": torch.from_numpy(context_edges(label_map).astype(np.float32))[None],
+        }
+        return _fit_to_image(sample)
+
+    def __getitem__(self, index):
+        return self.transform(super().__getitem__(index))  # decoded (and cached) at the original size
+
+    def transform(self, sample):
+        """Decoded sample -> what the network sees: augmentation (training), the resize, the ignore rules."""
+        if self.augment:
+            sample = augment_pascal_sample(sample)
+        if self.targets_at_original_size:
+            sample = resize_pascal_sample(sample, self.size, targets=False)
+            sample["normal"] = unit_normals(sample["normal"])  # the official evaluation normalises the GT
+        else:
+            sample = resize_pascal_sample(sample, self.size)
+        return ignore_empty_parts(sample)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # 4. build_dataset
 # -----------------------------------------------------------------------------------------------------------
 
-DATASET_NAMES = ("synthetic", "nyuv2", "cityscapes", "nyud")
+# name -> (class, whether it reads files from a root folder, the options it accepts). A new dataset is one
+# more line here: its class takes (root, split, **options) (or (split, **options) without files) and has
+# `name`, `tasks`, `primary_tasks` and `class_names`.
+DATASETS = {
+    "synthetic": (SyntheticScenes, False, ("resolution", "num_samples", "seed", "cache")),
+    "nyuv2": (NYUv2, True, ("num_samples", "cache")),
+    "cityscapes": (CityScapes, True, ("num_classes", "num_samples", "cache")),
+    "nyud": (NYUD, True, ("num_samples", "cache")),
+    "pascal": (PascalContext, True, ("size", "augment", "targets_at_original_size", "num_samples", "cache")),
+}
+DATASET_NAMES = tuple(DATASETS)
 
 
 def build_dataset(name, root=None, split="train", **options):
@@ -997,29 +1651,18 @@ def build_dataset(name, root=None, split="train", **options):
     options (None means "not given"): resolution (synthetic only), num_classes (cityscapes only),
     num_samples (use only the first N samples), seed (synthetic only), cache. `root` is ignored for synthetic.
     NYUD's primary tasks are semantic + depth (MTI-Net's NYUD setting); dataset.tasks also lists its
-    auxiliary normal and edge targets."""
-    options = {key: value for key, value in options.items() if value is not None}
-    allowed = {"synthetic": {"resolution", "num_samples", "seed", "cache"},
-               "nyuv2": {"num_samples", "cache"},
-               "cityscapes": {"num_classes", "num_samples", "cache"},
-               "nyud": {"num_samples", "cache"}}
-    if name not in allowed:
+    auxiliary normal and edge targets. PASCAL (five tasks) also takes size, augment and
+    targets_at_original_size (see PascalContext)."""
+    if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    cls, reads_files, accepted = DATASETS[name]
+    options = {key: value for key, value in options.items() if value is not None}
     for key in options:
-        if key not in allowed[name]:
-            if key == "resolution":
-                raise ValueError(f"--resolution applies to synthetic data only; the {name} files fix their own "
-                                 "resolution")
-            raise ValueError(f"option {key!r} does not apply to dataset {name!r} "
-                             f"(valid: {', '.join(sorted(allowed[name]))})")
-    if name == "synthetic":
-        dataset = SyntheticScenes(split, **options)
-    elif name == "nyuv2":
-        dataset = NYUv2(root, split, **options)
-    elif name == "cityscapes":
-        dataset = CityScapes(root, split, **options)
-    else:
-        dataset = NYUD(root, split, **options)
+        if key == "resolution" and key not in accepted:
+            raise ValueError(f"--resolution applies to synthetic data only; the {name} files fix their own resolution")
+        if key not in accepted:
+            raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: {', '.join(accepted)})")
+    dataset = cls(root, split, **options) if reads_files else cls(split, **options)
     return dataset, dict(dataset.primary_tasks)
 
 
@@ -1033,29 +1676,30 @@ def build_dataset(name, root=None, split="train", **options):
 # default "nearest" picks pixels), divide depth by s (zooming in brings things closer), then flip
 # horizontally with probability 1/2, negating the normals' x. Normals are not renormalised, as in MTAN.
 #
-# Here it runs on a whole batch on any device: each output pixel reads source rows/columns that differ per
-# sample, so resizing is a gather. A nearest gather can only copy existing values, so ignore labels stay -1 and
-# invalid depth stays 0. For normals, the bilinear blend is multiplied by the nearest-resized validity mask:
-# an invalid pixel stays exactly zero (MTAN would blend it with its neighbours into a short, "valid" vector).
+# Here it runs on a whole batch at once, on the batch's device: every sample has its own crop, so each output
+# pixel reads source rows and columns that differ per sample, and resizing becomes a gather. A mirror just
+# reads the columns right to left. A nearest gather can only copy existing values, so ignore labels stay -1
+# and invalid depth stays 0. For normals, the bilinear blend is multiplied by the nearest-resized validity
+# mask: an invalid pixel stays exactly zero (MTAN would blend it with its neighbours into a short vector).
 
 
-def _nearest_source(out_size, in_size):
-    """Source index of each output index, computed as F.interpolate(mode="nearest") does (in float32)."""
-    if out_size == in_size:
-        return torch.arange(out_size)
-    scale = torch.tensor(float(in_size), dtype=torch.float32) / float(out_size)
-    index = torch.floor(torch.arange(out_size, dtype=torch.float32) * scale).long()
-    return index.clamp_max(in_size - 1)
+def _nearest_source(out_size, in_sizes):
+    """(B, out_size) source index of each output index, for per-sample input sizes (B,), computed as
+    F.interpolate(mode="nearest") does: floor(i * (in / out)) in float32."""
+    scale = in_sizes.float() / out_size  # (B,)
+    index = torch.floor(torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]).long()
+    return torch.minimum(index, (in_sizes - 1)[:, None])
 
 
-def _linear_source(out_size, in_size):
-    """The two source indices and the weight of the second, as bilinear with align_corners=True computes."""
-    scale = (torch.tensor(float(in_size - 1), dtype=torch.float32) / float(out_size - 1)
-             if out_size > 1 else torch.tensor(0.0))
-    position = torch.arange(out_size, dtype=torch.float32) * scale
-    first = torch.floor(position).long().clamp_max(in_size - 1)
+def _linear_source(out_size, in_sizes):
+    """The two source indices (B, out_size) and the weight of the second, as bilinear interpolation with
+    align_corners=True computes them: position i * (in - 1) / (out - 1) in float32."""
+    scale = (in_sizes - 1).float() / max(out_size - 1, 1)  # (B,)
+    position = torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]
+    last = (in_sizes - 1)[:, None]
+    first = torch.minimum(torch.floor(position).long(), last)
     weight = (position - first.float()).clamp(0, 1)
-    return first, (first + 1).clamp_max(in_size - 1), weight
+    return first, torch.minimum(first + 1, last), weight
 
 
 def _take(x, rows, cols):
@@ -1066,52 +1710,49 @@ def _take(x, rows, cols):
 
 
 def scale_crop_flip(batch, scale, top, left, flip):
-    """The deterministic half of `augment_batch`: for each sample b, crop the int(H/scale[b]) x
-    int(W/scale[b]) window at (top[b], left[b]), resize it to H x W, divide depth by scale[b], and mirror it
-    if flip[b]. scale, top, left, flip: sequences of length B. Returns a new dict; other entries pass."""
+    """The deterministic half of `augment_batch`. For each sample b: crop the int(H/scale[b]) x
+    int(W/scale[b]) window whose corner is (top[b], left[b]) (it must fit in the image), resize it to H x W,
+    divide depth by scale[b], and mirror it if flip[b]. scale, top, left, flip: (B,) tensors or sequences.
+    Returns a new dict; entries that are not (B, [C,] H, W) maps pass unchanged."""
     B, _, H, W = batch["image"].shape
     device = batch["image"].device
-    near_rows, near_cols, rows, cols = [], [], [], []
-    for b in range(B):
-        h, w = int(H / scale[b]), int(W / scale[b])
-        if not (0 <= top[b] <= H - h and 0 <= left[b] <= W - w):
-            raise ValueError(f"crop {h}x{w} at ({top[b]}, {left[b]}) does not fit in {H}x{W}")
-        flip_cols = (lambda x: x.flip(0)) if flip[b] else (lambda x: x)  # mirror = read columns right to left
-        near_rows.append(_nearest_source(H, h) + top[b])
-        near_cols.append(flip_cols(_nearest_source(W, w) + left[b]))
-        r0, r1, wr = _linear_source(H, h)
-        c0, c1, wc = _linear_source(W, w)
-        rows.append((r0 + top[b], r1 + top[b], wr))
-        cols.append((flip_cols(c0 + left[b]), flip_cols(c1 + left[b]), flip_cols(wc)))
-    near_rows, near_cols = torch.stack(near_rows).to(device), torch.stack(near_cols).to(device)  # (B, H), (B, W)
-    r0, r1, wr = (torch.stack(t).to(device) for t in zip(*rows))
-    c0, c1, wc = (torch.stack(t).to(device) for t in zip(*cols))
+    scale = torch.as_tensor(scale, dtype=torch.float64).to(device)
+    top, left = torch.as_tensor(top).to(device).long(), torch.as_tensor(left).to(device).long()
+    flip = torch.as_tensor(flip).to(device).bool()[:, None]  # (B, 1)
+    h, w = torch.floor(H / scale).long(), torch.floor(W / scale).long()  # int(H / s), as MTAN computes it
+
+    def mirror(columns):  # (B, W) -> the same columns read right to left where flip
+        return torch.where(flip, columns.flip(1), columns)
+
+    near_rows = _nearest_source(H, h) + top[:, None]  # (B, H) source row of each output row
+    near_cols = mirror(_nearest_source(W, w) + left[:, None])  # (B, W)
+    r0, r1, wr = _linear_source(H, h)
+    c0, c1, wc = _linear_source(W, w)
+    r0, r1, wr = r0 + top[:, None], r1 + top[:, None], wr[:, None, :, None]
+    c0, c1, wc = mirror(c0 + left[:, None]), mirror(c1 + left[:, None]), mirror(wc)[:, None, None, :]
+    every_row = torch.arange(H, device=device).expand(B, H)
+    every_col = torch.arange(W, device=device).expand(B, W)
 
     def nearest(x):
         return _take(x, near_rows, near_cols)
 
-    def bilinear(x):  # first along rows, then along columns; weight 0 copies the pixel exactly
-        x = x.float()
-        wr_, wc_ = wr[:, None, :, None], wc[:, None, None, :]
-        x = _take(x, r0, torch.arange(W, device=device).expand(B, W)) * (1 - wr_) + \
-            _take(x, r1, torch.arange(W, device=device).expand(B, W)) * wr_
-        return _take(x, torch.arange(H, device=device).expand(B, H), c0) * (1 - wc_) + \
-            _take(x, torch.arange(H, device=device).expand(B, H), c1) * wc_
+    def bilinear(x):  # along rows, then along columns; a weight of 0 copies the pixel exactly
+        x = _take(x, r0, every_col) * (1 - wr) + _take(x, r1, every_col) * wr
+        return _take(x, every_row, c0) * (1 - wc) + _take(x, every_row, c1) * wc
 
     out = dict(batch)
     for key, x in batch.items():
         if not torch.is_tensor(x) or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (H, W):
-            continue  # not a (B, [C,] H, W) map: pass it through
+            continue  # not a (B, [C,] H, W) map
         if key == "image":
             out[key] = bilinear(x)
         elif key == "normal":
             valid = (x != 0).any(1, keepdim=True)
             n = bilinear(x) * nearest(valid).to(x.dtype)
-            flipped = torch.tensor(flip, device=device)[:, None, None, None]  # (B, 1, 1, 1)
-            out[key] = torch.cat([torch.where(flipped, -n[:, :1], n[:, :1]), n[:, 1:]], dim=1)
+            n_x = torch.where(flip[:, :, None, None], -n[:, :1], n[:, :1])  # a mirror turns x around
+            out[key] = torch.cat([n_x, n[:, 1:]], dim=1)
         elif key == "depth":
-            s = torch.tensor(scale, dtype=x.dtype, device=device)[:, None, None, None]
-            out[key] = nearest(x) / s
+            out[key] = nearest(x) / scale.to(x.dtype)[:, None, None, None]
         elif x.dim() == 3:  # (B, H, W) label maps: semantic, parts
             out[key] = nearest(x[:, None])[:, 0]
         else:  # edge, saliency and any other map
@@ -1122,15 +1763,18 @@ def scale_crop_flip(batch, scale, top, left, flip):
 def augment_batch(batch, generator=None, scales=(1.0, 1.2, 1.5), flip_prob=0.5):
     """MTAN's random scale-crop and horizontal flip on a dict of batched tensors (any device).
 
-    Each sample draws its own scale, crop position and flip from `generator` (a CPU torch.Generator; None
-    uses torch's global generator), so a seeded generator gives the same crops on CPU and GPU."""
+    Each sample draws its own scale, crop position and flip from `generator` (None: torch's default CPU
+    generator). A generator on the batch's device keeps everything there, with no host-device sync; a seeded
+    generator gives the same crops on every run."""
     B, _, H, W = batch["image"].shape
-    choice = torch.randint(len(scales), (B,), generator=generator).tolist()
-    position = torch.rand(B, 2, generator=generator, dtype=torch.float64).tolist()
-    flip = (torch.rand(B, generator=generator) < flip_prob).tolist()
-    scale = [float(scales[c]) for c in choice]
-    top = [int(p[0] * (H - int(H / s) + 1)) for p, s in zip(position, scale)]  # uniform in 0..H-h
-    left = [int(p[1] * (W - int(W / s) + 1)) for p, s in zip(position, scale)]
+    device = generator.device if generator is not None else torch.device("cpu")
+    scale = torch.tensor(scales, dtype=torch.float64, device=device)[
+        torch.randint(len(scales), (B,), generator=generator, device=device)]
+    position = torch.rand(B, 2, generator=generator, dtype=torch.float64, device=device)
+    flip = torch.rand(B, generator=generator, device=device) < flip_prob
+    h, w = torch.floor(H / scale), torch.floor(W / scale)
+    top = torch.floor(position[:, 0] * (H - h + 1)).long()  # uniform in 0 .. H - h
+    left = torch.floor(position[:, 1] * (W - w + 1)).long()
     return scale_crop_flip(batch, scale, top, left, flip)
 
 
@@ -1168,7 +1812,7 @@ def colorize_semantic(labels, num_classes):
     return out
 
 
-# anchors of a perceptually ordered colour map, from far (dark purple) to near (bright yellow)
+# five anchors of the "plasma" colour map, from far (dark purple) to near (bright yellow)
 _DEPTH_COLOURS = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]],
                           dtype=np.float64)
 
@@ -1232,6 +1876,235 @@ def montage(samples, num_classes, class_names=None):
         draw.text((x + 13, y - 1), name, fill=(0, 0, 0))
         x += 13 + int(draw.textlength(name)) + 12
     return canvas
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment) and a synthetic stand-in
+# -----------------------------------------------------------------------------------------------------------
+#
+# The official data is one image folder per domain, `decathlon-1.0-data/<domain>/{train,val,test}`, with one
+# sub-folder per class (torchvision's ImageFolder convention, which the MTAN code uses; class index = position
+# of the folder in sorted order). Images are small (the longer side about 72 pixels) and preprocessed exactly
+# as the MTAN code does (mtan.md section 8.3): resize the shorter side to 72, crop 72x72, normalise with the
+# domain's mean and std. Training crops at random and flips; gtsrb, omniglot and svhn use a centre crop and no
+# flip (traffic signs, characters and digits change meaning when mirrored). Deviation: the official val loader
+# used the training transform; here val and test use the evaluation transform (centre crop, no flip).
+
+DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot", "svhn",
+                     "ucf101", "vgg-flowers")  # the order of the official code's class counts
+DECATHLON_NO_FLIP = ("gtsrb", "omniglot", "svhn")
+
+# RGB mean and std of each domain, from the official decathlon_mean_std.pickle (mtan.md section 8.4).
+DECATHLON_MEAN_STD = {
+    "imagenet12": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "aircraft": ((0.4798, 0.5107, 0.5344), (0.2107, 0.2051, 0.2373)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "daimlerpedcls": ((0.482, 0.482, 0.482), (0.2361, 0.2361, 0.2361)),
+    "dtd": ((0.527, 0.4703, 0.424), (0.2523, 0.2409, 0.2499)),
+    "gtsrb": ((0.3392, 0.3118, 0.3205), (0.2756, 0.2658, 0.2709)),
+    "omniglot": ((0.081, 0.081, 0.081), (0.2705, 0.2705, 0.2705)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)),
+    "ucf101": ((0.4995, 0.4988, 0.4998), (0.109, 0.1081, 0.1068)),
+    "vgg-flowers": ((0.4341, 0.3831, 0.2971), (0.2851, 0.2384, 0.264)),
+}
+
+DOWNLOADS["decathlon"] = {
+    "title": "Visual Decathlon (decathlon-1.0-data)",
+    "url": "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
+    "layout": ("ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
+               "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
+               "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
+               f"domains: {', '.join(DECATHLON_DOMAINS)}"),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif")
+
+
+def _image_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def resize_and_crop(image, size, top_left=None):
+    """Resize a (3, H, W) image so that its shorter side is `size` (bilinear), then crop size x size: at
+    `top_left` (row, col) as fractions of the free range in [0, 1], or in the centre when it is None."""
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    fy, fx = (0.5, 0.5) if top_left is None else top_left
+    top, left = round(fy * (new_h - size)), round(fx * (new_w - size))
+    return image[:, top:top + size, left:left + size]
+
+
+def normalise(image, mean, std):
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class Decathlon(torch.utils.data.Dataset):
+    """One domain of the Visual Decathlon: samples {"image": float (3, 72, 72) normalised, "label": long}.
+
+    Decathlon(root, domain, split, train=None): `train` selects the random training transform (default: for
+    the train split only). Class i is the i-th class folder of the train split in sorted order. The test split
+    has no labels (label -1) unless it holds class folders."""
+
+    def __init__(self, root, domain, split="train", train=None, size=72, num_samples=None):
+        root = _check_root("decathlon", root)
+        if domain not in DECATHLON_MEAN_STD:
+            raise ValueError(f"unknown Decathlon domain {domain!r}; valid: {', '.join(DECATHLON_DOMAINS)}")
+        self.domain, self.split, self.size = domain, split, size
+        self.train = split == "train" if train is None else train
+        self.mean, self.std = DECATHLON_MEAN_STD[domain]
+        train_dir = _check_folder("decathlon", os.path.join(root, domain, "train"), "domain folder missing")
+        self.classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+        if not self.classes:
+            raise dataset_error("decathlon", "no class folders", train_dir)
+        split_dir = _check_folder("decathlon", os.path.join(root, domain, split), f"{split} folder missing")
+        self.files = self._list(split_dir)
+        if num_samples is not None:
+            self.files = self.files[: int(num_samples)]
+
+    def _list(self, split_dir):
+        """(path, label) pairs: class folders if the split has them, else a flat unlabelled folder (test)."""
+        if not any(os.path.isdir(os.path.join(split_dir, c)) for c in self.classes):
+            files = [(os.path.join(split_dir, f), -1) for f in _image_files(split_dir)]
+        else:
+            files = []
+            for label, name in enumerate(self.classes):
+                folder = _check_folder("decathlon", os.path.join(split_dir, name), "class folder missing")
+                images = _image_files(folder)
+                if not images:
+                    raise dataset_error("decathlon", "empty class folder (no images)", folder)
+                files += [(os.path.join(folder, f), label) for f in images]
+        if not files:
+            raise dataset_error("decathlon", "no images in this split", split_dir)
+        return files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path, label = self.files[index]
+        array = _read_picture("decathlon", path)
+        if array.ndim == 2:  # greyscale (omniglot, daimlerpedcls): three equal channels
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        image = _image_tensor("decathlon", array[:, :, :3], path)
+        return {"image": self.transform(image), "label": torch.tensor(label)}
+
+    def transform(self, image):
+        """Random crop and flip for training (centre crop, no flip for gtsrb/omniglot/svhn); centre crop for
+        evaluation. Randomness comes from torch's global generator, which train.py seeds per epoch."""
+        random_crop = self.train and self.domain not in DECATHLON_NO_FLIP
+        top_left = tuple(torch.rand(2).tolist()) if random_crop else None
+        image = resize_and_crop(image, self.size, top_left)
+        if random_crop and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return normalise(image, self.mean, self.std)
+
+
+# The stand-in: four small classification domains rendered from the synthetic scenes, each asking a different
+# question about a scene and showing it in a different style, with different numbers of classes. Labels are
+# read off the rendered maps (what is visible), so every label is answerable from the image.
+SYNTHETIC_DECATHLON = {  # domain: (number of classes, image style, question)
+    "shapes": (3, "colour", "which primitive (sphere, box, cylinder) covers the most pixels"),
+    "count": (5, "grey", "how many primitives stand in the room (1 to 5)"),
+    "kinds": (8, "dim", "which of the three primitive kinds are visible (a subset, maybe empty: occlusion)"),
+    "picture": (2, "inverted", "is a picture visible on the back wall"),
+}
+PRIMITIVE_CLASSES = (CLASS_NAMES.index("sphere"), CLASS_NAMES.index("box"), CLASS_NAMES.index("cylinder"))
+
+
+def _synthetic_label(domain, scene, semantic):
+    """The class of a rendered scene for `domain` (see SYNTHETIC_DECATHLON); semantic is (H, W)."""
+    areas = [int((semantic == c).sum()) for c in PRIMITIVE_CLASSES]
+    if domain == "shapes":
+        return max(range(3), key=lambda k: areas[k])
+    if domain == "count":
+        return sum(scene[kind].shape[0] for kind in PRIMITIVE_SIZES) - 1
+    if domain == "kinds":
+        return sum(1 << k for k in range(3) if areas[k] > 0)  # a 3-bit mask: subsets 0..7
+    return int(bool((semantic == CLASS_NAMES.index("picture")).any()))
+
+
+def _styled(image, style):
+    if style == "grey":
+        return image.mean(0, keepdim=True).expand(3, -1, -1).clone()
+    if style == "dim":
+        return image * 0.5
+    if style == "inverted":
+        return 1 - image
+    return image
+
+
+class SyntheticDecathlon(torch.utils.data.Dataset):
+    """One synthetic classification domain (see SYNTHETIC_DECATHLON): {"image", "label"} samples at 64x64,
+    deterministic like SyntheticScenes (sample i of a split is the same on every machine), rendered once and
+    kept in memory. Training flips horizontally at random (no label depends on left and right)."""
+
+    DEFAULT_SIZES = {"train": 400, "val": 100}
+
+    def __init__(self, domain, split="train", num_samples=None, resolution=(64, 64), train=None, seed=0):
+        if domain not in SYNTHETIC_DECATHLON:
+            raise ValueError(f"unknown synthetic Decathlon domain {domain!r}; valid: {', '.join(SYNTHETIC_DECATHLON)}")
+        split = "val" if split == "test" else split
+        self.domain, self.split, self.seed = domain, split, seed
+        self.train = split == "train" if train is None else train
+        self.num_classes, self.style, _ = SYNTHETIC_DECATHLON[domain]
+        count = self.DEFAULT_SIZES[split] if num_samples is None else int(num_samples)
+        self.images, self.labels = self._render(count, parse_resolution(resolution))
+        self.mean, self.std = self.statistics(domain, resolution, seed)
+
+    def _scene(self, split, index):
+        digest = hashlib.sha256(f"synthetic-decathlon/{self.seed}/{self.domain}/{split}/{index}".encode()).digest()
+        return sample_scene(int.from_bytes(digest[:8], "little") >> 1)
+
+    def _render(self, count, resolution, split=None):
+        scenes = [self._scene(split or self.split, i) for i in range(count)]
+        images, labels = [], []
+        for start in range(0, count, 64):
+            batch = render_scenes(scenes[start:start + 64], resolution)
+            for scene, image, semantic in zip(scenes[start:], batch["image"], batch["semantic"]):
+                images.append(_styled(image, self.style))
+                labels.append(_synthetic_label(self.domain, scene, semantic))
+        return torch.stack(images), torch.tensor(labels)
+
+    _statistics = {}
+
+    @classmethod
+    def statistics(cls, domain, resolution, seed):
+        """Per-channel mean and std of the domain's first 64 training images (the official code ships such
+        numbers for each real domain)."""
+        key = (domain, tuple(parse_resolution(resolution)), seed)
+        if key not in cls._statistics:
+            probe = cls.__new__(cls)
+            probe.domain, probe.seed, probe.style = domain, seed, SYNTHETIC_DECATHLON[domain][1]
+            images, _ = probe._render(64, parse_resolution(resolution), split="train")
+            cls._statistics[key] = (tuple(images.mean((0, 2, 3)).tolist()),
+                                    tuple(images.std((0, 2, 3)).clamp_min(1e-3).tolist()))
+        return cls._statistics[key]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"image": normalise(image, self.mean, self.std), "label": self.labels[index]}
+
+
+def build_decathlon(name, root, split, domains=None, num_samples=None):
+    """{domain: dataset} and {domain: number of classes} for "decathlon" or "synthetic-decathlon", in the
+    official domain order (or the order of `domains`, a subset)."""
+    every = DECATHLON_DOMAINS if name == "decathlon" else tuple(SYNTHETIC_DECATHLON)
+    domains = list(domains or every)
+    unknown = [d for d in domains if d not in every]
+    if unknown:
+        raise ValueError(f"unknown {name} domain(s) {', '.join(unknown)}; valid: {', '.join(every)}")
+    if name == "decathlon":
+        sets = {d: Decathlon(root, d, split, num_samples=num_samples) for d in domains}
+        return sets, {d: len(s.classes) for d, s in sets.items()}
+    sets = {d: SyntheticDecathlon(d, split, num_samples=num_samples) for d in domains}
+    return sets, {d: s.num_classes for d, s in sets.items()}
 
 
 def main(argv=None):

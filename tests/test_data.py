@@ -366,13 +366,15 @@ def test_build_dataset_returns_the_primary_tasks(tmp_path):
     K = len(data.CLASS_NAMES)
     assert tasks == {"semantic": K, "depth": 1, "normal": 3} and list(tasks) == ["semantic", "depth", "normal"]
     assert len(dataset) == 4 and dataset.resolution == (32, 64) and dataset.name == "synthetic"
+    assert len(dataset.class_names) == K
     _, tasks = data.build_dataset("nyuv2", write_nyuv2(str(tmp_path / "nyuv2")), "train")
     assert tasks == {"semantic": 13, "depth": 1, "normal": 3}
     dataset, tasks = data.build_dataset("cityscapes", write_cityscapes(str(tmp_path / "cs")), "val", num_classes=19)
-    assert tasks == {"semantic": 19, "depth": 1} and dataset.name == "cityscapes"
+    assert tasks == {"semantic": 19, "depth": 1} and dataset.name == "cityscapes" and len(dataset.class_names) == 19
     dataset, tasks = data.build_dataset("nyud", write_nyud(str(tmp_path / "nyud")), "train", num_samples=1)
     assert tasks == {"semantic": 40, "depth": 1} and list(tasks) == ["semantic", "depth"]
     assert dataset.tasks == {"semantic": 40, "depth": 1, "normal": 3, "edge": 1} and len(dataset) == 1
+    assert len(dataset.class_names) == 40 and len(data.NYUv2.class_names) == 13  # names for the pictures
     assert data.build_dataset("nyuv2", str(tmp_path / "nyuv2"), "train", resolution=None)[1] == tasks | {
         "semantic": 13, "normal": 3}
     with pytest.raises(ValueError, match="synthetic, nyuv2, cityscapes, nyud"):
