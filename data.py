@@ -698,6 +698,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
     def render_batch(self, indices, device="cpu"):
         """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
         scenes = [self.scene(self._check_index(i)) for i in indices]
+        if not scenes:
+            raise ValueError("render_batch needs at least one index")
         return render_scenes(scenes, self.resolution, device)
 
     def __getitem__(self, index):
