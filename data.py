@@ -802,11 +802,17 @@ def _image_tensor(name, array, path):
     return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
 
 
+# The conversions below work in numpy, which runs on the calling thread. (Torch would spread these
+# large elementwise ops over its thread pool: no gain in a DataLoader worker, and many times slower in the
+# main process while the machine is busy.)
+
+
 def _float_tensor(name, array, path, channels):
     """(H, W, C) or (H, W) -> float (C, H, W); NaN or inf (unknown) becomes 0, the contract's "invalid"."""
     array = _channels_last(name, array, path, channels)
-    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
-    return tensor.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
+    array[~np.isfinite(array)] = 0
+    return torch.from_numpy(array)
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):
@@ -815,11 +821,11 @@ def _label_tensor(name, array, path, num_classes, shift=0):
         array = array[:, :, 0]
     if array.ndim != 2:
         raise dataset_error(name, f"label of shape {tuple(array.shape)}, expected (H, W)", path)
-    labels = torch.from_numpy(np.array(array))  # a copy out of the memory map
-    if labels.is_floating_point():  # MTAN's files store ids as floats
-        labels = labels.nan_to_num_(nan=-1.0).round_()
-    labels = labels.long() + shift
-    return labels.masked_fill_((labels < 0) | (labels >= num_classes), -1)
+    if array.dtype.kind == "f":  # MTAN's files store ids as floats
+        array = np.where(np.isnan(array), -1, np.rint(array))
+    labels = array.astype(np.int64) + shift  # a copy out of the memory map
+    labels[(labels < 0) | (labels >= num_classes)] = -1
+    return torch.from_numpy(labels)
 
 
 def _check_sizes(name, sample, paths):
@@ -979,14 +985,14 @@ class NYUD(_CachedDataset):
     def load(self, index):
         paths = {task: os.path.join(self.root, folder, self.ids[index] + ext)
                  for task, (folder, ext) in self.FILES.items()}
-        edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1)
+        edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
         sample = {
             "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
             "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
                                       paths["semantic"], 40, shift=-1),
             "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
             "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
-            "edge": (edge > 0.5).float(),
+            "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
         }
         _check_sizes(self.name, sample, paths)
         return sample
