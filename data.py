@@ -773,9 +773,9 @@ def _read_npy(name, path):
         raise dataset_error(name, f"cannot read this .npy file ({type(error).__name__}: {error})", path) from None
 
 
-def _read_picture(name, path, rgb):
-    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb, else the stored values
-    (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
+def _read_picture(name, path, rgb=True):
+    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
+    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
     try:
         with Image.open(path) as picture:
             return np.asarray(picture.convert("RGB") if rgb else picture)
