@@ -8,6 +8,8 @@ All datasets return the same sample, a dict of tensors (see contract.md):
     depth     float (1, H, W) metres along the optical axis (CityScapes: inverse depth), 0 = invalid
     normal    float (3, H, W) unit surface normals in the camera frame, all-zero vector = invalid
     edge      float (1, H, W) in {0, 1}
+    parts     long  (H, W)    human-part ids, 0 = background, -1 = ignore (PASCAL)
+    saliency  float (1, H, W) in {0, 1} (PASCAL)
 
 whatever convention the files on disk use for "unknown" (NYUD's raw 0 becomes -1, and so on). Each dataset
 has a `name`, a `tasks` dict (every target it provides: task name -> output channels) and a `primary_tasks`
@@ -19,6 +21,7 @@ The file reads top to bottom:
 2. SyntheticScenes: indoor-like rooms rendered by vectorised ray casting in torch. It ships as code, so a fresh
    machine can train and test with no download, and it can render a whole batch directly on a GPU.
 3. The real datasets: NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT).
+   3b. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks), with a MATLAB v5 .mat reader and its augmentation.
 4. build_dataset: one entry point by name, used by train.py and eval.py.
 5. augment_batch: MTAN's random scale-crop and flip, on batched tensors, so it can run on the GPU.
 6. Pictures: colour maps for labels, depth and normals, and `python data.py`, which renders a montage of
