@@ -779,6 +779,25 @@ def format_table(rows, tasks=None, style="mtan"):
     return "\n".join([line(headers), rule] + [line(r) for r in table])
 
 
+def format_decathlon_table(rows, baseline=None):
+    """A Markdown table of per-domain top-1 accuracy (%) for rows [(name, {domain: {"accuracy": fraction}})],
+    with the mean and, when a baseline is known (the official domains use FINETUNE), the Decathlon score."""
+    domains = list(rows[0][1])
+    if baseline is None and set(domains) == set(FINETUNE):
+        baseline = FINETUNE
+    headers = ["method"] + domains + ["mean"] + (["score"] if baseline else [])
+    table = []
+    for name, results in rows:
+        accuracy = {d: 100 * results[d]["accuracy"] for d in domains}
+        cells = [name] + [f"{accuracy[d]:.2f}" for d in domains] + [f"{sum(accuracy.values()) / len(domains):.2f}"]
+        if baseline:
+            cells.append(f"{decathlon_score(accuracy, baseline):.0f}")
+        table.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in table])
+
+
 def format_metrics(results):
     """One compact line for logs: "semantic miou 0.3911 pixel_acc 0.6531 | depth abs_err 0.5510 ..."."""
     return " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -798,7 +817,8 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="runs/NAME/last.pt (or the run folder)")
     p.add_argument("--data-root", help="dataset folder, if it moved since training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m")
+    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
+                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score)")
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
     p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
@@ -861,9 +881,11 @@ def main(argv=None):
     normalise = train.InputNormalisation().to(device) if cfg.get("pretrained") else torch.nn.Identity()
     if args.image:
         return predict_image(args, cfg, model, device, normalise)
-    dataset = evaluation_split(cfg, args)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
+    if train.is_decathlon(cfg):
+        return evaluate_decathlon_checkpoint(args, cfg, model, device)
+    dataset = evaluation_split(cfg, args)
     loader = train.make_loader(dataset, cfg, 0, train=False)
     results = train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
@@ -877,16 +899,72 @@ def main(argv=None):
     print(format_table(rows, cfg["tasks"]))
     if "delta_m" in report:
         print(f"delta_m ({args.convention} convention) = {report['delta_m']:+.2f} %")
-    folder = os.path.dirname(os.path.abspath(args.checkpoint)) if not os.path.isdir(args.checkpoint) \
-        else args.checkpoint
+    write_report(report, args.checkpoint)
+    if args.save_vis:
+        save_visualisations(args, cfg, model, dataset, device, normalise)
+    return report
+
+
+def evaluate_decathlon_checkpoint(args, cfg, model, device):
+    """Per-domain top-1 accuracy, the mean and the Decathlon score. The official domains are scored against
+    the paper's Finetune baseline; the synthetic ones against single-domain networks trained by train.py:
+
+        python train.py --model wrn-mtan --data synthetic-decathlon --task shapes --out runs/single-shapes
+        ... (one run per domain), then
+        python eval.py --checkpoint runs/NAME/last.pt --baseline runs/single-shapes/eval.json,...
+
+    (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`)."""
+    import data
+    import train
+
+    try:
+        sets, _ = data.build_decathlon(cfg["data"], cfg["data_root"], args.split, domains=list(cfg["tasks"]),
+                                       num_samples=args.subset)
+    except Exception as e:
+        raise SystemExit(f"error: {e}") from None
+    loaders = {d: train.make_loader(s, cfg, 0, train=False) for d, s in sets.items()}
+    results = train.evaluate_decathlon(model, loaders, cfg, device)
+    baseline = read_decathlon_baseline(args.baseline) if args.baseline else None
+    print(format_decathlon_table([(f"{cfg['model']} ({args.split})", results)], baseline))
+    accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
+    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
+              "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
+              "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
+    reference = baseline or (FINETUNE if set(accuracy) == set(FINETUNE) else None)
+    if reference and set(reference) >= set(accuracy):
+        report["decathlon_score"] = decathlon_score(accuracy, {d: reference[d] for d in accuracy})
+    elif cfg["data"] == "synthetic-decathlon":
+        print("no Decathlon score: pass --baseline with the eval.json files of single-domain runs "
+              "(see `python eval.py --help` and the README)")
+    write_report(report, args.checkpoint)
+    return report
+
+
+def read_decathlon_baseline(paths):
+    """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
+    import json
+
+    merged = {}
+    for path in paths.split(","):
+        try:
+            with open(path) as f:
+                merged.update(json.load(f)["accuracy"])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --baseline {path}: not an eval.json of a Decathlon run ({e})") from None
+    return merged
+
+
+def write_report(report, checkpoint):
+    """eval.json beside the checkpoint, written atomically."""
+    import json
+    import os
+
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
     path = os.path.join(folder, "eval.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
-    if args.save_vis:
-        save_visualisations(args, cfg, model, dataset, device, normalise)
-    return report
 
 
 def read_baseline(path):

@@ -239,6 +239,12 @@ RECIPES = {
     # 100 epochs, batch 8 with drop_last.
     "hrnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
                   batch_size=8, normal_loss="l1", drop_last=True),
+    # MTAN's Visual Decathlon code: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-5, StepLR(50, 0.5),
+    # 300 epochs over all domains, then 100 epochs fine-tuning every domain but ImageNet with a fresh SGD at
+    # lr 0.01; batch 128.
+    "wrn": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, schedule="step", step_size=50, epochs=300,
+                finetune_epochs=100, finetune_lr=0.01, batch_size=128, normal_loss=None, drop_last=False,
+                wrn_depth=28),
 }
 
 # The embedded synthetic scenes are a smoke test and a teaching aid, not a benchmark: on them the default is a
@@ -246,6 +252,10 @@ RECIPES = {
 # minutes. Every value can be overridden by a flag.
 SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=480,
                         eval_every=1)
+# The synthetic Decathlon domains are 64x64 and easy: a WRN-10-1 (width 0.25 of the widening factor 4) for
+# 10 + 4 epochs trains in about a minute on a CPU.
+SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=10, finetune_epochs=4, batch_size=50,
+                                  step_size=5)
 
 # MTI-Net's fixed task weights (official configs): chosen so the task losses have similar magnitudes. They
 # multiply each task's loss before `--weighting` combines the main tasks.
@@ -270,8 +280,12 @@ MODELS = {
     "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None), False),
     "padnet": ("hrnet", lambda t, a, c: mtinet.PADNet(t, aux_tasks=a or None), False),
     "hrnet-mtl": ("hrnet", lambda t, a, c: mtinet.HRNetMultiTask(t), False),
+    # Visual Decathlon: one classifier per domain; `tasks` maps each domain to its number of classes.
+    "wrn-mtan": ("wrn", lambda t, a, c: mtan.WideResNetMTAN(list(t.values()), domains=list(t), depth=c["wrn_depth"],
+                                                              widen_factor=max(1, round(4 * c["width"]))), False),
 }
 DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
+DECATHLON_DATASETS = ["decathlon", "synthetic-decathlon"]
 
 
 def build_model(cfg):
@@ -292,6 +306,8 @@ def has_deep_supervision(model):
 def learning_rate(cfg, epoch):
     """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
     scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
+    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
+        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
     if cfg["schedule"] == "step":
         return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
     if cfg["schedule"] == "poly":
@@ -299,10 +315,13 @@ def learning_rate(cfg, epoch):
     return cfg["lr"]
 
 
-def build_optimizer(cfg, params, device):
-    # fused Adam runs the whole update in one CUDA kernel; it is not available on the CPU.
+def build_optimizer(cfg, params, device, lr=None):
+    # Fused optimisers run the whole update in one CUDA kernel; they are not available on the CPU.
     fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], **fused)
+    lr = cfg["lr"] if lr is None else lr
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"], **fused)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
 
 
 def to_device(batch, device, channels_last=False):
@@ -381,7 +400,7 @@ def train_one_epoch(run, epoch):
     progress = Progress(epoch, cfg["epochs"], len(loader), cfg["batch_size"] * world_size(), is_main())
     for step, batch in enumerate(loader):
         batch = to_device(batch, device, cfg["channels_last"])
-        if cfg["augment"]:
+        if cfg["augment"] and cfg["data"] != "pascal":  # MTAN's scale-crop-flip, on the device
             batch = data.augment_batch(batch, generator=augment)
         losses, total = training_step(run, batch)
         # Bookkeeping stays on the device: no .item() in the step.
@@ -407,7 +426,8 @@ def evaluate(model, loader, tasks, device, cfg, normalise=nn.Identity()):
         with autocast(cfg, device):
             preds = model(normalise(batch["image"]))
         for task, meter in metrics.items():
-            meter.update(preds[task].float(), batch[task])
+            # PASCAL is evaluated at each image's original size: predictions are upsampled to the target.
+            meter.update(upsample_to(preds[task].float(), batch[task]), batch[task])
     for meter in metrics.values():
         meter.all_reduce()
     return {task: meter.compute() for task, meter in metrics.items()}
@@ -419,6 +439,9 @@ def make_loader(dataset, cfg, epoch, train):
     and evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
+    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
+    batch_size = 1 if not train and getattr(getattr(dataset, "dataset", dataset), "variable_size", False) \
+        else cfg["batch_size"]
     sampler = None
     if world_size() > 1 and train:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
@@ -426,9 +449,79 @@ def make_loader(dataset, cfg, epoch, train):
     elif world_size() > 1:
         sampler = list(range(rank(), len(dataset), world_size()))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg["batch_size"], shuffle=train and sampler is None, sampler=sampler,
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         generator=generator if train and sampler is None else None, drop_last=drop_last,
         num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
+
+
+# ---- the Visual Decathlon loop (wrn-mtan) --------------------------------------------------------------------
+#
+# Classification domains never share a batch: as in the official code, each epoch visits the domains in turn,
+# each with a full pass over its own training data, its own attention chain and classifier, and plain cross
+# entropy. No task weighting is involved. After `epochs` epochs comes the fine-tuning phase: a fresh SGD at
+# `finetune_lr` for `finetune_epochs` more epochs over every domain but ImageNet.
+
+
+def decathlon_domains(cfg, epoch):
+    in_finetuning = epoch >= cfg["epochs"]
+    return [d for d in cfg["tasks"] if not (in_finetuning and d == "imagenet12")]
+
+
+def train_decathlon_epoch(run, epoch):
+    """Returns {domain: {"loss", "accuracy"}} of this epoch's training passes (accuracy as a fraction)."""
+    cfg, device = run["cfg"], run["device"]
+    if epoch == cfg["epochs"]:  # the fine-tuning phase starts with a new optimiser (no momentum carried over)
+        run["optimizer"] = build_optimizer(cfg, run["model"].parameters(), device, cfg["finetune_lr"])
+    run["model"].train()
+    for group in run["optimizer"].param_groups:
+        group["lr"] = learning_rate(cfg, epoch)
+    stats = {}
+    for index, domain in enumerate(cfg["tasks"]):
+        if domain not in decathlon_domains(cfg, epoch):
+            continue
+        loader = make_loader(run["train_set"][domain], cfg, epoch * 100 + index, train=True)
+        totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
+        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main())
+        for step, batch in enumerate(loader):
+            image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            with autocast(cfg, device):
+                logits = run["compiled"](image, index)
+            loss = F.cross_entropy(logits.float(), label)
+            run["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            run["optimizer"].step()
+            totals += torch.stack([loss.detach() * len(label), (logits.argmax(1) == label).sum(),
+                                   torch.tensor(len(label), device=device)])
+            progress.maybe_print(step, totals[0] / totals[2] * (step + 1))
+        loss_sum, correct, count = all_reduce(totals).tolist()
+        stats[domain] = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+    return stats
+
+
+@torch.no_grad()
+def evaluate_decathlon(model, loaders, cfg, device):
+    """Top-1 accuracy (a fraction) and mean cross entropy of every domain's split, summed across ranks."""
+    model.eval()
+    results = {}
+    for index, (domain, loader) in enumerate(loaders.items()):
+        totals = torch.zeros(3, device=device)
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            with autocast(cfg, device):
+                logits = model(image, index).float()
+            totals += torch.stack([F.cross_entropy(logits, label, reduction="sum"),
+                                   (logits.argmax(1) == label).sum(), torch.tensor(len(label), device=device)])
+        loss_sum, correct, count = all_reduce(totals).tolist()
+        results[domain] = {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
+    return results
+
+
+def total_epochs(cfg):
+    return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
+
+
+def is_decathlon(cfg):
+    return cfg["data"] in DECATHLON_DATASETS
 
 
 # ---- distributed training (torchrun) -----------------------------------------------------------------------
@@ -561,15 +654,18 @@ def wrap_for_training(model, cfg, device):
     if world_size() > 1:
         if cfg.get("sync_bn"):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Dense's dead decoder block gets no gradient: DDP must be told some parameters may be unused.
+        # Dense's dead decoder block and the other domains' chains of wrn-mtan get no gradient: tell DDP.
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg["model"] == "dense")
+            find_unused_parameters=cfg["model"] in ("dense", "wrn-mtan"))
     return torch.compile(model) if cfg["compile"] else model
 
 
 def datasets_for(cfg):
     """Train and val splits with every target the run needs (edges derived from semantics if missing)."""
+    if cfg["data"] in DECATHLON_DATASETS:
+        return [data.build_decathlon(cfg["data"], cfg["data_root"], split, domains=list(cfg["tasks"]),
+                                     num_samples=cfg["subset"])[0] for split in ("train", "val")]
     sets = []
     for split in ("train", "val"):
         dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], split, **dataset_options(cfg))
@@ -585,6 +681,8 @@ def dataset_options(cfg):
         options["resolution"] = parse_resolution(cfg["resolution"])
     if cfg["data"] == "cityscapes":
         options["num_classes"] = cfg["num_classes"]
+    if cfg["data"] == "pascal":  # PASCAL augments each sample itself (rotation, scale, fixed resize)
+        options["augment"] = cfg["augment"]
     return options
 
 
@@ -607,9 +705,12 @@ def run_training(cfg, resume_from=None):
     if is_main():  # the log holds exactly the epochs of the checkpoint, even if a run died after writing it
         os.makedirs(cfg["out"], exist_ok=True)
         write_text_atomic("".join(json.dumps(r) + "\n" for r in history), os.path.join(cfg["out"], "log.jsonl"))
-    val_loader = make_loader(run["val_set"], cfg, 0, train=False)
+    if is_decathlon(cfg):
+        val_loader = {d: make_loader(s, cfg, 0, train=False) for d, s in run["val_set"].items()}
+    else:
+        val_loader = make_loader(run["val_set"], cfg, 0, train=False)
     say(describe(cfg, run))
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, total_epochs(cfg)):
         history.append(train_and_evaluate_epoch(run, epoch, val_loader))
         if is_main():
             save_atomic(checkpoint_state(run, epoch + 1, history), os.path.join(cfg["out"], "last.pt"))
@@ -625,6 +726,11 @@ def say(text):
 
 
 def train_and_evaluate_epoch(run, epoch, val_loader):
+    # Transforms that draw random numbers (the Decathlon crops and flips) use torch's global generator: seed it
+    # per epoch, so a resumed run draws the same numbers as an uninterrupted one.
+    torch.manual_seed(run["cfg"]["seed"] * 1000 + epoch)
+    if is_decathlon(run["cfg"]):
+        return train_and_evaluate_decathlon_epoch(run, epoch, val_loader)
     cfg = run["cfg"]
     start = time.time()
     weights = run["weighting"].weights().tolist()  # the weights used during this epoch
@@ -641,6 +747,24 @@ def train_and_evaluate_epoch(run, epoch, val_loader):
     if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
         broadcast_buffers(run["model"])
         record["val"] = evaluate(run["model"], val_loader, cfg["tasks"], run["device"], cfg, run["normalise"])
+    record["seconds"] = round(time.time() - start, 2)
+    say(summary_line(record))
+    return record
+
+
+def train_and_evaluate_decathlon_epoch(run, epoch, val_loaders):
+    cfg, start = run["cfg"], time.time()
+    stats = train_decathlon_epoch(run, epoch)
+    bad = [d for d, v in stats.items() if not math.isfinite(v["loss"])]
+    if bad:
+        raise FloatingPointError(f"non-finite loss for domain(s) {', '.join(bad)} at epoch {epoch + 1}; stopped "
+                                 f"without overwriting {cfg['out']}/last.pt. Try a lower --lr.")
+    record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
+              "train_loss": {d: v["loss"] for d, v in stats.items()},
+              "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
+    if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg):
+        broadcast_buffers(run["model"])
+        record["val"] = evaluate_decathlon(run["model"], val_loaders, cfg, run["device"])
     record["seconds"] = round(time.time() - start, 2)
     say(summary_line(record))
     return record
@@ -667,15 +791,20 @@ def finish(run, history):
         return result
     write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
     print("\nfinal evaluation (val split):")
-    print(evaluation.format_table([("last epoch", evaluated[-1]),
-                                   (f"mean of last {len(last10)}", mean_last10)], cfg["tasks"]))
+    rows = [("last epoch", evaluated[-1]), (f"mean of last {len(last10)}", mean_last10)]
+    if is_decathlon(cfg):
+        print(evaluation.format_decathlon_table(rows))
+    else:
+        print(evaluation.format_table(rows, cfg["tasks"]))
     return result
 
 
 def summary_line(record):
     losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
-    weights = " ".join(f"{v:.3f}" for v in record["task_weights"].values())
-    text = f"epoch {record['epoch']} done: train loss [{losses}] weights [{weights}] lr {record['lr']:.2e}"
+    text = f"epoch {record['epoch']} done: train loss [{losses}]"
+    if "task_weights" in record:
+        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
+    text += f" lr {record['lr']:.2e}"
     if "val" in record:
         text += "\n  val " + evaluation.format_metrics(record["val"])
     return text
@@ -683,10 +812,11 @@ def summary_line(record):
 
 def describe(cfg, run):
     params = sum(p.numel() for p in run["model"].parameters())
-    return (f"{cfg['model']} on {cfg['data']} ({len(run['train_set'])} train / {len(run['val_set'])} val), "
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run["train_set"], run["val_set"])]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
             f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
             + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {cfg['epochs']} epochs, run folder {cfg['out']}")
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}")
 
 
 # ---- --bench: speed of the training step ------------------------------------------------------------------
@@ -777,9 +907,10 @@ def draw_curves(history, path):
     """Three panels: per-task training loss (log scale), task weights, and one validation metric per task."""
     from PIL import Image, ImageDraw
 
-    panels = [("train loss (log)", {t: [math.log10(max(r["train_loss"][t], 1e-12)) for r in history]
-                                    for t in history[0]["train_loss"]}),
-              ("task weights", {t: [r["task_weights"][t] for r in history] for t in history[0]["task_weights"]})]
+    panels = [("train loss (log)", {t: [math.log10(max(r["train_loss"].get(t, math.nan), 1e-12)) for r in history]
+                                    for t in history[0]["train_loss"]})]
+    if "task_weights" in history[0]:
+        panels.append(("task weights", {t: [r["task_weights"][t] for r in history] for t in history[0]["task_weights"]}))
     evaluated = [r for r in history if "val" in r]
     if evaluated:
         series = {}
@@ -842,9 +973,10 @@ def build_parser():
     p = argparse.ArgumentParser(description="Train MTAN, MTI-Net and their baselines. With no argument: the "
                                 "quickstart (MTAN + DWA on the embedded synthetic scenes).")
     p.add_argument("--model", choices=list(MODELS), default="mtan")
-    p.add_argument("--data", choices=DENSE_DATASETS, default="synthetic")
+    p.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, default="synthetic")
     p.add_argument("--data-root", help="dataset folder (see README, 'Datasets')")
-    p.add_argument("--task", help="the task of a single-task model (single, stan, or hrnet-mtl with one task)")
+    p.add_argument("--task", help="the task of a single-task model (single, stan, or hrnet-mtl with one task); "
+                   "for wrn-mtan: train on one Decathlon domain only (the single-domain baseline)")
     p.add_argument("--aux-tasks", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, e.g. normal,edge")
     p.add_argument("--task-weights", help="fixed loss weights, e.g. semantic=1,depth=1,normal=10,edge=50")
     p.add_argument("--epochs", type=int)
@@ -879,9 +1011,14 @@ def build_parser():
 def resolve_config(args, parser):
     """Flags > recipe of the model family > synthetic preset. Returns a plain dict (stored in checkpoints)."""
     family, _, single_task = MODELS[args.model]
+    if (family == "wrn") != (args.data in DECATHLON_DATASETS):
+        parser.error(f"--model wrn-mtan goes with --data {' or '.join(DECATHLON_DATASETS)}, and the dense models "
+                     f"with {', '.join(DENSE_DATASETS)} (got --model {args.model} --data {args.data})")
     cfg = dict(RECIPES[family])
     if args.data == "synthetic":
         cfg.update(SYNTHETIC_PRESET)
+    if args.data == "synthetic-decathlon":
+        cfg.update(SYNTHETIC_DECATHLON_PRESET)
     cfg.update(model=args.model, data=args.data, data_root=args.data_root, weighting="equal", temperature=2.0,
                width=cfg.get("width", 1.0), resolution=cfg.get("resolution"), subset=cfg.get("subset"),
                eval_every=cfg.get("eval_every", 1), num_classes=7, seed=0, workers=0, amp="off",
@@ -908,7 +1045,13 @@ def resolve_config(args, parser):
 def dataset_tasks(args, parser):
     """(primary tasks, every target provided) of the chosen dataset, or a one-line error."""
     options = {"resolution": (64, 64)} if args.data == "synthetic" else {}
+    if args.data == "synthetic-decathlon":  # known without rendering anything
+        tasks = {domain: spec[0] for domain, spec in data.SYNTHETIC_DECATHLON.items()}
+        return tasks, tasks
     try:
+        if args.data == "decathlon":
+            _, tasks = data.build_decathlon(args.data, args.data_root, "train")
+            return tasks, tasks
         dataset, tasks = data.build_dataset(args.data, args.data_root, "train", **options)
     except Exception as e:  # missing folder, wrong layout: data.py's message says what is expected
         raise SystemExit(f"error: {e}") from None
@@ -922,7 +1065,7 @@ def resolve_tasks(args, parser, single_task):
     if args.task:
         if args.task not in available:
             parser.error(f"--task {args.task}: the {args.data} dataset has tasks {', '.join(available)}")
-        if not single_task and args.model != "hrnet-mtl":
+        if not single_task and args.model not in ("hrnet-mtl", "wrn-mtan"):
             parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl), not {args.model}")
         primary = {args.task: available[args.task]}
     aux = {}
