@@ -1789,6 +1789,22 @@ def augment_batch(batch, generator=None, scales=(1.0, 1.2, 1.5), flip_prob=0.5):
     return scale_crop_flip(batch, scale, top, left, flip)
 
 
+def semantic_edges(semantic):
+    """Edge targets derived from semantic labels, for datasets without edge files (NYUv2, CityScapes) when
+    MTI-Net uses edges as an auxiliary task: a pixel is an edge when its label differs from the label of its
+    right or lower neighbour, both labels being valid (an ignored pixel next to a label is not an edge: the
+    boundary is unknown there). The same rule draws the synthetic scenes' edges (with objects as labels).
+
+    semantic: long (B, H, W) or (H, W), -1 = ignore. Returns float (B, 1, H, W) or (1, H, W) in {0, 1}."""
+    valid = semantic >= 0
+    edge = torch.zeros_like(valid)
+    horizontal = (semantic[..., :, :-1] != semantic[..., :, 1:]) & valid[..., :, :-1] & valid[..., :, 1:]
+    vertical = (semantic[..., :-1, :] != semantic[..., 1:, :]) & valid[..., :-1, :] & valid[..., 1:, :]
+    edge[..., :, :-1] |= horizontal
+    edge[..., :-1, :] |= vertical
+    return edge.unsqueeze(-3).float()
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 6. Pictures
 # -----------------------------------------------------------------------------------------------------------

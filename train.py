@@ -277,7 +277,7 @@ MODELS = {
     "dense": ("segnet", lambda t, a, c: mtan.DenseSegNet(t, width=c["width"]), False),
     "cross-stitch": ("segnet", lambda t, a, c: mtan.CrossStitchSegNet(t, width=c["width"]), False),
     "mtan": ("segnet", lambda t, a, c: mtan.MTAN(t, width=c["width"]), False),
-    "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None), False),
+    "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None, fpm_softmax=c.get("fpm_softmax", "tasks")), False),
     "padnet": ("hrnet", lambda t, a, c: mtinet.PADNet(t, aux_tasks=a or None), False),
     "hrnet-mtl": ("hrnet", lambda t, a, c: mtinet.HRNetMultiTask(t), False),
     # Visual Decathlon: one classifier per domain; `tasks` maps each domain to its number of classes.
@@ -329,6 +329,14 @@ def to_device(batch, device, channels_last=False):
     if channels_last:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
+
+
+def add_derived_targets(batch, tasks):
+    """Edge targets from semantic boundaries when a run needs edges and the dataset has none (NYUv2,
+    CityScapes). Computed after augmentation, on the device, so they follow the augmented labels."""
+    if "edge" in tasks and "edge" not in batch:
+        batch = dict(batch, edge=data.semantic_edges(batch["semantic"]))
+    return batch
 
 
 class InputNormalisation(nn.Module):
@@ -402,6 +410,7 @@ def train_one_epoch(run, epoch):
         batch = to_device(batch, device, cfg["channels_last"])
         if cfg["augment"] and cfg["data"] != "pascal":  # MTAN's scale-crop-flip, on the device
             batch = data.augment_batch(batch, generator=augment)
+        batch = add_derived_targets(batch, run["loss_tasks"])
         losses, total = training_step(run, batch)
         # Bookkeeping stays on the device: no .item() in the step.
         loss_sum += losses
@@ -422,7 +431,7 @@ def evaluate(model, loader, tasks, device, cfg, normalise=nn.Identity()):
     model.eval()
     metrics = evaluation.metrics_for(tasks)
     for batch in loader:
-        batch = to_device(batch, device, cfg["channels_last"])
+        batch = add_derived_targets(to_device(batch, device, cfg["channels_last"]), tasks)
         with autocast(cfg, device):
             preds = model(normalise(batch["image"]))
         for task, meter in metrics.items():
@@ -994,6 +1003,9 @@ def build_parser():
     p.add_argument("--out", help="run folder (default runs/<model>-<data>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     p.add_argument("--pretrained", metavar="PATH", help="ImageNet HRNet weights (hrnet_w18_small_model_v2.pth)")
+    p.add_argument("--fpm-softmax", choices=["tasks", "official"], default="tasks",
+                   help="MTI-Net's FPM softmax: across tasks per channel (the paper) or the official code's "
+                   "grouping of adjacent channels")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     p.add_argument("--device", choices=["cpu", "cuda"])
@@ -1027,11 +1039,12 @@ def resolve_config(args, parser):
         cfg["weighting"] = "dwa"  # the quickstart: MTAN + DWA
     for key, value in vars(args).items():
         if value is not None and value is not False and key not in ("resume", "task", "aux_tasks", "task_weights",
-                                                                    "bench"):
+                                                                    "bench", "fpm_softmax"):
             cfg[key] = value
     cfg["augment"], cfg["compile"] = args.augment, args.compile
     cfg["channels_last"] = args.channels_last is not False
     cfg["deterministic"], cfg["sync_bn"] = args.deterministic, args.sync_bn
+    cfg["fpm_softmax"] = args.fpm_softmax
     if args.resolution and args.data != "synthetic":
         parser.error("--resolution applies to --data synthetic only (real datasets have a fixed size)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1060,6 +1073,8 @@ def dataset_tasks(args, parser):
 
 def resolve_tasks(args, parser, single_task):
     primary, available = dataset_tasks(args, parser)
+    if "semantic" in available and "edge" not in available:
+        available = dict(available, edge=1)  # derived from the semantic labels on the fly (data.semantic_edges)
     if single_task and not args.task:
         parser.error(f"--model {args.model} is a single-task model: choose --task from {', '.join(primary)}")
     if args.task:
