@@ -1,0 +1,82 @@
+"""eval.py's command line: rebuild a run from its checkpoint, print the table, write eval.json, draw pictures,
+predict a single image, delta_m against a baseline run; PASCAL trained and evaluated end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import train
+from test_pascal import make_pascal_tree
+
+TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
+        "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def mtan_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "mtan")
+    result = train.main(TINY + ["--model", "mtan", "--out", out])
+    return out, result
+
+
+def test_eval_writes_the_table_and_json(mtan_run, capsys):
+    out, result = mtan_run
+    report = evaluation.main(["--checkpoint", os.path.join(out, "last.pt")])
+    printed = capsys.readouterr().out
+    for header in ("mIoU", "Pix Acc", "Abs", "Rel", "Mean", "Median", "11.25", "22.5", "30"):
+        assert header in printed
+    saved = json.load(open(os.path.join(out, "eval.json")))
+    assert saved["metrics"] == report["metrics"]
+    for task, metrics in result["final"].items():  # the run's last evaluation, up to channels_last rounding
+        assert report["metrics"][task] == pytest.approx(metrics, rel=1e-4, abs=1e-4)
+
+
+def test_delta_m_against_a_baseline_run(mtan_run, tmp_path):
+    out, result = mtan_run
+    baseline = {task: {k: v * 1.1 for k, v in metrics.items()} for task, metrics in result["final"].items()}
+    json.dump({"metrics": baseline}, open(tmp_path / "eval.json", "w"))
+    report = evaluation.main(["--checkpoint", out, "--baseline", str(tmp_path / "eval.json")])
+    expected = evaluation.delta_m(report["metrics"], baseline, convention="mtinet")
+    assert report["delta_m"] == pytest.approx(expected)
+
+
+def test_save_vis_draws_predictions_and_attention(mtan_run, tmp_path):
+    out, _ = mtan_run
+    evaluation.main(["--checkpoint", out, "--save-vis", str(tmp_path), "--num-vis", "2"])
+    picture = np.asarray(Image.open(tmp_path / "000_gt_pred.png"))
+    assert picture.shape == (64, 64 * 7, 3)  # input, then ground truth and prediction of 3 tasks
+    attention = np.asarray(Image.open(tmp_path / "001_attention.png"))
+    assert attention.shape == (64, 64 * 4, 3)  # input, then the first encoder mask of each task
+
+
+def test_single_image_of_any_size(mtan_run, tmp_path):
+    out, _ = mtan_run
+    path = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(path)
+    written = evaluation.main(["--checkpoint", out, "--image", str(path)])
+    assert len(written) == 3
+    for file in written:  # predictions come back at the image's own size
+        assert Image.open(file).size == (70, 50)
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        evaluation.main(["--checkpoint", str(tmp_path / "missing.pt")])
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="corrupt"):
+        evaluation.main(["--checkpoint", str(tmp_path / "last.pt")])
+
+
+def test_pascal_trains_and_evaluates_at_the_original_size(tmp_path):
+    root = str(make_pascal_tree(tmp_path))
+    out = str(tmp_path / "run")
+    result = train.main(["--model", "mtinet", "--data", "pascal", "--data-root", root, "--epochs", "1",
+                         "--batch-size", "2", "--out", out])
+    assert set(result["final"]) == {"semantic", "parts", "saliency", "normal", "edge"}
+    assert set(result["final"]["saliency"]) == {"maxf", "miou"}
+    cfg = torch.load(os.path.join(out, "last.pt"), weights_only=True)["config"]
+    assert cfg["task_weights"] == {"semantic": 1.0, "parts": 2.0, "saliency": 5.0, "normal": 10.0, "edge": 50.0}
