@@ -827,6 +827,8 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--subset", type=int, help="evaluate only the first N samples")
+    p.add_argument("--bench", type=int, metavar="N", help="time N evaluations of the split (images/s, metrics "
+                   "included), print one JSON line and exit (dense datasets)")
     return p
 
 
@@ -884,9 +886,13 @@ def main(argv=None):
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
     if train.is_decathlon(cfg):
+        if args.bench:
+            raise SystemExit("error: --bench times the dense datasets' evaluation; not the Decathlon's")
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
     dataset = evaluation_split(cfg, args)
     loader = train.make_loader(dataset, cfg, 0, train=False)
+    if args.bench:
+        return bench_evaluation(args, cfg, model, loader, device, normalise)
     results = train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
@@ -905,39 +911,156 @@ def main(argv=None):
     return report
 
 
+def bench_evaluation(args, cfg, model, loader, device, normalise):
+    """--bench N: the speed of evaluating the split as training evaluates it (train.evaluate: loading, forward,
+    metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
+    Prints one JSON line and returns it as a dict; writes no file."""
+    import json
+    import time
+
+    import train
+
+    train.configure_torch(cfg)  # the cuDNN autotuner and TF32 of training, on a GPU
+    batch = next(iter(loader))
+    train.evaluate(model, [batch], cfg["tasks"], device, cfg, normalise)  # warm-up: autotuning, lazy state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.bench):
+        train.synchronize(device)
+        start = time.perf_counter()
+        train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)  # ends by reading the metrics
+        train.synchronize(device)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    images = len(loader.dataset)
+    result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
+              "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
+              "peak_mem_mb": round(train.peak_memory_mb(device), 1),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "amp": cfg["amp"], "channels_last": cfg["channels_last"], "batch_size": loader.batch_size,
+              "resolution": "x".join(map(str, batch["image"].shape[-2:]))}
+    print(json.dumps(result))
+    return result
+
+
 def evaluate_decathlon_checkpoint(args, cfg, model, device):
     """Per-domain top-1 accuracy, the mean and the Decathlon score. The official domains are scored against
     the paper's Finetune baseline; the synthetic ones against single-domain networks trained by train.py:
 
-        python train.py --model wrn-mtan --data synthetic-decathlon --task shapes --out runs/single-shapes
+        python train.py --model wrn-mtan --data synthetic-decathlon --task floor --out runs/single-floor
         ... (one run per domain), then
-        python eval.py --checkpoint runs/NAME/last.pt --baseline runs/single-shapes/eval.json,...
+        python eval.py --checkpoint runs/NAME/last.pt --baseline runs/single-floor/eval.json,...
 
-    (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`)."""
+    (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`).
+    Each domain's BN statistics are re-estimated from its training split first, as during training
+    (train.calibrate_batchnorm). With `--split test` on the official data and ROOT/annotations/
+    <domain>_test_stripped.json present, the predictions go to results.json in the challenge's format."""
     import data
     import train
 
+    domains = list(cfg["tasks"])
     try:
-        sets, _ = data.build_decathlon(cfg["data"], cfg["data_root"], args.split, domains=list(cfg["tasks"]),
-                                       num_samples=args.subset)
+        calibration, _ = data.build_decathlon(cfg["data"], cfg["data_root"], "train", domains=domains,
+                                              num_samples=cfg.get("subset"))
+        if args.split == "test" and cfg["data"] == "decathlon" and test_annotations(cfg["data_root"], domains):
+            return write_decathlon_results(args, cfg, model, device, calibration)
+        sets, _ = data.build_decathlon(cfg["data"], cfg["data_root"], args.split, domains=domains,
+                                       num_samples=args.subset or cfg.get("subset"))
     except Exception as e:
         raise SystemExit(f"error: {e}") from None
+    if any(label < 0 for s in sets.values() for _, label in getattr(s, "files", [])):  # official test split
+        raise SystemExit(f"error: the {args.split} split has no labels; for the official test split put the "
+                         "challenge's annotations/<domain>_test_stripped.json files in the data root")
     loaders = {d: train.make_loader(s, cfg, 0, train=False) for d, s in sets.items()}
-    results = train.evaluate_decathlon(model, loaders, cfg, device)
+    results = train.evaluate_decathlon(model, loaders, cfg, device, calibration)
     baseline = read_decathlon_baseline(args.baseline) if args.baseline else None
+    if baseline is None and set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
+        baseline = {d: FINETUNE[d] for d in domains}
     print(format_decathlon_table([(f"{cfg['model']} ({args.split})", results)], baseline))
     accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
               "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
-    reference = baseline or (FINETUNE if set(accuracy) == set(FINETUNE) else None)
-    if reference and set(reference) >= set(accuracy):
-        report["decathlon_score"] = decathlon_score(accuracy, {d: reference[d] for d in accuracy})
+    if baseline and set(baseline) >= set(accuracy):
+        report["decathlon_score"] = decathlon_score(accuracy, {d: baseline[d] for d in accuracy})
+        if len(accuracy) < len(FINETUNE) and cfg["data"] == "decathlon":
+            print(f"(score over {len(accuracy)} domains: at most {1000 * len(accuracy)} points)")
     elif cfg["data"] == "synthetic-decathlon":
         print("no Decathlon score: pass --baseline with the eval.json files of single-domain runs "
               "(see `python eval.py --help` and the README)")
     write_report(report, args.checkpoint)
     return report
+
+
+# ---- the challenge's results format -------------------------------------------------------------------------
+#
+# The Decathlon server takes one JSON list of {"image_id", "category_id"} for the test images, ids as in the
+# devkit's COCO-style ROOT/annotations/<domain>_test_stripped.json ("images": id and file_name; "categories":
+# id). Class index i (the i-th class folder in sorted order, as ImageFolder numbers them) is taken to be the
+# i-th category in sorted id order. This is the assumption of the official MTAN script coco_results.py, and it
+# holds when the class folders sort like the category ids (the devkit numbers both in the same order).
+
+
+def test_annotations(root, domains):
+    """{domain: path of its test annotations} for the domains that have the file."""
+    import os
+
+    paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
+    return {d: p for d, p in paths.items() if os.path.isfile(p)}
+
+
+def read_test_annotations(root, path):
+    """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
+    "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
+    import json
+    import os
+
+    import data
+
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+        images = [(int(im["id"]), str(im["file_name"])) for im in blob["images"]]
+        categories = sorted(int(c["id"]) for c in blob["categories"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
+    prefix = "data/"
+    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
+    return files, categories
+
+
+def write_decathlon_results(args, cfg, model, device, calibration):
+    """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
+    import json
+    import os
+
+    import data
+    import train
+
+    results, counts = [], {}
+    for domain, path in test_annotations(cfg["data_root"], list(cfg["tasks"])).items():
+        files, categories = read_test_annotations(cfg["data_root"], path)
+        dataset = data.Decathlon(cfg["data_root"], domain, "train", train=False)  # the classes and transform
+        if len(categories) != len(dataset.classes):
+            raise data.DatasetError(f"{path}: {len(categories)} categories, but {len(dataset.classes)} class "
+                                    f"folders in {os.path.join(cfg['data_root'], domain, 'train')}")
+        dataset.files = [(p, -1) for _, p in files]  # the annotated test images instead of the training ones
+        index = list(cfg["tasks"]).index(domain)
+        saved = train.calibrate_batchnorm(model, calibration[domain], index, cfg, device)
+        with torch.no_grad(), train.autocast(cfg, device):
+            predicted = torch.cat([model(batch["image"].to(device), index).argmax(1).cpu()
+                                   for batch in train.make_loader(dataset, cfg, 0, train=False)])
+        train.restore_batchnorm(saved)
+        results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
+        counts[domain] = len(files)
+    folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    out = os.path.join(folder, "results.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
+    return {"results": out, "predictions": counts}
 
 
 def read_decathlon_baseline(paths):

@@ -131,7 +131,7 @@ def test_loss_drops_when_overfitting_one_batch():
 
 
 def test_run_folder_contents(tmp_path):
-    result, out = run(tmp_path, "--model", "mtan", "--weighting", "dwa", "--epochs", "2")
+    result, out = run(tmp_path, "--model", "mtan", "--weighting", "dwa", "--epochs", "2", "--eval-every", "1")
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
