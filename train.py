@@ -1078,13 +1078,21 @@ def draw_curves(history, path):
         for task, values in evaluated[0]["val"].items():
             key = next(iter(values))
             series[f"{task} {key}"] = [r["val"][task][key] for r in evaluated]
-        panels.append(("val metrics", series))
+        # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
+        # range, from its lowest (bottom) to its highest value (top).
+        panels.append(("val metrics (each on its own range)", {k: rescaled(v) for k, v in series.items()}))
     width, height = 360, 260
     image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
     for i, (title, series) in enumerate(panels):
         plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series)
     image.save(path)
+
+
+def rescaled(values):
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
 
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
