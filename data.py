@@ -2057,18 +2057,18 @@ class Decathlon(torch.utils.data.Dataset):
 # like the real ones) and has its own number of classes. Labels come from the scene description and from the
 # renderer's object map (which object each pixel shows), and a scene is kept only when its image answers the
 # question clearly: "count", for instance, skips scenes where a primitive shows as a sliver of a few pixels.
-# The questions were chosen so that a small WRN learns every one of them in a few CPU minutes; "which kind of
-# primitive is the largest" and "which kinds are visible" were tried too and stayed at chance in that budget.
+# Every domain is class-balanced (no class gets ahead of another by more than one sample), so chance, 1 / K,
+# is also what the best constant answer scores. The questions were chosen so that a small WRN learns every
+# one of them in a few CPU minutes; "which kind of primitive is the largest" and "which kinds are visible"
+# were tried too and stayed at chance in that budget.
 SYNTHETIC_DECATHLON = {  # domain: (number of classes, image style, question)
     "floor": (3, "grey", "the floor's pattern: plain, planks (stripes) or tiles (checks)"),
-    "count": (5, "colour", "how many primitives are visible: 1 to 5"),
+    "walls": (2, "bgr", "are the walls painted plain or with vertical stripes"),
+    "count": (4, "colour", "how many primitives are visible: 1, 2, 3, or 4 and more"),
     "colour": (6, "dim", "the hue of the largest visible primitive, in six 60-degree bins starting at red"),
-    "picture": (2, "bgr", "is there a picture on the back wall: none visible / at least 3% of the image"),
 }
-VISIBLE = 0.01  # a primitive is visible when it covers at least 1% of the image (41 pixels at 64x64)
-# Only about 1 scene in 4 shows a clear picture; "picture" keeps as many scenes of each answer, so that the
-# constant answer "no" is not 75% right and the network sees enough pictures to learn what one looks like.
-BALANCED_DOMAINS = ("picture",)
+VISIBLE = 0.015  # a primitive is visible when it covers at least 1.5% of the image (61 pixels at 64x64)
+WALLS = (LEFT_WALL, RIGHT_WALL, FRONT_WALL, BACK_WALL)
 
 
 def _primitive_colours(scene):
@@ -2085,15 +2085,17 @@ def synthetic_decathlon_label(domain, scene, objects):
     answer the question clearly. objects: (H, W) object ids from render_scenes(..., objects=True)."""
     colours = _primitive_colours(scene)
     share = torch.bincount(objects.flatten(), minlength=FIRST_PRIMITIVE + len(colours)).double() / objects.numel()
-    if domain == "floor":  # the floor must show (a big primitive may hide it)
-        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None
-    if domain == "picture":  # no picture at all, or a clear one; a small corner of a picture is ambiguous
-        return None if 0 < share[PICTURE_ID] < 0.03 else int(share[PICTURE_ID] > 0)
+    if domain == "floor":  # materials: floor, walls, ceiling, picture; column 6 is the pattern
+        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None  # a big primitive may hide it
+    if domain == "walls":
+        return int(scene["materials"][1, 6]) if share[list(WALLS)].sum() >= 0.1 else None
     areas = share[FIRST_PRIMITIVE:].tolist()
-    if not any(a >= VISIBLE for a in areas) or any(0 < a < VISIBLE for a in areas):
-        return None  # no primitive in view, or a sliver that may or may not count
-    if domain == "count":
-        return sum(a >= VISIBLE for a in areas) - 1
+    if not any(a >= VISIBLE for a in areas):
+        return None  # no primitive in view
+    if domain == "count":  # 1, 2, 3, 4+ (5 visible primitives are rare)
+        if any(VISIBLE / 2 <= a < VISIBLE for a in areas):
+            return None  # a primitive on the edge of counting
+        return min(sum(a >= VISIBLE for a in areas), 4) - 1
     order = sorted(range(len(areas)), key=areas.__getitem__, reverse=True)
     largest = order[0]
     if len(order) > 1 and areas[order[1]] > 0.7 * areas[largest]:
@@ -2122,10 +2124,12 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
     kept in memory. Training flips horizontally at random (no label depends on left and right).
 
     Sample i is the i-th scene of the split's seed sequence whose image answers the question (see
-    synthetic_decathlon_label), so the first N samples do not depend on how many are asked for."""
+    synthetic_decathlon_label) and keeps the classes balanced, so the first N samples do not depend on how
+    many are asked for."""
 
     DEFAULT_SIZES = {"train": 800, "val": 200}
     _statistics = {}  # (domain, resolution, seed) -> (mean, std), computed once per process
+    _rendered = {}  # (domain, split, count, resolution, seed) -> (normalised images, labels), once per process
 
     def __init__(self, domain, split="train", num_samples=None, resolution=(64, 64), train=None, seed=0):
         if domain not in SYNTHETIC_DECATHLON:
@@ -2138,9 +2142,13 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
         self.train = split == "train" if train is None else train
         self.num_classes, self.style, _ = SYNTHETIC_DECATHLON[domain]
         count = self.DEFAULT_SIZES[split] if num_samples is None else int(num_samples)
-        images, self.labels = self._render(count, split)
-        self.mean, self.std = self.statistics(images if split == "train" else None)
-        self.images = normalise(images, self.mean, self.std)  # once here, not per sample
+        key = (domain, split, count, self.resolution, seed)
+        if key not in self._rendered:  # e.g. eval.py after train.py in one process needs the same splits
+            images, labels = self._render(count, split)
+            mean, std = self.statistics(images if split == "train" else None)
+            self._rendered[key] = (normalise(images, mean, std), labels)  # normalised once, not per sample
+        self.images, self.labels = self._rendered[key]
+        self.mean, self.std = self.statistics()
 
     def _candidate(self, split, j):
         """Candidate scene j of a split, from a seed hashed from (seed, domain, split, j)."""
@@ -2156,15 +2164,11 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
             batch = render_scenes(scenes, self.resolution, objects=True)
             for scene, image, objects in zip(scenes, batch["image"], batch["object"]):
                 label = synthetic_decathlon_label(self.domain, scene, objects)
-                if label is None or len(labels) == count or not self._keeps_balance(labels, label):
-                    continue
-                images.append(_styled(image, self.style))
-                labels.append(label)
+                balanced = labels.count(label) <= len(labels) // self.num_classes  # no class gets ahead
+                if label is not None and balanced and len(labels) < count:
+                    images.append(_styled(image, self.style))
+                    labels.append(label)
         return torch.stack(images), torch.tensor(labels)
-
-    def _keeps_balance(self, labels, label):
-        """In BALANCED_DOMAINS, no class may get ahead of another by more than one sample."""
-        return self.domain not in BALANCED_DOMAINS or labels.count(label) <= len(labels) // self.num_classes
 
     def statistics(self, train_images=None):
         """Per-channel mean and std of the domain's first 64 training images (the official code ships such
