@@ -42,7 +42,12 @@ normal all-zero vector = invalid, edge / saliency = {0, 1} maps with logits
 as predictions.
 """
 
+import argparse
+import inspect
+import json
 import math
+import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -810,8 +815,6 @@ def format_metrics(results):
 
 
 def build_parser():
-    import argparse
-
     p = argparse.ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
                                 "and optional pictures of predictions and attention masks.")
     p.add_argument("--checkpoint", required=True, help="runs/NAME/last.pt (or the run folder)")
@@ -834,7 +837,6 @@ def build_parser():
 
 def load_run(args):
     """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
-    import torch
     import train
 
     try:
@@ -857,7 +859,6 @@ def load_run(args):
 
 
 def evaluation_split(cfg, args):
-    import torch
     import data
     import train
 
@@ -872,10 +873,6 @@ def evaluation_split(cfg, args):
 
 
 def main(argv=None):
-    import json
-    import os
-
-    import torch
     import train
 
     args = build_parser().parse_args(argv)
@@ -915,9 +912,6 @@ def bench_evaluation(args, cfg, model, loader, device, normalise):
     """--bench N: the speed of evaluating the split as training evaluates it (train.evaluate: loading, forward,
     metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
     Prints one JSON line and returns it as a dict; writes no file."""
-    import json
-    import time
-
     import train
 
     train.configure_torch(cfg)  # the cuDNN autotuner and TF32 of training, on a GPU
@@ -1004,8 +998,6 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
 
 def test_annotations(root, domains):
     """{domain: path of its test annotations} for the domains that have the file."""
-    import os
-
     paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
     return {d: p for d, p in paths.items() if os.path.isfile(p)}
 
@@ -1013,9 +1005,6 @@ def test_annotations(root, domains):
 def read_test_annotations(root, path):
     """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
     "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
-    import json
-    import os
-
     import data
 
     try:
@@ -1032,9 +1021,6 @@ def read_test_annotations(root, path):
 
 def write_decathlon_results(args, cfg, model, device, calibration):
     """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
-    import json
-    import os
-
     import data
     import train
 
@@ -1065,8 +1051,6 @@ def write_decathlon_results(args, cfg, model, device, calibration):
 
 def read_decathlon_baseline(paths):
     """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
-    import json
-
     merged = {}
     for path in paths.split(","):
         try:
@@ -1079,9 +1063,6 @@ def read_decathlon_baseline(paths):
 
 def write_report(report, checkpoint):
     """eval.json beside the checkpoint, written atomically."""
-    import json
-    import os
-
     folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
     path = os.path.join(folder, "eval.json")
     with open(path + ".tmp", "w") as f:
@@ -1092,8 +1073,6 @@ def write_report(report, checkpoint):
 
 def read_baseline(path):
     """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json ("final")."""
-    import json
-
     try:
         with open(path) as f:
             blob = json.load(f)
@@ -1110,7 +1089,6 @@ def read_baseline(path):
 
 def task_picture(task, tensor, num_classes):
     """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps)."""
-    import torch
     import data
 
     if task in ("semantic", "parts"):
@@ -1137,8 +1115,6 @@ def image_picture(image):
 
 def model_outputs(model, image, with_attention):
     """Predictions (and MTAN's attention masks when asked and available) for a (1, 3, H, W) batch."""
-    import torch
-
     with torch.no_grad():
         if with_attention:
             return model(image, return_attention=True)
@@ -1146,8 +1122,6 @@ def model_outputs(model, image, with_attention):
 
 
 def has_attention(model):
-    import inspect
-
     return "return_attention" in inspect.signature(model.forward).parameters
 
 
@@ -1164,8 +1138,6 @@ def attention_picture(mask):
 def save_visualisations(args, cfg, model, dataset, device, normalise):
     """One PNG per sample: the input, then ground truth and prediction of every task; for MTAN one more PNG
     with the first encoder stage's attention mask of each task (the paper's Fig. 5)."""
-    import os
-
     import numpy as np
 
     os.makedirs(args.save_vis, exist_ok=True)
@@ -1190,11 +1162,7 @@ def save_visualisations(args, cfg, model, dataset, device, normalise):
 def predict_image(args, cfg, model, device, normalise):
     """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
     predictions resized back to the original size, one PNG per task beside the image."""
-    import os
-
     import numpy as np
-    import torch
-    import torch.nn.functional as F
     from PIL import Image
 
     try:

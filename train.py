@@ -321,7 +321,7 @@ def build_optimizer(cfg, params, device, lr=None):
     # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4): on a 2-core CPU,
     # Adam's step over MTAN's 44M parameters takes 85 ms fused against 660 ms with the default per-parameter
     # loop. With fp16, GradScaler hands its inf check to the fused kernel instead of reading it on the host.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
     lr = cfg["lr"] if lr is None else lr
     if cfg["optimizer"] == "sgd":
         # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
@@ -370,8 +370,9 @@ class Progress:
     """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
     host-device synchronisation of the training loop, and it happens only when a line is printed."""
 
-    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0):
+    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
         self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
+        self.name = f"{name}  " if name else ""  # the Decathlon's domain
         self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
 
     def maybe_print(self, step, running_loss):
@@ -381,7 +382,7 @@ class Progress:
         self.last = now
         rate = (step + 1) * self.batch_size / (now - self.start)
         eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
-        print(f"epoch {self.epoch + 1}/{self.num_epochs}  step {step + 1}/{self.steps}  "
+        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
               f"loss {float(running_loss) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
 
 
@@ -538,7 +539,8 @@ def train_decathlon_epoch(run, epoch):
             continue
         loader = make_loader(run["train_set"][domain], cfg, epoch * 100 + index, train=True)
         totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
-        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main())
+        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main(),
+                            name=domain)
         for step, batch in enumerate(loader):
             image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with autocast(cfg, device):
@@ -767,6 +769,8 @@ def wrap_for_training(model, cfg, device):
 def datasets_for(cfg):
     """Train and val splits with every target the run needs (edges derived from semantics if missing)."""
     if cfg["data"] in DECATHLON_DATASETS:
+        if cfg["data"] == "synthetic-decathlon" and is_main():
+            print("rendering the synthetic Decathlon domains (about a minute on a CPU)...", flush=True)
         return [data.build_decathlon(cfg["data"], cfg["data_root"], split, domains=list(cfg["tasks"]),
                                      num_samples=cfg["subset"])[0] for split in ("train", "val")]
     sets = []
@@ -1041,6 +1045,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
               "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
               "batch_size": batch_size, "resolution": "x".join(map(str, batches[0]["image"].shape[-2:])),
               "gflops_per_image": round(flops / 1e9, 3), "sync_every_step": sync_every_step,
+              "fused_optimizer": cfg.get("fused", True),
               "world_size": world_size()}
     peak = peak_tflops(cfg, device)
     if peak:  # model FLOPs utilisation: forward + backward taken as 3x the forward FLOPs
@@ -1186,6 +1191,8 @@ def build_parser():
     # The baseline of the benchmark, not a training option: read every loss and wait for the device after each
     # step, as the official training loops do (.item() per loss), to measure what removing those syncs gains.
     p.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)
+    # Likewise: the optimiser's default per-parameter loop instead of the fused kernel, for the baseline.
+    p.add_argument("--no-fused", dest="fused", action="store_false", help=argparse.SUPPRESS)
     return p
 
 
@@ -1213,7 +1220,7 @@ def resolve_config(args, parser):
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
         cuda = cfg["device"] == "cuda"
         cfg["amp"] = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
-    cfg["augment"], cfg["compile"] = args.augment, args.compile
+    cfg["augment"], cfg["compile"], cfg["fused"] = args.augment, args.compile, args.fused
     cfg["channels_last"] = args.channels_last is not False
     cfg["deterministic"], cfg["sync_bn"] = args.deterministic, args.sync_bn
     cfg["fpm_softmax"] = args.fpm_softmax
