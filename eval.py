@@ -969,9 +969,14 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     loaders = {d: train.make_loader(s, cfg, 0, train=False) for d, s in sets.items()}
     results = train.evaluate_decathlon(model, loaders, cfg, device, calibration)
     baseline = read_decathlon_baseline(args.baseline) if args.baseline else None
+    if baseline:
+        baseline = measurable_baseline(baseline, {d: len(s) for d, s in sets.items()})
     if baseline is None and set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
         baseline = {d: FINETUNE[d] for d in domains}
-    print(format_decathlon_table([(f"{cfg['model']} ({args.split})", results)], baseline))
+    rows = [(f"{cfg['model']} ({args.split})", results)]
+    if args.baseline:
+        rows.append(("baseline", {d: {"accuracy": baseline[d] / 100} for d in domains}))
+    print(format_decathlon_table(rows, baseline))
     accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
@@ -1047,6 +1052,19 @@ def write_decathlon_results(args, cfg, model, device, calibration):
     os.replace(out + ".tmp", out)
     print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
     return {"results": out, "predictions": counts}
+
+
+def measurable_baseline(baseline, sizes):
+    """A baseline that is 100 % right on a domain leaves the score nothing to scale by (E_max = 2 x 0). On a split
+    of N images the smallest error that can be measured is one image, 100 / N %: a perfect baseline is taken to
+    have made that one mistake, so the score stays defined and a perfect model still earns the domain's 1000."""
+    adjusted = dict(baseline)
+    for domain, size in sizes.items():
+        if adjusted.get(domain, 0.0) >= 100.0:
+            adjusted[domain] = 100.0 - 100.0 / size
+            print(f"baseline {domain}: 100 % on {size} images; its error is taken as one image, "
+                  f"{100.0 / size:.2f} %, so that the score is defined")
+    return adjusted
 
 
 def read_decathlon_baseline(paths):

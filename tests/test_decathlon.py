@@ -427,3 +427,14 @@ def test_test_split_without_labels_or_with_bad_annotations(tmp_path):
     (root / "annotations" / "aircraft_test_stripped.json").write_text("{")
     with pytest.raises(SystemExit, match="cannot read test annotations"):
         evaluation.main(["--checkpoint", out, "--split", "test"])
+
+
+def test_a_perfect_baseline_counts_one_error():
+    # 100 % on 200 images: the error is taken as one image, 0.5 %, so E_max = 1 %; other domains untouched
+    adjusted = evaluation.measurable_baseline({"walls": 100.0, "floor": 90.0}, {"walls": 200, "floor": 200})
+    assert adjusted == {"walls": 99.5, "floor": 90.0}
+    # a perfect model earns the full 1000 on that domain; one wrong image (0.5 % error) earns (0.5/1)^2 * 1000
+    assert evaluation.decathlon_score({"walls": 100.0}, {"walls": adjusted["walls"]}) == pytest.approx(1000.0)
+    assert evaluation.decathlon_score({"walls": 99.5}, {"walls": adjusted["walls"]}) == pytest.approx(250.0)
+    with pytest.raises(ValueError, match="walls"):  # the library function itself refuses a perfect baseline
+        evaluation.decathlon_score({"walls": 100.0}, {"walls": 100.0})
