@@ -1074,24 +1074,28 @@ def draw_curves(history, path):
     """Three panels: per-task training loss (log scale), task weights, and one validation metric per task."""
     from PIL import Image, ImageDraw
 
-    panels = [("train loss (log)", {t: [math.log10(max(r["train_loss"].get(t, math.nan), 1e-12)) for r in history]
-                                    for t in history[0]["train_loss"]})]
+    # (title, {line name: values}, how the bottom and top of the y axis are labelled)
+    panels = [("train loss (log scale)", {t: [math.log10(max(r["train_loss"].get(t, math.nan), 1e-12))
+                                          for r in history] for t in history[0]["train_loss"]},
+               lambda v: f"{10 ** v:.3g}")]
     if "task_weights" in history[0]:
-        panels.append(("task weights", {t: [r["task_weights"][t] for r in history] for t in history[0]["task_weights"]}))
+        panels.append(("task weights", {t: [r["task_weights"][t] for r in history]
+                                        for t in history[0]["task_weights"]}, lambda v: f"{v:.3g}"))
     evaluated = [r for r in history if "val" in r]
     if evaluated:
         series = {}
         for task, values in evaluated[0]["val"].items():
             key = next(iter(values))
-            series[f"{task} {key}"] = [r["val"][task][key] for r in evaluated]
+            line = [r["val"][task][key] for r in evaluated]
+            series[f"{task} {key} {line[-1]:.3g}"] = rescaled(line)  # the name ends with the last value
         # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
         # range, from its lowest (bottom) to its highest value (top).
-        panels.append(("val metrics (each on its own range)", {k: rescaled(v) for k, v in series.items()}))
+        panels.append(("val metrics (each on its own range)", series, lambda v: "max" if v > 0.5 else "min"))
     width, height = 360, 260
     image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
-    for i, (title, series) in enumerate(panels):
-        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series)
+    for i, (title, series, tick) in enumerate(panels):
+        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
     image.save(path)
 
 
@@ -1104,7 +1108,7 @@ def rescaled(values):
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def plot_panel(draw, box, title, series):
+def plot_panel(draw, box, title, series, tick):
     x0, y0, x1, y1 = box
     left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
     draw.rectangle((left, top, right, bottom), outline="black")
@@ -1115,8 +1119,8 @@ def plot_panel(draw, box, title, series):
     lo, hi = min(values), max(values)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    draw.text((x0 + 2, top), f"{hi:.3g}", fill="black")
-    draw.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill="black")
+    draw.text((x0 + 4, top), tick(hi), fill="black")
+    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
     for k, (name, vs) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
         n = max(len(vs) - 1, 1)
@@ -1322,8 +1326,9 @@ def main(argv=None):
     else:
         cfg = resolve_config(args, parser)
         if cfg["data"] == "synthetic" and not any(a.startswith("--width") for a in (argv or sys.argv[1:])):
-            print(f"synthetic data preset: width {cfg['width']}, {cfg['resolution']}, {cfg['epochs']} epochs, "
-                  f"batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['subset']} samples per split "
+            width = f"width {cfg['width']}, " if MODELS[cfg["model"]][0] == "segnet" else ""  # HRNet has no width
+            print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
+                  f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
                   f"(override any of them with flags)")
     configure_torch(cfg)
     if args.bench:

@@ -98,9 +98,14 @@ def test_bench_prints_one_json_line_with_every_field(capsys):
 def test_bench_mfu_with_a_given_peak_and_the_baseline_switches(capsys):
     # A tiny peak of 0.01 TFLOP/s makes the MFU of the tiny model large enough for its 4 decimals to matter.
     result = train.main(TINY + ["--bench", "2", "--peak-tflops", "0.01", "--no-channels-last", "--amp", "bf16",
-                                "--sync-every-step"])
+                                "--sync-every-step", "--no-fused"])
     assert last_json_line(capsys) == result
     assert (result["amp"], result["channels_last"], result["sync_every_step"]) == ("bf16", False, True)
+    assert result["fused_optimizer"] is False
+    for fused in (True, False):  # what --no-fused switches: Adam's fused kernel against its per-parameter loop
+        cfg = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, fused=fused)
+        adam = train.build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cpu"))
+        assert bool(adam.defaults["fused"]) is fused
     flops = conv_flops(mtan.MTAN(SYNTHETIC_TASKS, width=0.0625), torch.rand(1, 3, 64, 64))
     # forward + backward = 3 forwards, per second, over the peak
     expected = 3 * flops * result["batch_size"] / (result["ms_per_step"] / 1000) / 0.01e12
