@@ -319,7 +319,7 @@ def learning_rate(cfg, epoch):
 
 def build_optimizer(cfg, params, device, lr=None):
     # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4): on a 2-core CPU,
-    # Adam's step over MTAN's 44M parameters takes 85 ms fused against 660 ms with the default per-parameter
+    # Adam's step over MTAN's 44M parameters takes 24 ms fused against 117 ms with the default per-parameter
     # loop. With fp16, GradScaler hands its inf check to the fused kernel instead of reading it on the host.
     fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
     lr = cfg["lr"] if lr is None else lr
