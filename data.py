@@ -763,6 +763,18 @@ def _check_root(name, root):
     return root
 
 
+def _read_split_list(name, list_path):
+    """The sample ids of a split, one per line of a text file (NYUD's gt_sets, PASCAL's ImageSets)."""
+    try:
+        with open(list_path) as f:
+            ids = [line.strip() for line in f if line.strip()]
+    except OSError as error:
+        raise dataset_error(name, f"cannot read the split list ({error.strerror})", list_path) from None
+    if not ids:
+        raise dataset_error(name, "no samples (empty split list)", list_path)
+    return ids
+
+
 def _check_folder(name, path, what="folder missing (wrong layout?)"):
     if not os.path.isdir(path):
         raise dataset_error(name, what, path)
@@ -989,14 +1001,7 @@ class NYUD(_CachedDataset):
             root = os.path.join(root, "NYUD_MT")
         self.root, self.split = root, _resolve_split(self.name, split)
         _check_folder(self.name, os.path.join(root, "gt_sets"))
-        list_path = os.path.join(root, "gt_sets", f"{self.split}.txt")
-        try:
-            with open(list_path) as f:
-                ids = [line.strip() for line in f if line.strip()]
-        except OSError as error:
-            raise dataset_error(self.name, f"cannot read the split list ({error.strerror})", list_path) from None
-        if not ids:
-            raise dataset_error(self.name, "no samples (empty split list)", list_path)
+        ids = _read_split_list(self.name, os.path.join(root, "gt_sets", f"{self.split}.txt"))
         for folder, ext in self.FILES.values():
             present = set(os.listdir(_check_folder(self.name, os.path.join(root, folder))))
             for i in ids:
@@ -1567,15 +1572,7 @@ class PascalContext(_CachedDataset):
 
     def _read_ids(self):
         _check_folder(self.name, os.path.join(self.root, "ImageSets", "Context"))
-        list_path = os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt")
-        try:
-            with open(list_path) as f:
-                ids = [line.strip() for line in f if line.strip()]
-        except OSError as error:
-            raise dataset_error(self.name, f"cannot read the split list ({error.strerror})", list_path) from None
-        if not ids:
-            raise dataset_error(self.name, "no samples (empty split list)", list_path)
-        return ids
+        return _read_split_list(self.name, os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt"))
 
     def _find_files(self, ids):
         """{id: {what: path}} for every id of the split; a missing folder or file is a DatasetError."""
