@@ -438,3 +438,33 @@ def test_a_perfect_baseline_counts_one_error():
     assert evaluation.decathlon_score({"walls": 99.5}, {"walls": adjusted["walls"]}) == pytest.approx(250.0)
     with pytest.raises(ValueError, match="walls"):  # the library function itself refuses a perfect baseline
         evaluation.decathlon_score({"walls": 100.0}, {"walls": 100.0})
+
+
+def test_a_run_killed_in_the_fine_tuning_phase_resumes_exactly(tmp_path, monkeypatch):
+    """1 epoch + 2 fine-tuning epochs straight, against the same run killed after its second epoch (the first
+    of the fine-tuning phase, with its fresh optimiser) and resumed: the same weights at the end."""
+    monkeypatch.setattr(data.SyntheticDecathlon, "DEFAULT_SIZES", {"train": 16, "val": 8})
+    flags = ["--model", "wrn-mtan", "--data", "synthetic-decathlon", "--epochs", "1", "--finetune-epochs", "2",
+             "--batch-size", "8", "--deterministic"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    train.main(flags + ["--out", straight])
+    drawn = []
+
+    def killed_after_two_epochs(history, path):
+        drawn.append(len(history))
+        if len(history) == 2:  # last.pt of epoch 2 is already written
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "draw_curves", killed_after_two_epochs)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(flags + ["--out", killed])
+    assert drawn == [1, 2] and torch.load(os.path.join(killed, "last.pt"), weights_only=True)["epoch"] == 2
+    train.main(["--resume", killed])
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(killed, "last.pt"), weights_only=True)
+    assert b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log = [json.loads(line) for line in open(os.path.join(killed, "log.jsonl"))]
+    assert [r["lr"] for r in log] == [0.02, 0.01, 0.01]  # the preset's lr, then the fine-tuning lr
