@@ -1864,17 +1864,18 @@ _DEPTH_COLOURS = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 14
                           dtype=np.float64)
 
 
-def colorize_depth(depth, max_depth=None):
+def colorize_depth(depth, max_depth=None, min_depth=None):
     """Depth (1, H, W) or (H, W) -> uint8 (H, W, 3): near bright, far dark; invalid (0) black.
 
-    The scale runs from the smallest valid depth to max_depth (default: the largest valid depth)."""
+    The scale runs from min_depth to max_depth (default: the smallest and largest valid depth). Give a
+    prediction its ground truth's range, so that both pictures use the same colours for the same depth."""
     depth = _numpy(depth).astype(np.float64)
     depth = depth.reshape(depth.shape[-2:])
     valid = depth > 0
     out = np.zeros(depth.shape + (3,), dtype=np.uint8)
     if not valid.any():
         return out
-    lo = depth[valid].min()
+    lo = min_depth if min_depth is not None else depth[valid].min()
     hi = max_depth if max_depth is not None else depth[valid].max()
     x = np.clip((hi - depth[valid]) / max(hi - lo, 1e-12), 0, 1) * (len(_DEPTH_COLOURS) - 1)  # 0 far .. 4 near
     i = np.minimum(np.floor(x).astype(np.int64), len(_DEPTH_COLOURS) - 2)

@@ -1107,14 +1107,18 @@ def read_baseline(path):
 # ---- pictures -----------------------------------------------------------------------------------------------
 
 
-def task_picture(task, tensor, num_classes):
-    """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps)."""
+def task_picture(task, tensor, num_classes, truth=None):
+    """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps). A depth
+    prediction given its `truth` is drawn on the truth's range, so equal colours mean equal depths."""
     import data
 
     if task in ("semantic", "parts"):
         labels = tensor.argmax(0) if tensor.dim() == 3 else tensor
         return data.colorize_semantic(labels.cpu(), num_classes)
     if task == "depth":
+        valid = truth[truth > 0] if truth is not None else None
+        if valid is not None and valid.numel():
+            return data.colorize_depth(tensor.float().cpu(), max_depth=float(valid.max()), min_depth=float(valid.min()))
         return data.colorize_depth(tensor.float().cpu())
     if task == "normal":
         return data.colorize_normal(tensor.float().cpu())
@@ -1127,6 +1131,21 @@ def save_png(array, path):
     from PIL import Image
 
     Image.fromarray(array).save(path)
+
+
+def save_row(tiles, names, path):
+    """(H, W, 3) uint8 pictures side by side, 2 white pixels apart, each named in a strip above it."""
+    from PIL import Image, ImageDraw
+
+    height, gap, strip = tiles[0].shape[0], 2, 14
+    widths = [t.shape[1] for t in tiles]
+    row = Image.new("RGB", (sum(widths) + gap * (len(tiles) - 1), height + strip), "white")
+    draw, x = ImageDraw.Draw(row), 0
+    for tile, name, width in zip(tiles, names, widths):
+        row.paste(Image.fromarray(tile), (x, strip))
+        draw.text((x + 2, 1), name, fill="black")
+        x += width + gap
+    row.save(path)
 
 
 def image_picture(image):
@@ -1158,22 +1177,21 @@ def attention_picture(mask):
 def save_visualisations(args, cfg, model, dataset, device, normalise):
     """One PNG per sample: the input, then ground truth and prediction of every task; for MTAN one more PNG
     with the first encoder stage's attention mask of each task (the paper's Fig. 5)."""
-    import numpy as np
-
     os.makedirs(args.save_vis, exist_ok=True)
     attention_wanted = has_attention(model)
     for i in range(min(args.num_vis, len(dataset))):
         sample = dataset[i]
         image = sample["image"][None].to(device)
         preds, attention = model_outputs(model, normalise(image), attention_wanted)
-        tiles = [image_picture(sample["image"])]
+        tiles, names = [image_picture(sample["image"])], ["input"]
         for task, channels in cfg["tasks"].items():
-            tiles.append(task_picture(task, sample[task], channels))
-            tiles.append(task_picture(task, preds[task][0], channels))
-        save_png(np.concatenate(tiles, axis=1), os.path.join(args.save_vis, f"{i:03d}_gt_pred.png"))
+            tiles += [task_picture(task, sample[task], channels),
+                      task_picture(task, preds[task][0], channels, truth=sample[task])]
+            names += [f"{task} truth", f"{task} predicted"]
+        save_row(tiles, names, os.path.join(args.save_vis, f"{i:03d}_gt_pred.png"))
         if attention:
             masks = [attention_picture(attention[task][0][0]) for task in cfg["tasks"]]
-            save_png(np.concatenate([tiles[0]] + masks, axis=1),
+            save_row([tiles[0]] + masks, ["input"] + [f"{task} attention" for task in cfg["tasks"]],
                      os.path.join(args.save_vis, f"{i:03d}_attention.png"))
     print(f"wrote {min(args.num_vis, len(dataset))} samples to {args.save_vis} (columns: input, then ground "
           f"truth and prediction of {', '.join(cfg['tasks'])})")

@@ -570,6 +570,11 @@ def test_colour_maps():
     rgb = data.colorize_depth(depth)
     assert rgb.shape == (1, 3, 3) and (rgb[0, 0] == 0).all()
     assert rgb[0, 1].astype(int).sum() > rgb[0, 2].astype(int).sum()  # near is brighter than far
+    # a given range: 3 m on the range [1, 5] is drawn as 3 m is in the picture of [[1, 3, 5]], whatever else
+    # the map holds (a prediction drawn on its ground truth's range)
+    reference = data.colorize_depth(torch.tensor([[1.0, 3.0, 5.0]]))
+    assert (data.colorize_depth(torch.tensor([[3.0, 2.9]]), max_depth=5.0, min_depth=1.0)[0, 0] == reference[0, 1]).all()
+    assert not (data.colorize_depth(torch.tensor([[3.0, 2.9]]))[0, 0] == reference[0, 1]).all()
     normal = torch.zeros(3, 1, 2)
     normal[:, 0, 1] = torch.tensor([0.0, 0.0, -1.0])
     rgb = data.colorize_normal(normal)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as evaluation
 import train
 from test_pascal import make_pascal_tree
@@ -47,10 +48,15 @@ def test_delta_m_against_a_baseline_run(mtan_run, tmp_path):
 def test_save_vis_draws_predictions_and_attention(mtan_run, tmp_path):
     out, _ = mtan_run
     evaluation.main(["--checkpoint", out, "--save-vis", str(tmp_path), "--num-vis", "2"])
+    # a 14-pixel strip of names above 64x64 tiles 2 pixels apart
     picture = np.asarray(Image.open(tmp_path / "000_gt_pred.png"))
-    assert picture.shape == (64, 64 * 7, 3)  # input, then ground truth and prediction of 3 tasks
+    assert picture.shape == (14 + 64, 64 * 7 + 2 * 6, 3)  # input, then ground truth and prediction of 3 tasks
     attention = np.asarray(Image.open(tmp_path / "001_attention.png"))
-    assert attention.shape == (64, 64 * 4, 3)  # input, then the first encoder mask of each task
+    assert attention.shape == (14 + 64, 64 * 4 + 2 * 3, 3)  # input, then the first encoder mask of each task
+    sample = data.SyntheticScenes("val", resolution=(64, 64))[0]
+    assert (picture[14:, :64] == evaluation.image_picture(sample["image"])).all()  # the input tile, exactly
+    semantic = evaluation.task_picture("semantic", sample["semantic"], 7)
+    assert (picture[14:, 66:130] == semantic).all()  # then the semantic ground truth
 
 
 def test_single_image_of_any_size(mtan_run, tmp_path):
