@@ -931,7 +931,7 @@ def finish(run, history):
         return result
     write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
     print("\nfinal evaluation (val split):")
-    rows = [("last epoch", evaluated[-1]), (f"mean of last {len(last10)}", mean_last10)]
+    rows = [("last epoch", evaluated[-1]), (f"mean of last {len(last10)} evals", mean_last10)]
     # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
     if cfg["data"] == "synthetic" and world_size() == 1:  # the quickstart: how far above a constant predictor
         result["trivial"] = trivial_baseline(run)

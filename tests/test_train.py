@@ -14,13 +14,6 @@ TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batc
         "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def restore_global_torch_state():
-    """--deterministic switches a process-wide torch setting: switch it back after each test."""
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def run(tmp_path, *extra, name="run"):
     out = str(tmp_path / name)
     return train.main(TINY + ["--out", out] + list(extra)), out
