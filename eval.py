@@ -970,11 +970,7 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
                          "challenge's annotations/<domain>_test_stripped.json files in the data root")
     loaders = {d: train.make_loader(s, cfg, 0, train=False) for d, s in sets.items()}
     results = train.evaluate_decathlon(model, loaders, cfg, device, calibration)
-    baseline = read_decathlon_baseline(args.baseline) if args.baseline else None
-    if baseline:
-        baseline = measurable_baseline(baseline, {d: len(s) for d, s in sets.items()})
-    if baseline is None and set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
-        baseline = {d: FINETUNE[d] for d in domains}
+    baseline = decathlon_baseline(args, sets)
     rows = [(f"{cfg['model']} ({args.split})", results)]
     if args.baseline:
         rows.append(("baseline", {d: {"accuracy": baseline[d] / 100} for d in domains}))
@@ -983,8 +979,8 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
               "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
-    if baseline and set(baseline) >= set(accuracy):
-        report["decathlon_score"] = decathlon_score(accuracy, {d: baseline[d] for d in accuracy})
+    if baseline:
+        report["decathlon_score"] = decathlon_score(accuracy, baseline)
         if len(accuracy) < len(FINETUNE) and cfg["data"] == "decathlon":
             print(f"(score over {len(accuracy)} domains: at most {1000 * len(accuracy)} points)")
     elif cfg["data"] == "synthetic-decathlon":
@@ -1047,13 +1043,26 @@ def write_decathlon_results(args, cfg, model, device, calibration):
         train.restore_batchnorm(saved)
         results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
         counts[domain] = len(files)
-    folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
-    out = os.path.join(folder, "results.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(out + ".tmp", out)
+    out = os.path.join(run_folder(args.checkpoint), "results.json")
+    train.write_text_atomic(json.dumps(results), out)
     print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
     return {"results": out, "predictions": counts}
+
+
+def decathlon_baseline(args, sets):
+    """{domain: accuracy %} that the score measures against, for exactly the evaluated domains: the
+    single-domain runs of --baseline, else the paper's Finetune row for official domains, else None."""
+    domains = list(sets)
+    if args.baseline:
+        baseline = read_decathlon_baseline(args.baseline)
+        missing = [d for d in domains if d not in baseline]
+        if missing:
+            raise SystemExit(f"error: --baseline has no accuracy for {', '.join(missing)}: pass the eval.json of "
+                             "one single-domain run per domain, comma separated")
+        return measurable_baseline({d: baseline[d] for d in domains}, {d: len(s) for d, s in sets.items()})
+    if set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
+        return {d: FINETUNE[d] for d in domains}
+    return None
 
 
 def measurable_baseline(baseline, sizes):
@@ -1081,13 +1090,17 @@ def read_decathlon_baseline(paths):
     return merged
 
 
+def run_folder(checkpoint):
+    """The run folder of --checkpoint, which names either the folder or a file in it."""
+    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+
+
 def write_report(report, checkpoint):
     """eval.json beside the checkpoint, written atomically."""
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-    path = os.path.join(folder, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
+    import train
+
+    path = os.path.join(run_folder(checkpoint), "eval.json")
+    train.write_text_atomic(json.dumps(report, indent=2), path)
     print(f"wrote {path}")
 
 
@@ -1116,10 +1129,9 @@ def task_picture(task, tensor, num_classes, truth=None):
         labels = tensor.argmax(0) if tensor.dim() == 3 else tensor
         return data.colorize_semantic(labels.cpu(), num_classes)
     if task == "depth":
-        valid = truth[truth > 0] if truth is not None else None
-        if valid is not None and valid.numel():
-            return data.colorize_depth(tensor.float().cpu(), max_depth=float(valid.max()), min_depth=float(valid.min()))
-        return data.colorize_depth(tensor.float().cpu())
+        valid = tensor.new_zeros(0) if truth is None else truth[truth > 0]
+        scale = dict(min_depth=float(valid.min()), max_depth=float(valid.max())) if valid.numel() else {}
+        return data.colorize_depth(tensor.float().cpu(), **scale)
     if task == "normal":
         return data.colorize_normal(tensor.float().cpu())
     probability = torch.sigmoid(tensor.float()) if tensor.min() < 0 or tensor.max() > 1 else tensor.float()

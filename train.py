@@ -280,7 +280,8 @@ MODELS = {
     "dense": ("segnet", lambda t, a, c: mtan.DenseSegNet(t, width=c["width"]), False),
     "cross-stitch": ("segnet", lambda t, a, c: mtan.CrossStitchSegNet(t, width=c["width"]), False),
     "mtan": ("segnet", lambda t, a, c: mtan.MTAN(t, width=c["width"]), False),
-    "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None, fpm_softmax=c.get("fpm_softmax", "tasks")), False),
+    "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None,
+                                                      fpm_softmax=c.get("fpm_softmax", "tasks")), False),
     "padnet": ("hrnet", lambda t, a, c: mtinet.PADNet(t, aux_tasks=a or None), False),
     "hrnet-mtl": ("hrnet", lambda t, a, c: mtinet.HRNetMultiTask(t), False),
     # Visual Decathlon: one classifier per domain; `tasks` maps each domain to its number of classes.
@@ -396,14 +397,19 @@ def training_step(run, batch):
     losses = multitask_losses(outputs, batch, run["loss_tasks"], cfg["normal_loss"]) * run["task_weights"]
     num_main = len(cfg["tasks"])
     total = run["weighting"](losses[:num_main]) + losses[num_main:].sum()  # aux tasks: fixed weights only
+    backward_and_step(run, total)
+    return losses.detach(), total.detach()
+
+
+def backward_and_step(run, loss):
+    """Gradients of `loss` and one optimiser step, for the dense and the Decathlon loops alike."""
     run["optimizer"].zero_grad(set_to_none=True)
     # fp16 gradients underflow without loss scaling; the scaler is a no-op unless --amp fp16 (bf16 has fp32's
     # exponent range and needs none). With a fused optimiser the scaler's inf check stays on the device.
-    run["scaler"].scale(total).backward()
-    average_gradients_across_ranks(run["weighting"])  # DDP averages the model's; these live outside it
+    run["scaler"].scale(loss).backward()
+    average_gradients_across_ranks(run["weighting"])  # DDP averages the model's; uncertainty's live outside it
     run["scaler"].step(run["optimizer"])
     run["scaler"].update()
-    return losses.detach(), total.detach()
 
 
 def train_one_epoch(run, epoch):
@@ -534,9 +540,9 @@ def train_decathlon_epoch(run, epoch):
     run["model"].train()
     for group in run["optimizer"].param_groups:
         group["lr"] = learning_rate(cfg, epoch)
-    stats = {}
-    for index, domain in enumerate(cfg["tasks"]):
-        if domain not in decathlon_domains(cfg, epoch):
+    stats, domains = {}, decathlon_domains(cfg, epoch)
+    for index, domain in enumerate(cfg["tasks"]):  # index: the domain's attention chain and classifier
+        if domain not in domains:
             continue
         loader = make_loader(run["train_set"][domain], cfg, epoch * 100 + index, train=True)
         totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
@@ -547,17 +553,20 @@ def train_decathlon_epoch(run, epoch):
             with autocast(cfg, device):
                 logits = run["compiled"](image, index)
             loss = F.cross_entropy(logits.float(), label)
-            run["optimizer"].zero_grad(set_to_none=True)
-            run["scaler"].scale(loss).backward()
-            run["scaler"].step(run["optimizer"])
-            run["scaler"].update()
-            # torch.full, not torch.tensor: building a CUDA tensor from a Python number is a blocking copy
-            totals += torch.stack([loss.detach() * len(label), (logits.argmax(1) == label).sum(),
-                                   torch.full((), len(label), device=device)])
+            backward_and_step(run, loss)
+            totals += classification_totals(loss.detach() * len(label), logits, label)
+            # Progress divides a running sum by the steps taken: hand it the mean loss per image times those
             progress.maybe_print(step, totals[0] / totals[2] * (step + 1))
         loss_sum, correct, count = all_reduce(totals).tolist()
         stats[domain] = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
     return stats
+
+
+def classification_totals(loss_sum, logits, label):
+    """(3,) loss sum, correct answers and images of one batch, kept on the device so nothing waits for it.
+    torch.full, not torch.tensor: building a CUDA tensor from a Python number is a blocking copy."""
+    count = torch.full((), len(label), device=logits.device)
+    return torch.stack([loss_sum, (logits.argmax(1) == label).sum(), count])
 
 
 # Batch normalisation across domains. The backbone's BN layers are shared, so after an epoch their running
@@ -612,8 +621,7 @@ def evaluate_decathlon(model, loaders, cfg, device, calibration=None):
             image, label = batch["image"].to(device), batch["label"].to(device)
             with autocast(cfg, device):
                 logits = model(image, index).float()
-            totals += torch.stack([F.cross_entropy(logits, label, reduction="sum"),
-                                   (logits.argmax(1) == label).sum(), torch.tensor(len(label), device=device)])
+            totals += classification_totals(F.cross_entropy(logits, label, reduction="sum"), logits, label)
         restore_batchnorm(saved)
         loss_sum, correct, count = all_reduce(totals).tolist()
         results[domain] = {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
@@ -890,12 +898,13 @@ def trivial_baseline(run):
                  "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
     for batch in make_loader(run["train_set"], cfg, 0, train=False):
         batch = to_device(batch, device)
+        # masks multiply in rather than index: boolean indexing would wait for the device on every batch
         if "semantic" in tasks:
-            labels = batch["semantic"][batch["semantic"] >= 0]
-            constants["semantic"] += torch.bincount(labels, minlength=tasks["semantic"]).float()
+            labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
+            constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
         if "depth" in tasks:
-            valid = batch["depth"] != 0
-            constants["depth"] += torch.stack([batch["depth"][valid].sum(), valid.sum()])
+            valid = (batch["depth"] != 0).float()
+            constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
         if "normal" in tasks:
             constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
     prediction = {"semantic": (constants["semantic"] == constants["semantic"].max()).float(),
@@ -1220,7 +1229,7 @@ def resolve_config(args, parser):
         cfg["weighting"] = "dwa"  # the quickstart: MTAN + DWA
     for key, value in vars(args).items():
         if value is not None and value is not False and key not in ("resume", "task", "aux_tasks", "task_weights",
-                                                                    "bench", "fpm_softmax", "sync_every_step"):
+                                                                    "bench", "sync_every_step"):
             cfg[key] = value
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
         cuda = cfg["device"] == "cuda"
@@ -1228,7 +1237,6 @@ def resolve_config(args, parser):
     cfg["augment"], cfg["compile"], cfg["fused"] = args.augment, args.compile, args.fused
     cfg["channels_last"] = args.channels_last is not False
     cfg["deterministic"], cfg["sync_bn"] = args.deterministic, args.sync_bn
-    cfg["fpm_softmax"] = args.fpm_softmax
     cfg["data_on_device"] = args.data_on_device
     if args.data_on_device and (args.data == "pascal" or args.data in DECATHLON_DATASETS):
         parser.error(f"--data-on-device: the {args.data} training samples are augmented one by one (PASCAL) or "

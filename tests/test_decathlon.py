@@ -288,6 +288,14 @@ def test_eval_reproduces_the_run_and_scores_it_against_baselines(synthetic_run, 
         assert json.load(f)["decathlon_score"] == pytest.approx(report["decathlon_score"])
 
 
+def test_baselines_must_cover_every_domain(synthetic_run, tmp_path):
+    out, _ = synthetic_run
+    path = tmp_path / "floor.json"
+    path.write_text(json.dumps({"accuracy": {"floor": 60.0}}))
+    with pytest.raises(SystemExit, match="no accuracy for walls, count, colour"):
+        evaluation.main(["--checkpoint", os.path.join(out, "last.pt"), "--baseline", str(path)])
+
+
 def test_hand_score_matches_the_published_check():
     # Finetune's own accuracies score 250 per domain (E = E_max / 2): the formula's anchor, 2500 for ten
     assert hand_score(evaluation.FINETUNE, evaluation.FINETUNE) == pytest.approx(2500.0)

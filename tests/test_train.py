@@ -216,3 +216,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     message = error_of(["--resume", out, "--epochs", "3"], capsys)
     assert "non-finite loss" in message and "step" in message
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
+
+
+def test_trivial_baseline_is_the_best_constant_by_hand():
+    """The constant predictor of the final table: the majority training class and the mean training depth,
+    scored on the val split, recomputed here with plain indexing."""
+    args = train.build_parser().parse_args(["--model", "mtan"] + TINY + ["--subset", "6"])
+    run = train.setup_run(train.resolve_config(args, train.build_parser()))
+    result = train.trivial_baseline(run)
+    train_set = [run["train_set"][i] for i in range(len(run["train_set"]))]
+    val_set = [run["val_set"][i] for i in range(len(run["val_set"]))]
+    labels = torch.cat([s["semantic"].flatten() for s in train_set])
+    majority = torch.bincount(labels[labels >= 0]).argmax()
+    val_labels = torch.cat([s["semantic"].flatten() for s in val_set])
+    valid = val_labels >= 0
+    assert result["semantic"]["pixel_acc"] == pytest.approx((val_labels[valid] == majority).double().mean().item())
+    depths = torch.cat([s["depth"].flatten() for s in train_set])
+    mean_depth = depths[depths > 0].double().mean()
+    val_depths = torch.cat([s["depth"].flatten() for s in val_set])
+    val_depths = val_depths[val_depths > 0].double()
+    assert result["depth"]["abs_err"] == pytest.approx((val_depths - mean_depth).abs().mean().item(), rel=1e-5)
