@@ -1149,13 +1149,11 @@ def plot_panel(draw, box, title, series, tick):
 
 
 def parse_resolution(text):
+    """data.parse_resolution's checks (HxW, multiples of 32), as a one-line command-line error."""
     try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--resolution must look like HxW, e.g. 96x128 (got {text!r})") from None
-    if h % 32 or w % 32:
-        raise SystemExit(f"--resolution {text}: height and width must be divisible by 32")
-    return h, w
+        return data.parse_resolution(text, flag="--resolution")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def build_parser():
