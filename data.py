@@ -1,7 +1,7 @@
 """
-Every dataset of the project, the embedded synthetic scenes, and augmentation.
+The datasets of MTAN and MTI-Net, an embedded synthetic dataset, and augmentation.
 
-All datasets return the same sample, a dict of tensors (see contract.md):
+Every dense dataset returns the same sample, a dict of tensors:
 
     image     float (3, H, W) in [0, 1]
     semantic  long  (H, W)    class ids, -1 = ignore
@@ -12,20 +12,32 @@ All datasets return the same sample, a dict of tensors (see contract.md):
     saliency  float (1, H, W) in {0, 1} (PASCAL)
 
 whatever convention the files on disk use for "unknown" (NYUD's raw 0 becomes -1, and so on). Each dataset
-has a `name`, a `tasks` dict (every target it provides: task name -> output channels) and a `primary_tasks`
-dict (the tasks the papers train on).
+has a `name`, `class_names`, a `tasks` dict (every target it provides: task name -> output channels) and a
+`primary_tasks` dict (the tasks the papers train on). The Visual Decathlon is a classification benchmark: its
+samples are {"image", "label"}.
 
-The file reads top to bottom:
+THE DATASET MODULE is sections 1-7, lines 1-1184 (the first 51 % of the file):
 
-1. Errors and download notes: what a user sees when a dataset is missing or malformed.
-2. SyntheticScenes: indoor-like rooms rendered by vectorised ray casting in torch. It ships as code, so a fresh
-   machine can train and test with no download, and it can render a whole batch directly on a GPU.
-3. The real datasets: NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT).
-   3b. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks), with a MATLAB v5 .mat reader and its augmentation.
-4. build_dataset: one entry point by name, used by train.py and eval.py.
-5. augment_batch: MTAN's random scale-crop and flip, on batched tensors, so it can run on the GPU.
-6. Pictures: colour maps for labels, depth and normals, and `python data.py`, which renders a montage of
-   synthetic samples to docs/synthetic_montage.png.
+1. build_dataset: every dense dataset by name (train.py and eval.py call it), and the DATASETS table.
+2. Errors and download notes: what a user sees when a dataset is missing or malformed, and where to get it.
+3. NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT), and their file helpers.
+4. Augmentation: MTAN's random scale-crop and flip on batched tensors (so it can run on the GPU), and the edge
+   targets derived from semantic labels.
+5. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks) and its per-sample transforms.
+6. Visual Decathlon (MTAN's many-to-many experiment): the official folder loader and build_decathlon.
+7. SyntheticScenes: indoor-like rooms rendered by ray casting in torch. It ships as code, so a fresh machine
+   can train and test with no download.
+
+THE APPENDICES that follow are infrastructure: the machinery that makes the repository self-contained (no
+scipy, no skimage, no download needed to run the tests). Sections 1-7 use them through a few functions, and a
+reader of the papers can skip them.
+
+A. The ray caster behind SyntheticScenes (sample_scene ... render_scenes).
+B. A MATLAB v5 .mat reader (PASCAL_MT stores two of its labels in .mat files).
+C. Guo-Hall thinning and the Pascal-Part / PASCAL-Context label builders.
+D. The synthetic Decathlon: four small classification domains rendered with appendix A.
+E. Pictures: colour maps for labels, depth and normals (eval.py uses them), the montage, and `python data.py`,
+   which renders synthetic samples to docs/synthetic_montage.png.
 """
 import argparse
 import colorsys
@@ -43,7 +55,55 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------------------------------------
-# 1. Errors and download notes
+# 1. build_dataset: every dense dataset by name
+# -----------------------------------------------------------------------------------------------------------
+
+# name -> (whether it reads files from a root folder, the options it accepts). A new dataset is one more line
+# here and one in dataset_class: its class takes (root, split, **options) (or (split, **options) without
+# files) and has `name`, `tasks`, `primary_tasks` and `class_names`. The Visual Decathlon, whose samples are
+# labelled images, has its own entry point: build_decathlon (section 6).
+DATASETS = {
+    "synthetic": (False, ("resolution", "num_samples", "seed", "cache")),
+    "nyuv2": (True, ("num_samples", "cache")),
+    "cityscapes": (True, ("num_classes", "num_samples", "cache")),
+    "nyud": (True, ("num_samples", "cache")),
+    "pascal": (True, ("size", "augment", "targets_at_original_size", "num_samples", "cache")),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+
+def dataset_class(name):
+    """The class of a dataset name. A function rather than a table so that it can stand above the classes:
+    Python looks the names up when it runs."""
+    return {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
+            "pascal": PascalContext}[name]
+
+
+def build_dataset(name, root=None, split="train", **options):
+    """Build dataset `name` and return (dataset, tasks), tasks being its primary task dict.
+
+    options (None means "not given"): resolution (synthetic only), num_classes (cityscapes only),
+    num_samples (use only the first N samples), seed (synthetic only), cache. `root` is the dataset folder
+    (None: data/<name> under the working directory); synthetic ignores it.
+    NYUD's primary tasks are semantic + depth (MTI-Net's NYUD setting); dataset.tasks also lists its
+    auxiliary normal and edge targets. PASCAL (five tasks) also takes size, augment and
+    targets_at_original_size (see PascalContext)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    reads_files, accepted = DATASETS[name]
+    cls = dataset_class(name)
+    options = {key: value for key, value in options.items() if value is not None}
+    for key in options:
+        if key == "resolution" and key not in accepted:
+            raise ValueError(f"--resolution applies to synthetic data only; the {name} files fix their own resolution")
+        if key not in accepted:
+            raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: {', '.join(accepted)})")
+    dataset = cls(root, split, **options) if reads_files else cls(split, **options)
+    return dataset, dict(dataset.primary_tasks)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. Errors and download notes
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -54,7 +114,23 @@ class DatasetError(ValueError):
     no bare numpy or PIL traceback reaches the user."""
 
 
-# Where each dataset comes from (../shared/spec/downloads.md) and how its folder must look.
+class MatFileError(ValueError):
+    """A file that read_mat cannot read: truncated, corrupt, not MATLAB v5, or an unsupported array type.
+    The message is "<path>: <problem>"; both are attributes too."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+# The ten Visual Decathlon domains, in the order of the class counts of lorenmt/mtan's
+# visual_decathlon/model_wrn_mtan.py. Defined here because the download notes below list them.
+DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot", "svhn",
+                     "ucf101", "vgg-flowers")
+
+# Where each dataset comes from and how its folder must look. The downloads are the ones the official code
+# names: the lorenmt/mtan README (NYUv2, CityScapes), SimonVandenhende/Multi-Task-Learning-PyTorch's
+# data/nyud.py and data/pascal_context.py (NYUD_MT, PASCAL_MT), and the challenge's site (Decathlon).
 DOWNLOADS = {
     "nyuv2": {
         "title": "NYUv2 (MTAN's preprocessed release, 288x384, 13 classes)",
@@ -94,6 +170,29 @@ DOWNLOADS = {
             "(ROOT is the NYUD_MT folder itself or the folder that holds it)"
         ),
     },
+    "pascal": {
+        "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, edges)",
+        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported dead; "
+        "copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
+        "layout": (
+            "ROOT/ImageSets/Context/train.txt, val.txt   one image id per line (4998 / 5105)\n"
+            "ROOT/JPEGImages/<id>.jpg                   RGB, about 500x375\n"
+            "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void (or semseg/pascal-context/<id>.png)\n"
+            "ROOT/human_parts/<id>.mat                  Pascal-Part annotation, variable 'anno'\n"
+            "ROOT/sal_distill/<id>.png                  grey, saliency in 0..255\n"
+            "ROOT/normals_distill/<id>.png              RGB, normals as (n + 1) * 255 / 2\n"
+            "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels, variable 'LabelMap' (459 classes)\n"
+            "(ROOT is the PASCAL_MT folder itself or the folder that holds it; .mat files are MATLAB v5)"
+        ),
+    },
+    "decathlon": {
+        "title": "Visual Decathlon (decathlon-1.0-data)",
+        "url": "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
+        "layout": ("ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
+                   "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
+                   "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
+                   f"domains: {', '.join(DECATHLON_DOMAINS)}"),
+    },
 }
 
 
@@ -102,14 +201,896 @@ def dataset_error(name, problem, path):
     info = DOWNLOADS[name]
     return DatasetError(
         f"{info['title']}: {problem}: {path}\n"
-        f"Expected layout:\n{info['layout']}\n"
+        f"Expected layout (ROOT is the --data-root folder, by default {os.path.join('data', name)}):\n"
+        f"{info['layout']}\n"
         f"Download: {info['url']}\n"
         "See the 'Datasets' section of README.md."
     )
 
 
+def _check_root(name, root):
+    """The dataset folder of dataset `name`: `root`, or data/<name> under the working directory when none is
+    given. A missing folder is a DatasetError that names the folder, the layout and the download."""
+    if root is None or str(root) == "":
+        root = os.path.join("data", name)
+        if not os.path.isdir(root):
+            raise dataset_error(name, f"dataset folder not found (no --data-root PATH given; looked in the "
+                                f"default folder {root} under the working directory)", os.path.abspath(root))
+        return root
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise dataset_error(name, "dataset folder not found", root)
+    return root
+
+
+def _resolve_split(split, name=None):
+    """The split name, "train" or "val"; "test" means "val", the split the papers report (NYUv2, CityScapes,
+    NYUD and PASCAL have no other labelled test split). A wrong name is a DatasetError naming dataset `name`,
+    or a plain ValueError when `name` is None (the synthetic datasets)."""
+    split = "val" if split == "test" else split
+    if split not in ("train", "val"):
+        problem = f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}"
+        raise DatasetError(f"{DOWNLOADS[name]['title']}: {problem}") if name else ValueError(problem)
+    return split
+
+
 # -----------------------------------------------------------------------------------------------------------
-# 2. SyntheticScenes: procedural indoor rooms
+# 3. The real datasets of the two papers: NYUv2, CityScapes (MTAN) and NYUD (MTI-Net)
+# -----------------------------------------------------------------------------------------------------------
+#
+# Files are checked when a dataset is built (folders present, every sample's files present) and read lazily.
+# .npy files are memory-mapped: the OS page cache then keeps the whole of NYUv2 in RAM after the first epoch
+# and a sample costs one copy into a float32 tensor. cache=True also keeps the converted tensors (NYUv2 at
+# 288x384: about 4 MB per sample, 3 GB for the train split).
+
+
+class _CachedDataset(torch.utils.data.Dataset):
+    """Shared by the dense datasets: `length` samples, an optional in-memory cache (`cache`: a dict, or None)
+    and `load(index)`, which each dataset defines to read (or render) sample `index`."""
+
+    def __len__(self):
+        return self.length
+
+    def _check_index(self, index):
+        """`index` as an int in 0 .. length - 1 (a negative one counts from the end); IndexError otherwise."""
+        index = int(index)
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(f"sample {index} out of range for {self.length} {self.split} samples")
+        return index
+
+    def __getitem__(self, index):
+        index = self._check_index(index)
+        if self.cache is not None and index in self.cache:
+            return dict(self.cache[index])
+        sample = self.load(index)
+        if self.cache is not None:
+            self.cache[index] = sample
+        return dict(sample)
+
+    def _limit(self, count, num_samples):
+        """Use only the first `num_samples` samples (train.py's --subset)."""
+        if num_samples is not None and int(num_samples) <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        return count if num_samples is None else min(count, int(num_samples))
+
+
+class NYUv2(_CachedDataset):
+    """MTAN's preprocessed NYUv2: {train,val}/{image,label,depth,normal}/<i>.npy, 288x384, 795 / 654 samples.
+
+    13 classes (-1 = ignore), depth in metres (0 = invalid), unit normals (zero = invalid), images in [0, 1]
+    used as stored (no mean/std normalisation, as in MTAN). `val` is also the test split."""
+
+    name = "nyuv2"
+    # The 13-class grouping of Couprie et al. (2013) in its usual alphabetical order (the files carry no names).
+    class_names = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
+                   "table", "tv", "wall", "window")
+    tasks = {"semantic": 13, "depth": 1, "normal": 3}
+    primary_tasks = {"semantic": 13, "depth": 1, "normal": 3}
+    FOLDERS = ("image", "label", "depth", "normal")
+
+    def __init__(self, root, split="train", num_samples=None, cache=False):
+        root = _check_root(self.name, root)
+        self.split = _resolve_split(split, self.name)
+        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
+        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.FOLDERS), num_samples)
+        self.cache = {} if cache else None
+
+    def load(self, index):
+        paths = {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.FOLDERS}
+        arrays = {folder: _read_npy(self.name, path) for folder, path in paths.items()}
+        sample = {
+            "image": _image_tensor(self.name, arrays["image"], paths["image"]),
+            "semantic": _label_tensor(self.name, arrays["label"], paths["label"], 13),
+            "depth": _float_tensor(self.name, arrays["depth"], paths["depth"], 1),
+            "normal": _float_tensor(self.name, arrays["normal"], paths["normal"], 3),
+        }
+        _check_sizes(self.name, sample, {"image": paths["image"], "semantic": paths["label"],
+                                         "depth": paths["depth"], "normal": paths["normal"]})
+        return sample
+
+
+class CityScapes(_CachedDataset):
+    """MTAN's preprocessed CityScapes: {train,val}/{image,depth,label_2,label_7,label_19}/<i>.npy.
+
+    num_classes 2, 7 or 19 picks the label folder (-1 = void). "depth" holds the release's inverse depth
+    (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1], used as stored."""
+
+    name = "cityscapes"
+    # Paper Table 1's groupings and the standard train ids, in that order (the files carry no names).
+    CLASS_NAMES_BY_COUNT = {  # num_classes -> class_names
+        2: ("background", "foreground"),
+        7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
+        19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+             "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+             "bicycle"),
+    }
+
+    def __init__(self, root, split="train", num_classes=7, num_samples=None, cache=False):
+        if num_classes not in (2, 7, 19):
+            raise ValueError(f"CityScapes num_classes (--num-classes) must be 2, 7 or 19, got {num_classes!r}")
+        root = _check_root(self.name, root)
+        self.split = _resolve_split(split, self.name)
+        self.num_classes, self.class_names = num_classes, self.CLASS_NAMES_BY_COUNT[num_classes]
+        self.tasks = {"semantic": num_classes, "depth": 1}
+        self.primary_tasks = dict(self.tasks)
+        self.folders = ("image", "depth", f"label_{num_classes}")
+        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
+        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.folders), num_samples)
+        self.cache = {} if cache else None
+
+    def load(self, index):
+        image_path, depth_path, label_path = (os.path.join(self.folder, f, f"{index}.npy") for f in self.folders)
+        sample = {
+            "image": _image_tensor(self.name, _read_npy(self.name, image_path), image_path),
+            "semantic": _label_tensor(self.name, _read_npy(self.name, label_path), label_path, self.num_classes),
+            "depth": _float_tensor(self.name, _read_npy(self.name, depth_path), depth_path, 1),
+        }
+        _check_sizes(self.name, sample, {"image": image_path, "semantic": label_path, "depth": depth_path})
+        return sample
+
+
+class NYUD(_CachedDataset):
+    """MTI-Net's NYUD_MT: jpg images, png labels, npy depth / normals / edges, 795 train / 654 val at 480x640.
+
+    The raw label 0 (unlabeled) becomes -1 and the 40 NYU classes 1..40 become 0..39, as MTI-Net's loader
+    does (it writes 255 for "ignore"; here ignore is -1). Depth 0 = invalid; normals zero = invalid;
+    edge binarised at 0.5. MTI-Net trains on semantic + depth; normal and edge are its auxiliary tasks."""
+
+    name = "nyud"
+    class_names = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                   "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+                   "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+                   "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+                   "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+    tasks = {"semantic": 40, "depth": 1, "normal": 3, "edge": 1}
+    primary_tasks = {"semantic": 40, "depth": 1}
+    # task -> (folder, file extension)
+    FILES = {"image": ("images", ".jpg"), "semantic": ("segmentation", ".png"), "depth": ("depth", ".npy"),
+             "normal": ("normals", ".npy"), "edge": ("edge", ".npy")}
+
+    def __init__(self, root, split="train", num_samples=None, cache=False):
+        root = _check_root(self.name, root)
+        if os.path.isdir(os.path.join(root, "NYUD_MT")):  # the folder that holds NYUD_MT is fine too
+            root = os.path.join(root, "NYUD_MT")
+        self.root, self.split = root, _resolve_split(split, self.name)
+        _check_folder(self.name, os.path.join(root, "gt_sets"))
+        ids = _read_split_list(self.name, os.path.join(root, "gt_sets", f"{self.split}.txt"))
+        for folder, ext in self.FILES.values():
+            present = set(os.listdir(_check_folder(self.name, os.path.join(root, folder))))
+            for i in ids:
+                if i + ext not in present:
+                    raise dataset_error(self.name, "missing file", os.path.join(root, folder, i + ext))
+        self.ids = ids[: self._limit(len(ids), num_samples)]
+        self.length = len(self.ids)
+        self.cache = {} if cache else None
+
+    def load(self, index):
+        paths = {task: os.path.join(self.root, folder, self.ids[index] + ext)
+                 for task, (folder, ext) in self.FILES.items()}
+        edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
+        sample = {
+            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
+            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
+                                      paths["semantic"], 40, shift=-1),
+            "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
+            "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
+            "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
+        }
+        _check_sizes(self.name, sample, paths)
+        return sample
+
+
+# ---- file helpers: every failure becomes a DatasetError naming the file -------------------------------------
+
+
+def _read_split_list(name, list_path):
+    """The sample ids of a split, one per line of a text file (NYUD's gt_sets, PASCAL's ImageSets)."""
+    try:
+        with open(list_path) as f:
+            ids = [line.strip() for line in f if line.strip()]
+    except OSError as error:
+        raise dataset_error(name, f"cannot read the split list ({error.strerror})", list_path) from None
+    if not ids:
+        raise dataset_error(name, "no samples (empty split list)", list_path)
+    return ids
+
+
+def _check_folder(name, path, what="folder missing (wrong layout?)"):
+    if not os.path.isdir(path):
+        raise dataset_error(name, what, path)
+    return path
+
+
+def _numbered_npy_files(name, split_dir, folders):
+    """Number of samples in an MTAN-style split: files 0.npy .. (n-1).npy in each of `folders`."""
+    for folder in folders:
+        _check_folder(name, os.path.join(split_dir, folder))
+    first = os.path.join(split_dir, folders[0])
+    numbers = {int(f[:-4]) for f in os.listdir(first) if re.fullmatch(r"\d+\.npy", f)}
+    if not numbers:
+        raise dataset_error(name, "no samples (no <i>.npy files) in this split", first)
+    count = len(numbers)
+    for folder in folders:
+        present = set(os.listdir(os.path.join(split_dir, folder)))
+        for i in range(count):
+            if f"{i}.npy" not in present:
+                raise dataset_error(name, "missing file (files must be numbered 0..N-1)",
+                                    os.path.join(split_dir, folder, f"{i}.npy"))
+    return count
+
+
+def _read_npy(name, path):
+    """Memory-map one .npy file; any failure becomes a DatasetError naming the file."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise dataset_error(name, "missing file", path) from None
+    except Exception as error:  # numpy raises ValueError, OSError, EOFError, ... for a damaged file
+        raise dataset_error(name, f"cannot read this .npy file ({type(error).__name__}: {error})", path) from None
+
+
+def _read_picture(name, path, rgb=True):
+    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
+    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
+    try:
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert("RGB") if rgb else picture)
+    except FileNotFoundError:
+        raise dataset_error(name, "missing file", path) from None
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ... for a damaged file
+        raise dataset_error(name, f"cannot read this image ({type(error).__name__}: {error})", path) from None
+
+
+def _channels_last(name, array, path, channels):
+    """(H, W, C) array with C == channels (an (H, W) array is accepted when channels == 1)."""
+    if array.ndim == 2 and channels == 1:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] != channels:
+        raise dataset_error(name, f"array of shape {tuple(array.shape)}, expected (H, W, {channels})", path)
+    return array
+
+
+def _image_tensor(name, array, path):
+    """(H, W, 3) in [0, 1] (or uint8 in [0, 255]) -> float (3, H, W) in [0, 1]."""
+    array = _channels_last(name, array, path, 3)
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
+
+
+# The conversions below work in numpy, which runs on the calling thread. (Torch would spread these
+# large elementwise ops over its thread pool: no gain in a DataLoader worker, and many times slower in the
+# main process while the machine is busy.)
+
+
+def _float_tensor(name, array, path, channels):
+    """(H, W, C) or (H, W) -> float (C, H, W); NaN or inf (unknown) becomes 0, "invalid"."""
+    array = _channels_last(name, array, path, channels)
+    array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
+    array[~np.isfinite(array)] = 0
+    return torch.from_numpy(array)
+
+
+def _label_tensor(name, array, path, num_classes, shift=0):
+    """(H, W) class ids -> long (H, W); ids outside 0..num_classes-1 after `shift` become -1 (ignore)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim != 2:
+        raise dataset_error(name, f"label of shape {tuple(array.shape)}, expected (H, W)", path)
+    if array.dtype.kind == "f":  # MTAN's files store ids as floats
+        array = np.where(np.isnan(array), -1, np.rint(array))
+    labels = array.astype(np.int64) + shift  # a copy out of the memory map
+    labels[(labels < 0) | (labels >= num_classes)] = -1
+    return torch.from_numpy(labels)
+
+
+def _check_sizes(name, sample, paths):
+    """Every map of a sample must have the image's height and width."""
+    size = tuple(sample["image"].shape[-2:])
+    for key, value in sample.items():
+        if tuple(value.shape[-2:]) != size:
+            raise dataset_error(name, f"size mismatch: {key} is {tuple(value.shape[-2:])} but the image "
+                                f"{paths['image']} is {size}", paths[key])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. Augmentation (batched, any device) and derived targets
+# -----------------------------------------------------------------------------------------------------------
+#
+# MTAN's NYUv2 augmentation (lorenmt/mtan, im2im_pred/create_dataset.py, RandomScaleCrop; not used in the
+# paper's tables): pick a scale s from {1.0, 1.2, 1.5}, crop an int(H/s) x int(W/s) window at a random
+# position, resize it back to H x W (image and normals bilinear with align_corners=True; labels, depth and
+# edges nearest, exactly as F.interpolate's default "nearest" picks pixels), divide depth by s (zooming in
+# brings things closer), then flip horizontally with probability 1/2, negating the normals' x. Normals are not
+# renormalised, as in MTAN.
+#
+# Here it runs on a whole batch at once, on the batch's device: every sample has its own crop, so each output
+# pixel reads source rows and columns that differ per sample, and resizing becomes a gather. A mirror just
+# reads the columns right to left. A nearest gather can only copy existing values, so ignore labels stay -1
+# and invalid depth stays 0. For normals, the bilinear blend is multiplied by the nearest-resized validity
+# mask: an invalid pixel stays exactly zero (MTAN would blend it with its neighbours into a short vector).
+
+
+def augment_batch(batch, generator=None, scales=(1.0, 1.2, 1.5), flip_prob=0.5):
+    """MTAN's random scale-crop and horizontal flip on a dict of batched tensors (any device).
+
+    Each sample draws its own scale, crop position and flip from `generator` (None: torch's default CPU
+    generator). A generator on the batch's device keeps everything there, with no host-device sync; a seeded
+    generator gives the same crops on every run."""
+    B, _, H, W = batch["image"].shape
+    device = generator.device if generator is not None else torch.device("cpu")
+    # torch.tensor(..., device=cuda) would be a blocking copy (a host-device sync every step); a non-blocking
+    # copy of the 3 scales does not wait.
+    scale = torch.tensor(scales, dtype=torch.float64).to(device, non_blocking=True)[
+        torch.randint(len(scales), (B,), generator=generator, device=device)]
+    position = torch.rand(B, 2, generator=generator, dtype=torch.float64, device=device)
+    flip = torch.rand(B, generator=generator, device=device) < flip_prob
+    h, w = torch.floor(H / scale), torch.floor(W / scale)
+    top = torch.floor(position[:, 0] * (H - h + 1)).long()  # uniform in 0 .. H - h
+    left = torch.floor(position[:, 1] * (W - w + 1)).long()
+    return scale_crop_flip(batch, scale, top, left, flip)
+
+
+def scale_crop_flip(batch, scale, top, left, flip):
+    """The deterministic half of `augment_batch`. For each sample b: crop the int(H/scale[b]) x
+    int(W/scale[b]) window whose corner is (top[b], left[b]) (it must fit in the image), resize it to H x W,
+    divide depth by scale[b], and mirror it if flip[b]. scale, top, left, flip: (B,) tensors or sequences.
+    Returns a new dict; entries that are not (B, [C,] H, W) maps pass unchanged."""
+    B, _, H, W = batch["image"].shape
+    device = batch["image"].device
+    scale = torch.as_tensor(scale, dtype=torch.float64).to(device)
+    top, left = torch.as_tensor(top).to(device).long(), torch.as_tensor(left).to(device).long()
+    flip = torch.as_tensor(flip).to(device).bool()[:, None]  # (B, 1)
+    h, w = torch.floor(H / scale).long(), torch.floor(W / scale).long()  # int(H / s), as MTAN computes it
+
+    def mirror(columns):  # (B, W) -> the same columns read right to left where flip
+        return torch.where(flip, columns.flip(1), columns)
+
+    near_rows = _nearest_source(H, h) + top[:, None]  # (B, H) source row of each output row
+    near_cols = mirror(_nearest_source(W, w) + left[:, None])  # (B, W)
+    r0, r1, wr = _linear_source(H, h)
+    c0, c1, wc = _linear_source(W, w)
+    r0, r1, wr = r0 + top[:, None], r1 + top[:, None], wr[:, None, :, None]
+    c0, c1, wc = mirror(c0 + left[:, None]), mirror(c1 + left[:, None]), mirror(wc)[:, None, None, :]
+    every_row = torch.arange(H, device=device).expand(B, H)
+    every_col = torch.arange(W, device=device).expand(B, W)
+
+    def nearest(x):
+        return _take(x, near_rows, near_cols)
+
+    def bilinear(x):  # along rows, then along columns; a weight of 0 copies the pixel exactly
+        x = _take(x, r0, every_col) * (1 - wr) + _take(x, r1, every_col) * wr
+        return _take(x, every_row, c0) * (1 - wc) + _take(x, every_row, c1) * wc
+
+    out = dict(batch)
+    for key, x in batch.items():
+        if not torch.is_tensor(x) or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (H, W):
+            continue  # not a (B, [C,] H, W) map
+        if key == "image":
+            out[key] = bilinear(x)
+        elif key == "normal":
+            valid = (x != 0).any(1, keepdim=True)
+            n = bilinear(x) * nearest(valid).to(x.dtype)
+            n_x = torch.where(flip[:, :, None, None], -n[:, :1], n[:, :1])  # a mirror turns x around
+            out[key] = torch.cat([n_x, n[:, 1:]], dim=1)
+        elif key == "depth":
+            out[key] = nearest(x) / scale.to(x.dtype)[:, None, None, None]
+        elif x.dim() == 3:  # (B, H, W) label maps: semantic, parts
+            out[key] = nearest(x[:, None])[:, 0]
+        else:  # edge, saliency and any other map
+            out[key] = nearest(x)
+    return out
+
+
+def _nearest_source(out_size, in_sizes):
+    """(B, out_size) source index of each output index, for per-sample input sizes (B,), computed as
+    F.interpolate(mode="nearest") does: floor(i * (in / out)) in float32."""
+    scale = in_sizes.float() / out_size  # (B,)
+    index = torch.floor(torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]).long()
+    return torch.minimum(index, (in_sizes - 1)[:, None])
+
+
+def _linear_source(out_size, in_sizes):
+    """The two source indices (B, out_size) and the weight of the second, as bilinear interpolation with
+    align_corners=True computes them: position i * (in - 1) / (out - 1) in float32."""
+    scale = (in_sizes - 1).float() / max(out_size - 1, 1)  # (B,)
+    position = torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]
+    last = (in_sizes - 1)[:, None]
+    first = torch.minimum(torch.floor(position).long(), last)
+    weight = (position - first.float()).clamp(0, 1)
+    return first, torch.minimum(first + 1, last), weight
+
+
+def _take(x, rows, cols):
+    """x (B, C, H, W), rows (B, H'), cols (B, W') -> (B, C, H', W'): x[b, :, rows[b, i], cols[b, j]]."""
+    B, C = x.shape[:2]
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, rows.shape[1], x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, x.shape[2], cols.shape[1]))
+
+
+def semantic_edges(semantic):
+    """Edge targets derived from semantic labels, for datasets without edge files (NYUv2, CityScapes) when
+    MTI-Net uses edges as an auxiliary task: a pixel is an edge when its label differs from the label of its
+    right or lower neighbour, both labels being valid (an ignored pixel next to a label is not an edge: the
+    boundary is unknown there). The same rule draws the synthetic scenes' edges (with objects as labels).
+
+    semantic: long (B, H, W) or (H, W), -1 = ignore. Returns float (B, 1, H, W) or (1, H, W) in {0, 1}."""
+    valid = semantic >= 0
+    edge = torch.zeros_like(valid)
+    horizontal = (semantic[..., :, :-1] != semantic[..., :, 1:]) & valid[..., :, :-1] & valid[..., :, 1:]
+    vertical = (semantic[..., :-1, :] != semantic[..., 1:, :]) & valid[..., :-1, :] & valid[..., 1:, :]
+    edge[..., :, :-1] |= horizontal
+    edge[..., :-1, :] |= vertical
+    return edge.unsqueeze(-3).float()
+
+
+def add_derived_targets(batch, tasks):
+    """Edge targets from semantic boundaries (semantic_edges) when a run needs edges and the dataset has none
+    (NYUv2, CityScapes). train.py calls it after augmentation, on the device, so the edges follow the augmented
+    labels. batch: a dict of batched tensors; tasks: the tasks the run trains or evaluates. Returns a new dict
+    when it adds edges (the input is not modified), else `batch` itself."""
+    if "edge" in tasks and "edge" not in batch:
+        batch = dict(batch, edge=semantic_edges(batch["semantic"]))
+    return batch
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. PASCAL-Context: MTI-Net's PASCAL_MT with five tasks
+# -----------------------------------------------------------------------------------------------------------
+#
+# PASCAL_MT (the ASTMT release that SimonVandenhende/Multi-Task-Learning-PyTorch reads in data/pascal_context.py)
+# keeps its JPEG images at their own sizes (about 500x375) and stores two of its labels in MATLAB .mat files:
+# the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap (459 classes), whose class
+# boundaries are the edge labels and whose classes decide where the distilled normals count. This section
+# holds, in order:
+#
+#   PascalContext            the dataset (and the class names of its semantic and parts labels)
+#   augment_pascal_sample    the official training augmentation: flip, rotation, scale
+#   resize_pascal_sample     the fixed resize to 512x512 that every sample gets
+#   ignore_empty_parts       an image without person parts is ignored for the parts task
+#
+# Its labels are built with the infrastructure in the appendices: read_mat (appendix B), context_edges (edge
+# labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines) and human_parts_map (Pascal-Part person parts
+# -> 6 groups + background), both in appendix C.
+
+PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+                      "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+                      "sheep", "sofa", "train", "tvmonitor")  # semantic ids 0..20 (the PNGs' values)
+HUMAN_PART_NAMES = ("background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg")
+
+
+class PascalContext(_CachedDataset):
+    """MTI-Net's PASCAL_MT: PASCAL-Context images with five tasks, 4,998 train / 5,105 val images.
+
+    semantic  21 VOC classes (PASCAL_VOC_CLASSES), void 255 -> -1
+    parts     7 (HUMAN_PART_NAMES); an image without annotated person parts is all -1
+    saliency  distilled saliency binarised at x / 255 > 0.5
+    normal    distilled normals 2 x / 255 - 1, kept only on NORMAL_VALID_CONTEXT_CLASSES (elsewhere 0 = invalid)
+    edge      context_edges(LabelMap)
+
+    Every sample's image is resized to `size` (512x512, the aspect ratio is not kept). Training samples
+    (targets_at_original_size=False, the default for split "train") have their targets resized with it;
+    evaluation samples (the default for "val") keep their targets at the original image size, so predictions
+    are upsampled to it and scored there, as the official evaluation does. Their sizes vary from image to
+    image, so `variable_size` is True: batch them one at a time. augment=True applies augment_pascal_sample
+    to training samples before the resize (never to val: the official test transform has none).
+    cache=True keeps the decoded samples (before augmentation) in memory. `ids` lists the image ids."""
+
+    name = "pascal"
+    class_names = PASCAL_VOC_CLASSES
+    PART_NAMES = HUMAN_PART_NAMES
+    tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order
+    primary_tasks = dict(tasks)
+    FOLDERS = {"image": "JPEGImages", "parts": "human_parts", "saliency": "sal_distill",
+               "normal": "normals_distill", "context": os.path.join("pascal-context", "trainval")}
+    EXTENSIONS = {"image": ".jpg", "parts": ".mat", "saliency": ".png", "normal": ".png", "context": ".mat"}
+    SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))  # preferred first
+
+    def __init__(self, root, split="train", size=512, augment=False, targets_at_original_size=None,
+                 num_samples=None, cache=False):
+        root = _check_root(self.name, root)
+        if os.path.isdir(os.path.join(root, "PASCAL_MT")):  # the folder that holds PASCAL_MT is fine too
+            root = os.path.join(root, "PASCAL_MT")
+        self.root, self.split = root, _resolve_split(split, self.name)
+        self.size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        self.augment = bool(augment) and self.split == "train"
+        if targets_at_original_size is None:
+            targets_at_original_size = self.split == "val"
+        self.targets_at_original_size = self.variable_size = bool(targets_at_original_size)
+        ids = self._read_ids()
+        self.paths = self._find_files(ids)
+        self.ids = ids[: self._limit(len(ids), num_samples)]
+        self.length = len(self.ids)
+        self.cache = {} if cache else None
+
+    def _read_ids(self):
+        _check_folder(self.name, os.path.join(self.root, "ImageSets", "Context"))
+        return _read_split_list(self.name, os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt"))
+
+    def _find_files(self, ids):
+        """{id: {what: path}} for every id of the split; a missing folder or file is a DatasetError."""
+        paths = {i: {} for i in ids}
+        for what, folder in self.FOLDERS.items():
+            present = set(os.listdir(_check_folder(self.name, os.path.join(self.root, folder))))
+            for i in ids:
+                paths[i][what] = os.path.join(self.root, folder, i + self.EXTENSIONS[what])
+                if i + self.EXTENSIONS[what] not in present:
+                    raise dataset_error(self.name, "missing file", paths[i][what])
+        semseg = [(folder, set(os.listdir(os.path.join(self.root, folder)))) for folder in self.SEMSEG_FOLDERS
+                  if os.path.isdir(os.path.join(self.root, folder))]
+        if not semseg:
+            raise dataset_error(self.name, "no semantic label folder (semseg/VOC12 or semseg/pascal-context)",
+                                os.path.join(self.root, self.SEMSEG_FOLDERS[0]))
+        for i in ids:
+            found = [folder for folder, present in semseg if i + ".png" in present]
+            if not found:
+                raise dataset_error(self.name, "missing file (in semseg/VOC12 or semseg/pascal-context)",
+                                    os.path.join(self.root, semseg[0][0], i + ".png"))
+            paths[i]["semantic"] = os.path.join(self.root, found[0], i + ".png")
+        return paths
+
+    def _mat_variable(self, path, variable):
+        try:
+            variables = read_mat(path)
+        except FileNotFoundError:
+            raise dataset_error(self.name, "missing file", path) from None
+        except MatFileError as error:
+            raise dataset_error(self.name, f"cannot read this .mat file ({error.problem})", path) from None
+        if variable not in variables:
+            raise dataset_error(self.name, f"no variable {variable!r} in this .mat file "
+                                f"(found: {', '.join(variables) or 'none'})", path)
+        return variables[variable]
+
+    def load(self, index):
+        """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
+        where no person is: the all-zero map becomes ignore only at the end (ignore_empty_parts)."""
+        paths = self.paths[self.ids[index]]
+        image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
+        size = tuple(image.shape[-2:])
+        label_map = np.asarray(self._mat_variable(paths["context"], "LabelMap"))
+        if label_map.ndim != 2:
+            raise dataset_error(self.name, f"LabelMap of shape {label_map.shape}, expected (H, W)",
+                                paths["context"])
+        anno = self._mat_variable(paths["parts"], "anno")
+        try:
+            parts = human_parts_map(anno, size)
+        except (KeyError, TypeError, IndexError, ValueError) as error:  # fields missing or of the wrong kind
+            raise dataset_error(self.name, f"not a Pascal-Part annotation ({type(error).__name__}: {error})",
+                                paths["parts"]) from None
+        saliency = _read_picture(self.name, paths["saliency"], rgb=False)
+        saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # a grey map saved as RGB: equal channels
+        normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
+        if normal.shape[:2] != label_map.shape:
+            raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
+                                f"{paths['context']} is {label_map.shape}", paths["normal"])
+        normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
+        sample = {
+            "image": image,
+            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
+                                      paths["semantic"], 21),
+            "parts": torch.from_numpy(parts),
+            "saliency": torch.from_numpy((saliency.astype(np.float32) / 255 > 0.5).astype(np.float32))[None],
+            "normal": torch.from_numpy(np.ascontiguousarray(normal.transpose(2, 0, 1), dtype=np.float32)),
+            "edge": torch.from_numpy(context_edges(label_map).astype(np.float32))[None],
+        }
+        return _fit_to_image(sample)
+
+    def __getitem__(self, index):
+        return self.transform(super().__getitem__(index))  # decoded (and cached) at the original size
+
+    def transform(self, sample):
+        """Decoded sample -> what the network sees: augmentation (training), the resize, the ignore rules."""
+        if self.augment:
+            sample = augment_pascal_sample(sample)
+        if self.targets_at_original_size:
+            sample = resize_pascal_sample(sample, self.size, targets=False)
+            sample["normal"] = unit_normals(sample["normal"])  # the official evaluation normalises the GT
+        else:
+            sample = resize_pascal_sample(sample, self.size)
+        return ignore_empty_parts(sample)
+
+
+def _fit_to_image(sample):
+    """Resize every target whose size differs from the image's to it, as the official loader does (nearest
+    for labels, cubic for normals): in PASCAL_MT they normally agree."""
+    size = tuple(sample["image"].shape[-2:])
+    wrong = {key: x for key, x in sample.items() if key != "image" and tuple(x.shape[-2:]) != size}
+    if wrong:
+        sample = dict(sample, **resize_pascal_sample(wrong, size))
+    return sample
+
+
+# ---- augmentation and resizing of one sample ---------------------------------------------------------------
+#
+# A PASCAL sample is a dict of tensors at one size (H, W): image (3, H, W) in [0, 1], semantic and parts
+# (H, W) long, saliency and edge (1, H, W) in {0, 1}, normal (3, H, W). Interpolation per map, as the official
+# transforms: cubic for the image and the normals, nearest for every label. Unlike the official code, the
+# normals are multiplied by their nearest-resampled validity, so an invalid (zero) normal stays exactly zero
+# and is never blended into a short vector that renormalisation would turn into a "valid" one (as
+# augment_batch does for NYUv2).
+
+
+def augment_pascal_sample(sample, generator=None, max_rotation=20.0, scales=(0.75, 1.25), flip_prob=0.5):
+    """MTI-Net's PASCAL training augmentation (RandomHorizontalFlip, then ScaleNRotate, of the official
+    data/custom_transforms.py) on one sample at its own size: a horizontal flip with probability 1/2, then a
+    rotation by an angle uniform in [-20, 20] degrees and a zoom by a factor uniform in [0.75, 1.25] about the
+    centre. Draws from `generator` (a CPU torch.Generator; None = torch's
+    global one, which DataLoader seeds per worker). Returns a new dict; the input is not modified."""
+    u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+    angle = -max_rotation + 2 * max_rotation * u[1]
+    scale = scales[0] + (scales[1] - scales[0]) * u[2]
+    if u[0] < flip_prob:
+        sample = flip_pascal_sample(sample)
+    return rotate_scale_pascal_sample(sample, angle, scale)
+
+
+def flip_pascal_sample(sample):
+    """Mirror every map left-right; a normal's x component (pointing right) changes sign."""
+    out = {key: x.flip(-1) for key, x in sample.items()}
+    if "normal" in out:
+        out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return out
+
+
+def rotate_scale_pascal_sample(sample, angle, scale):
+    """Rotate every map by `angle` degrees (counter-clockwise on screen) and zoom it by `scale` about the image
+    centre, keeping its size. Pixels that come from outside the image are 0: black image, background for
+    semantic and parts (not ignore), zero (invalid) normals, no edge, not salient."""
+    out = dict(sample)
+    if "normal" in out:
+        out["normal"] = rotate_normals(out["normal"], angle)
+    height, width = sample["image"].shape[-2:]
+    grid = _rotation_grid(height, width, angle, scale)[None]  # (1, H, W, 2)
+
+    def warp(x, mode):  # (C, H, W) -> (C, H, W)
+        return F.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+
+    return _resample_maps(out, warp)
+
+
+def rotate_normals(normal, angle):
+    """Turn the in-plane part (x right, y down) of normals (3, H, W) as rotate_scale_pascal_sample turns the
+    image by `angle` degrees. The official code writes it with phi = atan2(n_x, n_y) and n_x' = r sin(phi + a),
+    n_y' = r cos(phi + a); expanding the sines gives this rotation. For a = 90: (1, 0, z) -> (0, -1, z), a
+    vector pointing right turns to point up, as the picture turns counter-clockwise."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return torch.stack([c * normal[0] + s * normal[1], -s * normal[0] + c * normal[1], normal[2]])
+
+
+def _rotation_grid(height, width, angle, scale):
+    """grid_sample grid (H, W, 2) of the official ScaleNRotate: cv2.warpAffine with
+    cv2.getRotationMatrix2D(centre=(W/2, H/2), angle, scale), which maps input pixel p to
+    c + scale * R (p - c), R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen for angle > 0; y is
+    down). Each output pixel q reads the input at c + R^T (q - c) / scale."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    dx, dy = xs - width / 2, ys - height / 2
+    source_x = width / 2 + (c * dx - s * dy) / scale
+    source_y = height / 2 + (s * dx + c * dy) / scale
+    # grid_sample's coordinates with align_corners=True: -1 and +1 are the centres of the first and last pixel
+    return torch.stack([2 * source_x / max(width - 1, 1) - 1, 2 * source_y / max(height - 1, 1) - 1], -1).float()
+
+
+def resize_pascal_sample(sample, size=(512, 512), targets=True):
+    """The official FixedResize: every map to `size` (H, W) without keeping the aspect ratio (cubic for the
+    image and normals, which are then renormalised; nearest for labels, the "floor" rule of cv2 and
+    F.interpolate). targets=False resizes only the image: the evaluation transform, whose predictions are
+    compared with the targets at the original size."""
+    size = tuple(size)
+
+    def resize(x, mode):  # (C, H, W) -> (C, *size)
+        return F.interpolate(x[None], size=size, mode=mode, align_corners=False if mode == "bicubic" else None)[0]
+
+    if not targets:
+        return dict(sample, image=resize(sample["image"], "bicubic").clamp_(0, 1))
+    out = _resample_maps(sample, resize)
+    if "normal" in out:
+        out["normal"] = unit_normals(out["normal"])
+    return out
+
+
+def ignore_empty_parts(sample):
+    """An all-background human-parts map (no person, or cropped out by augmentation) becomes all -1 (ignore),
+    as the official AddIgnoreRegions, which runs after augmentation and resizing."""
+    if "parts" in sample and not sample["parts"].any():
+        sample = dict(sample, parts=torch.full_like(sample["parts"], -1))
+    return sample
+
+
+def unit_normals(normal):
+    """(3, H, W) normals scaled to unit length as the official FixedResize does (norm + float32 eps); zero
+    vectors (invalid) stay zero."""
+    return normal / (normal.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
+
+
+def _resample_maps(sample, resample):
+    """Apply `resample(x (C, H, W) float, mode)` to every map of a sample with its interpolation."""
+    out = {}
+    for key, x in sample.items():
+        if key == "image":  # cubic overshoots a little: keep the image in [0, 1]
+            out[key] = resample(x, "bicubic").clamp_(0, 1)
+        elif key == "normal":
+            valid = (x != 0).any(0, keepdim=True).float()
+            out[key] = resample(x, "bicubic") * resample(valid, "nearest")
+        elif x.dim() == 2:  # (H, W) class ids: semantic, parts
+            out[key] = resample(x[None].float(), "nearest")[0].long()
+        else:  # (1, H, W) saliency, edge
+            out[key] = resample(x.float(), "nearest")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 6. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment)
+# -----------------------------------------------------------------------------------------------------------
+#
+# The official data is one image folder per domain, `decathlon-1.0-data/<domain>/{train,val,test}`, with one
+# sub-folder per class (torchvision's ImageFolder convention, which the MTAN code uses; class index = position
+# of the folder in sorted order). Images are small (the longer side about 72 pixels) and preprocessed exactly
+# as the MTAN code does (lorenmt/mtan, visual_decathlon/model_wrn_mtan.py): resize the shorter side to 72, crop
+# 72x72, normalise with the domain's mean and std. Training crops at random and flips; gtsrb, omniglot and svhn
+# use a centre crop and no flip (traffic signs, characters and digits change meaning when mirrored).
+# Deviation: the official val loader used the training transform; here val and test use the evaluation
+# transform (centre crop, no flip).
+# The domains are DECATHLON_DOMAINS (section 2); the synthetic stand-in, SyntheticDecathlon, is appendix D.
+
+DECATHLON_NO_FLIP = ("gtsrb", "omniglot", "svhn")
+
+# RGB mean and std of each domain, from lorenmt/mtan's visual_decathlon/decathlon_mean_std.pickle.
+DECATHLON_MEAN_STD = {
+    "imagenet12": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "aircraft": ((0.4798, 0.5107, 0.5344), (0.2107, 0.2051, 0.2373)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "daimlerpedcls": ((0.482, 0.482, 0.482), (0.2361, 0.2361, 0.2361)),
+    "dtd": ((0.527, 0.4703, 0.424), (0.2523, 0.2409, 0.2499)),
+    "gtsrb": ((0.3392, 0.3118, 0.3205), (0.2756, 0.2658, 0.2709)),
+    "omniglot": ((0.081, 0.081, 0.081), (0.2705, 0.2705, 0.2705)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)),
+    "ucf101": ((0.4995, 0.4988, 0.4998), (0.109, 0.1081, 0.1068)),
+    "vgg-flowers": ((0.4341, 0.3831, 0.2971), (0.2851, 0.2384, 0.264)),
+}
+
+
+class Decathlon(torch.utils.data.Dataset):
+    """One domain of the Visual Decathlon: samples {"image": float (3, 72, 72) normalised, "label": long}.
+
+    Decathlon(root, domain, split, train=None): `train` selects the random training transform (default: for
+    the train split only). Class i is the i-th class folder of the train split in sorted order. The test split
+    has no labels (label -1) unless it holds class folders."""
+
+    def __init__(self, root, domain, split="train", train=None, size=72, num_samples=None):
+        root = _check_root("decathlon", root)
+        if domain not in DECATHLON_DOMAINS:
+            raise ValueError(f"unknown Decathlon domain {domain!r}; valid: {', '.join(DECATHLON_DOMAINS)}")
+        self.domain, self.split, self.size = domain, split, size
+        self.train = split == "train" if train is None else train
+        self.mean, self.std = DECATHLON_MEAN_STD[domain]
+        _check_folder("decathlon", os.path.join(root, domain), "domain folder missing")
+        train_dir = _check_folder("decathlon", os.path.join(root, domain, "train"), "train folder missing")
+        self.classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+        if not self.classes:
+            raise dataset_error("decathlon", "no class folders", train_dir)
+        split_dir = _check_folder("decathlon", os.path.join(root, domain, split), f"{split} folder missing")
+        self.files = self._list(split_dir)
+        if num_samples is not None:
+            self.files = self.files[: int(num_samples)]
+
+    def _list(self, split_dir):
+        """(path, label) pairs: class folders if the split has them, else a flat unlabelled folder (test)."""
+        if not any(os.path.isdir(os.path.join(split_dir, c)) for c in self.classes):
+            files = [(os.path.join(split_dir, f), -1) for f in _image_files(split_dir)]
+        else:
+            files = []
+            for label, name in enumerate(self.classes):
+                folder = _check_folder("decathlon", os.path.join(split_dir, name), "class folder missing")
+                images = _image_files(folder)
+                if not images:
+                    raise dataset_error("decathlon", "empty class folder (no images)", folder)
+                files += [(os.path.join(folder, f), label) for f in images]
+        if not files:
+            raise dataset_error("decathlon", "no images in this split", split_dir)
+        return files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path, label = self.files[index]
+        array = _read_picture("decathlon", path)
+        if array.ndim == 2:  # greyscale (omniglot, daimlerpedcls): three equal channels
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        image = _image_tensor("decathlon", array[:, :, :3], path)
+        return {"image": self.transform(image), "label": torch.tensor(label)}
+
+    def transform(self, image):
+        """Random crop and flip for training (centre crop, no flip for gtsrb/omniglot/svhn); centre crop for
+        evaluation. Randomness comes from torch's global generator, which train.py seeds per epoch."""
+        random_crop = self.train and self.domain not in DECATHLON_NO_FLIP
+        top_left = tuple(torch.rand(2).tolist()) if random_crop else None
+        image = resize_and_crop(image, self.size, top_left)
+        if random_crop and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return normalise(image, self.mean, self.std)
+
+
+def build_decathlon(name, root, split, domains=None, num_samples=None):
+    """{domain: dataset} and {domain: number of classes} for "decathlon" or "synthetic-decathlon", in the
+    official domain order (or the order of `domains`, a subset). For "decathlon", domains=None means every
+    official domain with a folder under `root` (None: data/decathlon under the working directory)."""
+    every = DECATHLON_DOMAINS if name == "decathlon" else tuple(SYNTHETIC_DECATHLON)
+    if domains is None and name == "decathlon":
+        domains = decathlon_domains_present(root)
+    domains = list(domains or every)
+    unknown = [d for d in domains if d not in every]
+    if unknown:
+        raise ValueError(f"unknown {name} domain(s) {', '.join(unknown)}; valid: {', '.join(every)}")
+    if name == "decathlon":
+        sets = {d: Decathlon(root, d, split, num_samples=num_samples) for d in domains}
+        return sets, {d: len(s.classes) for d, s in sets.items()}
+    sets = {d: SyntheticDecathlon(d, split, num_samples=num_samples) for d in domains}
+    return sets, {d: s.num_classes for d, s in sets.items()}
+
+
+def decathlon_domains_present(root):
+    """The official domains that have a folder under `root`, in the official order. Many users have all but
+    imagenet12, whose images need a separate licence; training then uses the other nine."""
+    root = _check_root("decathlon", root)
+    present = [d for d in DECATHLON_DOMAINS if os.path.isdir(os.path.join(root, d))]
+    if not present:
+        raise dataset_error("decathlon", "no domain folder (aircraft, cifar100, ...) in this folder", root)
+    return present
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif")
+
+
+def _image_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def resize_and_crop(image, size, top_left=None):
+    """Resize a (3, H, W) image so that its shorter side is `size` (bilinear), then crop size x size: at
+    `top_left` (row, col) as fractions of the free range in [0, 1], or in the centre when it is None."""
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    fy, fx = (0.5, 0.5) if top_left is None else top_left
+    top, left = round(fy * (new_h - size)), round(fx * (new_w - size))
+    return image[:, top:top + size, left:left + size]
+
+
+def normalise(image, mean, std):
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. SyntheticScenes: procedural indoor rooms (the dataset; its renderer is appendix A)
 # -----------------------------------------------------------------------------------------------------------
 #
 # A scene is a box-shaped room (floor, four walls, ceiling, maybe a picture on the back wall) holding 1 to 5
@@ -131,15 +1112,108 @@ def dataset_error(name, problem, path):
 # Kinect-like holes: a few blobs (each a cluster of overlapping ellipses in the image) where depth and normal
 # are 0 and semantic is -1, as where a real depth sensor returns nothing. The image and the edges are kept.
 #
+# Sample i of a split comes from a seed hashed from (seed, split, i), and is bit-identical on every run and
+# machine (appendix A says how).
+
+CLASS_NAMES = ("floor", "wall", "ceiling", "picture", "sphere", "box", "cylinder")
+FLOOR, WALL, CEILING, PICTURE, SPHERE, BOX, CYLINDER = range(len(CLASS_NAMES))
+
+
+class SyntheticScenes(_CachedDataset):
+    """The embedded dataset: procedurally rendered indoor rooms with the NYUv2 tasks plus edges.
+
+    SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
+    and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
+    CPU (about 10 ms at 96x128 on one core); `render_batch(indices, device)` renders a whole batch at once
+    with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
+    the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
+    96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
+
+    name = "synthetic"
+    class_names = CLASS_NAMES
+    DEFAULT_SIZES = {"train": 1000, "val": 200}
+
+    def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
+        split = _resolve_split(split)
+        if num_samples is not None and int(num_samples) <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.split, self.seed = split, int(seed)
+        self.length = int(num_samples) if num_samples is not None else self.DEFAULT_SIZES[split]
+        self.resolution = parse_resolution(resolution)
+        K = len(CLASS_NAMES)
+        self.tasks = {"semantic": K, "depth": 1, "normal": 3, "edge": 1}
+        self.primary_tasks = {"semantic": K, "depth": 1, "normal": 3}
+        self.cache = {} if cache else None
+
+    def scene_seed(self, index):
+        """A 63-bit seed for sample `index`, hashed from (seed, split, index): stable and split-specific."""
+        return _hashed_seed("synthetic-scenes", self.seed, self.split, index)
+
+    def scene(self, index):
+        """The scene description of sample `index` (see `sample_scene`)."""
+        return sample_scene(self.scene_seed(index))
+
+    def render_batch(self, indices, device="cpu"):
+        """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
+        scenes = [self.scene(self._check_index(i)) for i in indices]
+        if not scenes:
+            raise ValueError("render_batch needs at least one index")
+        return render_scenes(scenes, self.resolution, device)
+
+    def load(self, index):
+        """Sample `index` rendered alone on the CPU (a batch of one)."""
+        return {key: value[0] for key, value in self.render_batch([index]).items()}
+
+
+def _hashed_seed(*parts):
+    """A 63-bit seed hashed (sha256) from `parts` joined by "/": the same on every machine and Python run
+    (unlike hash()), and unrelated for neighbouring parts, so no two splits or samples share a scene."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def parse_resolution(resolution, flag="resolution (--resolution)"):
+    """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
+    resolution five times)."""
+    if isinstance(resolution, str):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution)
+        if match is None:
+            raise ValueError(f"{flag} must look like HxW (e.g. 96x128), got {resolution!r}")
+        resolution = (int(match.group(1)), int(match.group(2)))
+    try:
+        height, width = (int(r) for r in resolution)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} must be (height, width) or 'HxW', got {resolution!r}") from None
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise ValueError(f"{flag} must be positive multiples of 32 (e.g. 96x128 or 288x384), "
+                         f"got {height}x{width}")
+    return height, width
+
+
+# ===========================================================================================================
+# Appendices: the machinery that makes the repository self-contained
+# ===========================================================================================================
+#
+# Everything below exists so that the repository needs no scipy, no skimage and no download to train and
+# test: the ray caster that renders SyntheticScenes (A), a MATLAB file reader (B) and a thinning algorithm
+# with the label builders (C) for PASCAL_MT's labels, a synthetic stand-in for the Visual Decathlon (D), and
+# the pictures (E). Sections 1-7 call into it through render_scenes, sample_scene, read_mat, context_edges,
+# human_parts_map and SyntheticDecathlon.
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A. The ray caster: scenes, rays, hits, shading
+# -----------------------------------------------------------------------------------------------------------
+#
+# sample_scene draws the few numbers of a scene (room, camera, light, materials, primitives, holes) from a
+# seed; render_scenes ray-casts a batch of scenes into the samples of section 7.
+#
 # Determinism. Sample i of a split comes from a seed hashed from (seed, split, i). The scene's few numbers are
 # drawn on the CPU with a torch.Generator; the renderer then uses only +, -, *, /, sqrt, floor, comparisons and
 # min/max, which IEEE 754 rounds exactly the same way on every machine, vector width and thread count (no
 # exp/sin/pow per pixel, no matmul or sum whose summation order could change). So a sample is bit-identical
 # on every run and machine, and a batch rendered at once equals the samples rendered one by one. On a GPU the
 # same code runs; the results then match the CPU's only to rounding.
-
-CLASS_NAMES = ("floor", "wall", "ceiling", "picture", "sphere", "box", "cylinder")
-FLOOR, WALL, CEILING, PICTURE, SPHERE, BOX, CYLINDER = range(len(CLASS_NAMES))
 
 FOCAL = 0.8  # focal length in units of the image width: fx = fy = 0.8 W, a 64 x 50 degree view like a Kinect
 EPS = 1e-4  # metres: a hit closer than this along a ray is the surface the ray starts from, not a new one
@@ -652,409 +1726,9 @@ def _render(scenes, resolution, device, objects=False):
     return out
 
 
-def parse_resolution(resolution, flag="resolution (--resolution)"):
-    """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
-    resolution five times)."""
-    if isinstance(resolution, str):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution)
-        if match is None:
-            raise ValueError(f"{flag} must look like HxW (e.g. 96x128), got {resolution!r}")
-        resolution = (int(match.group(1)), int(match.group(2)))
-    try:
-        height, width = (int(r) for r in resolution)
-    except (TypeError, ValueError):
-        raise ValueError(f"{flag} must be (height, width) or 'HxW', got {resolution!r}") from None
-    if height <= 0 or width <= 0 or height % 32 or width % 32:
-        raise ValueError(f"{flag} must be positive multiples of 32 (e.g. 96x128 or 288x384), "
-                         f"got {height}x{width}")
-    return height, width
-
-
-class SyntheticScenes(torch.utils.data.Dataset):
-    """The embedded dataset: procedurally rendered indoor rooms with the NYUv2 tasks plus edges.
-
-    SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
-    and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
-    CPU (about 10 ms at 96x128 on one core); `render_batch(indices, device)` renders a whole batch at once
-    with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
-    the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
-    96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
-
-    name = "synthetic"
-    CLASS_NAMES = CLASS_NAMES
-    class_names = CLASS_NAMES
-    DEFAULT_SIZES = {"train": 1000, "val": 200}
-
-    def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
-        split = "val" if split == "test" else split
-        if split not in self.DEFAULT_SIZES:
-            raise ValueError(f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}")
-        if num_samples is not None and int(num_samples) <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        self.split, self.seed = split, int(seed)
-        self.num_samples = int(num_samples) if num_samples is not None else self.DEFAULT_SIZES[split]
-        self.resolution = parse_resolution(resolution)
-        K = len(CLASS_NAMES)
-        self.tasks = {"semantic": K, "depth": 1, "normal": 3, "edge": 1}
-        self.primary_tasks = {"semantic": K, "depth": 1, "normal": 3}
-        self.cache = {} if cache else None
-
-    def __len__(self):
-        return self.num_samples
-
-    def scene_seed(self, index):
-        """A 63-bit seed for sample `index`, hashed from (seed, split, index): stable and split-specific."""
-        digest = hashlib.sha256(f"synthetic-scenes/{self.seed}/{self.split}/{index}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") >> 1
-
-    def scene(self, index):
-        """The scene description of sample `index` (see `sample_scene`)."""
-        return sample_scene(self.scene_seed(index))
-
-    def _check_index(self, index):
-        index = int(index)
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"sample {index} out of range for {self.num_samples} {self.split} samples")
-        return index
-
-    def render_batch(self, indices, device="cpu"):
-        """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
-        scenes = [self.scene(self._check_index(i)) for i in indices]
-        if not scenes:
-            raise ValueError("render_batch needs at least one index")
-        return render_scenes(scenes, self.resolution, device)
-
-    def __getitem__(self, index):
-        index = self._check_index(index)
-        if self.cache is not None and index in self.cache:
-            return dict(self.cache[index])
-        sample = {key: value[0] for key, value in self.render_batch([index]).items()}
-        if self.cache is not None:
-            self.cache[index] = sample
-        return dict(sample)
-
-
 # -----------------------------------------------------------------------------------------------------------
-# 3. The real datasets
+# B. A MATLAB v5 .mat reader (numpy, struct and zlib; no scipy)
 # -----------------------------------------------------------------------------------------------------------
-#
-# Files are checked when a dataset is built (folders present, every sample's files present) and read lazily.
-# .npy files are memory-mapped: the OS page cache then keeps the whole of NYUv2 in RAM after the first epoch
-# and a sample costs one copy into a float32 tensor. cache=True also keeps the converted tensors (NYUv2 at
-# 288x384: about 4 MB per sample, 3 GB for the train split).
-
-
-def _resolve_split(name, split):
-    split = "val" if split == "test" else split
-    if split not in ("train", "val"):
-        raise DatasetError(f"{DOWNLOADS[name]['title']}: split must be 'train' or 'val' "
-                           f"(or 'test' = 'val'), got {split!r}")
-    return split
-
-
-def _check_root(name, root):
-    if root is None or str(root) == "":
-        raise dataset_error(name, "no dataset folder given (pass --data-root PATH)", "<none>")
-    root = os.path.expanduser(str(root))
-    if not os.path.isdir(root):
-        raise dataset_error(name, "dataset folder not found", root)
-    return root
-
-
-def _read_split_list(name, list_path):
-    """The sample ids of a split, one per line of a text file (NYUD's gt_sets, PASCAL's ImageSets)."""
-    try:
-        with open(list_path) as f:
-            ids = [line.strip() for line in f if line.strip()]
-    except OSError as error:
-        raise dataset_error(name, f"cannot read the split list ({error.strerror})", list_path) from None
-    if not ids:
-        raise dataset_error(name, "no samples (empty split list)", list_path)
-    return ids
-
-
-def _check_folder(name, path, what="folder missing (wrong layout?)"):
-    if not os.path.isdir(path):
-        raise dataset_error(name, what, path)
-    return path
-
-
-def _numbered_npy_files(name, split_dir, folders):
-    """Number of samples in an MTAN-style split: files 0.npy .. (n-1).npy in each of `folders`."""
-    for folder in folders:
-        _check_folder(name, os.path.join(split_dir, folder))
-    first = os.path.join(split_dir, folders[0])
-    numbers = {int(f[:-4]) for f in os.listdir(first) if re.fullmatch(r"\d+\.npy", f)}
-    if not numbers:
-        raise dataset_error(name, "no samples (no <i>.npy files) in this split", first)
-    count = len(numbers)
-    for folder in folders:
-        present = set(os.listdir(os.path.join(split_dir, folder)))
-        for i in range(count):
-            if f"{i}.npy" not in present:
-                raise dataset_error(name, "missing file (files must be numbered 0..N-1)",
-                                    os.path.join(split_dir, folder, f"{i}.npy"))
-    return count
-
-
-def _read_npy(name, path):
-    """Memory-map one .npy file; any failure becomes a DatasetError naming the file."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise dataset_error(name, "missing file", path) from None
-    except Exception as error:  # numpy raises ValueError, OSError, EOFError, ... for a damaged file
-        raise dataset_error(name, f"cannot read this .npy file ({type(error).__name__}: {error})", path) from None
-
-
-def _read_picture(name, path, rgb=True):
-    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
-    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
-    try:
-        with Image.open(path) as picture:
-            return np.asarray(picture.convert("RGB") if rgb else picture)
-    except FileNotFoundError:
-        raise dataset_error(name, "missing file", path) from None
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ... for a damaged file
-        raise dataset_error(name, f"cannot read this image ({type(error).__name__}: {error})", path) from None
-
-
-def _channels_last(name, array, path, channels):
-    """(H, W, C) array with C == channels (an (H, W) array is accepted when channels == 1)."""
-    if array.ndim == 2 and channels == 1:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] != channels:
-        raise dataset_error(name, f"array of shape {tuple(array.shape)}, expected (H, W, {channels})", path)
-    return array
-
-
-def _image_tensor(name, array, path):
-    """(H, W, 3) in [0, 1] (or uint8 in [0, 255]) -> float (3, H, W) in [0, 1]."""
-    array = _channels_last(name, array, path, 3)
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
-    return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
-
-
-# The conversions below work in numpy, which runs on the calling thread. (Torch would spread these
-# large elementwise ops over its thread pool: no gain in a DataLoader worker, and many times slower in the
-# main process while the machine is busy.)
-
-
-def _float_tensor(name, array, path, channels):
-    """(H, W, C) or (H, W) -> float (C, H, W); NaN or inf (unknown) becomes 0, the contract's "invalid"."""
-    array = _channels_last(name, array, path, channels)
-    array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
-    array[~np.isfinite(array)] = 0
-    return torch.from_numpy(array)
-
-
-def _label_tensor(name, array, path, num_classes, shift=0):
-    """(H, W) class ids -> long (H, W); ids outside 0..num_classes-1 after `shift` become -1 (ignore)."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim != 2:
-        raise dataset_error(name, f"label of shape {tuple(array.shape)}, expected (H, W)", path)
-    if array.dtype.kind == "f":  # MTAN's files store ids as floats
-        array = np.where(np.isnan(array), -1, np.rint(array))
-    labels = array.astype(np.int64) + shift  # a copy out of the memory map
-    labels[(labels < 0) | (labels >= num_classes)] = -1
-    return torch.from_numpy(labels)
-
-
-def _check_sizes(name, sample, paths):
-    """Every map of a sample must have the image's height and width."""
-    size = tuple(sample["image"].shape[-2:])
-    for key, value in sample.items():
-        if tuple(value.shape[-2:]) != size:
-            raise dataset_error(name, f"size mismatch: {key} is {tuple(value.shape[-2:])} but the image "
-                                f"{paths['image']} is {size}", paths[key])
-
-
-class _CachedDataset(torch.utils.data.Dataset):
-    """Shared by the real datasets: a length, an optional in-memory cache, and `load(index)` to override."""
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        index = int(index)
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"sample {index} out of range for {self.length} samples")
-        if self.cache is not None and index in self.cache:
-            return dict(self.cache[index])
-        sample = self.load(index)
-        if self.cache is not None:
-            self.cache[index] = sample
-        return dict(sample)
-
-    def _limit(self, count, num_samples):
-        """Use only the first `num_samples` samples (train.py's --subset)."""
-        if num_samples is not None and int(num_samples) <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        return count if num_samples is None else min(count, int(num_samples))
-
-
-class NYUv2(_CachedDataset):
-    """MTAN's preprocessed NYUv2: {train,val}/{image,label,depth,normal}/<i>.npy, 288x384, 795 / 654 samples.
-
-    13 classes (-1 = ignore), depth in metres (0 = invalid), unit normals (zero = invalid), images in [0, 1]
-    used as stored (no mean/std normalisation, as in MTAN). `val` is also the test split."""
-
-    name = "nyuv2"
-    # The 13-class grouping of Couprie et al. (2013) in its usual alphabetical order (the files carry no names).
-    CLASS_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
-                   "table", "tv", "wall", "window")
-    class_names = CLASS_NAMES
-    tasks = {"semantic": 13, "depth": 1, "normal": 3}
-    primary_tasks = {"semantic": 13, "depth": 1, "normal": 3}
-    FOLDERS = ("image", "label", "depth", "normal")
-
-    def __init__(self, root, split="train", num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        self.split = _resolve_split(self.name, split)
-        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
-        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.FOLDERS), num_samples)
-        self.cache = {} if cache else None
-
-    def load(self, index):
-        paths = {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.FOLDERS}
-        arrays = {folder: _read_npy(self.name, path) for folder, path in paths.items()}
-        sample = {
-            "image": _image_tensor(self.name, arrays["image"], paths["image"]),
-            "semantic": _label_tensor(self.name, arrays["label"], paths["label"], 13),
-            "depth": _float_tensor(self.name, arrays["depth"], paths["depth"], 1),
-            "normal": _float_tensor(self.name, arrays["normal"], paths["normal"], 3),
-        }
-        _check_sizes(self.name, sample, {"image": paths["image"], "semantic": paths["label"],
-                                         "depth": paths["depth"], "normal": paths["normal"]})
-        return sample
-
-
-class CityScapes(_CachedDataset):
-    """MTAN's preprocessed CityScapes: {train,val}/{image,depth,label_2,label_7,label_19}/<i>.npy.
-
-    num_classes 2, 7 or 19 picks the label folder (-1 = void). "depth" holds the release's inverse depth
-    (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1], used as stored."""
-
-    name = "cityscapes"
-    # Paper Table 1's groupings and the standard train ids, in that order (the files carry no names).
-    CLASS_NAMES = {
-        2: ("background", "foreground"),
-        7: ("flat", "construction", "object", "nature", "sky", "human", "vehicle"),
-        19: ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-             "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-             "bicycle"),
-    }
-
-    def __init__(self, root, split="train", num_classes=7, num_samples=None, cache=False):
-        if num_classes not in (2, 7, 19):
-            raise ValueError(f"CityScapes num_classes (--num-classes) must be 2, 7 or 19, got {num_classes!r}")
-        root = _check_root(self.name, root)
-        self.split = _resolve_split(self.name, split)
-        self.num_classes, self.class_names = num_classes, self.CLASS_NAMES[num_classes]
-        self.tasks = {"semantic": num_classes, "depth": 1}
-        self.primary_tasks = dict(self.tasks)
-        self.folders = ("image", "depth", f"label_{num_classes}")
-        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
-        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.folders), num_samples)
-        self.cache = {} if cache else None
-
-    def load(self, index):
-        image_path, depth_path, label_path = (os.path.join(self.folder, f, f"{index}.npy") for f in self.folders)
-        sample = {
-            "image": _image_tensor(self.name, _read_npy(self.name, image_path), image_path),
-            "semantic": _label_tensor(self.name, _read_npy(self.name, label_path), label_path, self.num_classes),
-            "depth": _float_tensor(self.name, _read_npy(self.name, depth_path), depth_path, 1),
-        }
-        _check_sizes(self.name, sample, {"image": image_path, "semantic": label_path, "depth": depth_path})
-        return sample
-
-
-class NYUD(_CachedDataset):
-    """MTI-Net's NYUD_MT: jpg images, png labels, npy depth / normals / edges, 795 train / 654 val at 480x640.
-
-    The raw label 0 (unlabeled) becomes -1 and the 40 NYU classes 1..40 become 0..39, as MTI-Net's loader
-    does (it writes 255 for "ignore"; the contract's ignore is -1). Depth 0 = invalid; normals zero = invalid;
-    edge binarised at 0.5. MTI-Net trains on semantic + depth; normal and edge are its auxiliary tasks."""
-
-    name = "nyud"
-    CLASS_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-                   "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-                   "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
-                   "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
-                   "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
-    class_names = CLASS_NAMES
-    tasks = {"semantic": 40, "depth": 1, "normal": 3, "edge": 1}
-    primary_tasks = {"semantic": 40, "depth": 1}
-    # task -> (folder, file extension)
-    FILES = {"image": ("images", ".jpg"), "semantic": ("segmentation", ".png"), "depth": ("depth", ".npy"),
-             "normal": ("normals", ".npy"), "edge": ("edge", ".npy")}
-
-    def __init__(self, root, split="train", num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        if os.path.isdir(os.path.join(root, "NYUD_MT")):  # the folder that holds NYUD_MT is fine too
-            root = os.path.join(root, "NYUD_MT")
-        self.root, self.split = root, _resolve_split(self.name, split)
-        _check_folder(self.name, os.path.join(root, "gt_sets"))
-        ids = _read_split_list(self.name, os.path.join(root, "gt_sets", f"{self.split}.txt"))
-        for folder, ext in self.FILES.values():
-            present = set(os.listdir(_check_folder(self.name, os.path.join(root, folder))))
-            for i in ids:
-                if i + ext not in present:
-                    raise dataset_error(self.name, "missing file", os.path.join(root, folder, i + ext))
-        self.ids = ids[: self._limit(len(ids), num_samples)]
-        self.length = len(self.ids)
-        self.cache = {} if cache else None
-
-    def load(self, index):
-        paths = {task: os.path.join(self.root, folder, self.ids[index] + ext)
-                 for task, (folder, ext) in self.FILES.items()}
-        edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
-        sample = {
-            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
-            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
-                                      paths["semantic"], 40, shift=-1),
-            "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
-            "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
-            "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
-        }
-        _check_sizes(self.name, sample, paths)
-        return sample
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 3b. PASCAL-Context: MTI-Net's PASCAL_MT with five tasks
-# -----------------------------------------------------------------------------------------------------------
-#
-# PASCAL_MT (mtinet.md section 8.2) keeps its JPEG images at their own sizes (about 500x375) and stores two of
-# its labels in MATLAB .mat files: the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap
-# (459 classes), whose class boundaries are the edge labels and whose classes decide where the distilled
-# normals count. This section holds, in order:
-#
-#   read_mat                 a MATLAB v5 .mat reader written with numpy, struct and zlib (no scipy)
-#   class tables             VOC classes, the 6 human-part groups, the Context classes that keep normals
-#   context_edges, thin      edge labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines
-#   human_parts_map          Pascal-Part person parts -> 6 groups + background
-#   augment_pascal_sample    the official training augmentation: flip, rotation, scale (mtinet.md 6.3)
-#   resize_pascal_sample     the fixed resize to 512x512 that every sample gets
-#   PascalContext            the dataset
-
-
-class MatFileError(ValueError):
-    """A file that read_mat cannot read: truncated, corrupt, not MATLAB v5, or an unsupported array type.
-    The message is "<path>: <problem>"; both are attributes too."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = path, problem
-
-
-# ---- MATLAB v5 .mat files ---------------------------------------------------------------------------------
 #
 # The format (MathWorks, "MAT-File Format", version 5): a 128-byte header, then one data element per variable.
 # Every data element starts with an 8-byte tag, (type, number of bytes) as two uint32, and its data is padded
@@ -1233,16 +1907,14 @@ class _MatReader:
         return items[0] if count == 1 else items
 
 
-# ---- class tables -----------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+# C. Guo-Hall thinning and the Pascal-Part / PASCAL-Context label builders
+# -----------------------------------------------------------------------------------------------------------
 
-PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-                      "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-                      "sheep", "sofa", "train", "tvmonitor")  # semantic ids 0..20 (the PNGs' values)
-HUMAN_PART_NAMES = ("background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg")
-PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow the VOC order above)
-# Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting, mtinet.md 8.2: head
-# with hair, ears, eyebrows, eyes, mouth and nose; torso with neck; upper arms; lower arms with hands; upper
-# legs; lower legs with feet. l/r = left/right, u/l = upper/lower.
+PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow PASCAL_VOC_CLASSES)
+# Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting (the official
+# data/pascal_context.py): head with hair, ears, eyebrows, eyes, mouth and nose; torso with neck; upper arms;
+# lower arms with hands; upper legs; lower legs with feet. l/r = left/right, u/l = upper/lower.
 HUMAN_PART_GROUPS = {
     "head": 1, "hair": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1, "mouth": 1,
     "nose": 1, "torso": 2, "neck": 2, "luarm": 3, "ruarm": 3, "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
@@ -1254,7 +1926,7 @@ HUMAN_PART_GROUPS = {
 # from two files of its data/db_info/: every class name of nyu_classes.json (894 NYU names) that is also a
 # key of context_classes.json (459 Context names -> LabelMap id), except "unknown", mapped to its Context id,
 # plus "tvmonitor" (the NYU name is "television"). We read both files and did that intersection once: 169
-# names + tvmonitor = 170 classes, as mtinet.md 8.2 counts.
+# names + tvmonitor = 170 classes.
 NORMAL_VALID_CONTEXT_CLASSES = {
     3: "air conditioner", 4: "antenna", 6: "ashtray", 9: "bag", 10: "ball", 11: "balloon", 13: "barrel",
     15: "basket", 17: "bathtub", 18: "bed", 22: "bench", 23: "bicycle", 29: "blackboard", 30: "board",
@@ -1282,9 +1954,6 @@ NORMAL_VALID_CONTEXT_CLASSES = {
     429: "typewriter", 430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
     443: "washing machine", 444: "watch", 446: "water dispenser", 454: "window", 457: "wire"
 }
-
-
-# ---- labels derived from the .mat files -------------------------------------------------------------------
 
 
 def _thinning_tables():
@@ -1375,458 +2044,149 @@ def human_parts_map(anno, shape):
     return np.zeros(shape, dtype=np.int64) if target is None else target
 
 
-# ---- augmentation and resizing of one sample ---------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
+# D. The synthetic Decathlon: four classification domains rendered from the synthetic scenes
+# -----------------------------------------------------------------------------------------------------------
 #
-# A PASCAL sample is a dict of tensors at one size (H, W): image (3, H, W) in [0, 1], semantic and parts
-# (H, W) long, saliency and edge (1, H, W) in {0, 1}, normal (3, H, W). Interpolation per map, as the official
-# transforms: cubic for the image and the normals, nearest for every label. Unlike the official code, the
-# normals are multiplied by their nearest-resampled validity, so an invalid (zero) normal stays exactly zero
-# and is never blended into a short vector that renormalisation would turn into a "valid" one (as
-# augment_batch does for NYUv2).
-
-
-def _resample_maps(sample, resample):
-    """Apply `resample(x (C, H, W) float, mode)` to every map of a sample with its interpolation."""
-    out = {}
-    for key, x in sample.items():
-        if key == "image":  # cubic overshoots a little: keep the image in [0, 1]
-            out[key] = resample(x, "bicubic").clamp_(0, 1)
-        elif key == "normal":
-            valid = (x != 0).any(0, keepdim=True).float()
-            out[key] = resample(x, "bicubic") * resample(valid, "nearest")
-        elif x.dim() == 2:  # (H, W) class ids: semantic, parts
-            out[key] = resample(x[None].float(), "nearest")[0].long()
-        else:  # (1, H, W) saliency, edge
-            out[key] = resample(x.float(), "nearest")
-    return out
-
-
-def unit_normals(normal):
-    """(3, H, W) normals scaled to unit length as the official FixedResize does (norm + float32 eps); zero
-    vectors (invalid) stay zero."""
-    return normal / (normal.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
-
-
-def flip_pascal_sample(sample):
-    """Mirror every map left-right; a normal's x component (pointing right) changes sign."""
-    out = {key: x.flip(-1) for key, x in sample.items()}
-    if "normal" in out:
-        out["normal"] = out["normal"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
-    return out
-
-
-def rotate_normals(normal, angle):
-    """Turn the in-plane part (x right, y down) of normals (3, H, W) as rotate_scale_pascal_sample turns the
-    image by `angle` degrees. The official code writes it with phi = atan2(n_x, n_y) and n_x' = r sin(phi + a),
-    n_y' = r cos(phi + a); expanding the sines gives this rotation. For a = 90: (1, 0, z) -> (0, -1, z), a
-    vector pointing right turns to point up, as the picture turns counter-clockwise."""
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    return torch.stack([c * normal[0] + s * normal[1], -s * normal[0] + c * normal[1], normal[2]])
-
-
-def _rotation_grid(height, width, angle, scale):
-    """grid_sample grid (H, W, 2) of the official ScaleNRotate: cv2.warpAffine with
-    cv2.getRotationMatrix2D(centre=(W/2, H/2), angle, scale), which maps input pixel p to
-    c + scale * R (p - c), R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen for angle > 0; y is
-    down). Each output pixel q reads the input at c + R^T (q - c) / scale."""
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-                            indexing="ij")
-    dx, dy = xs - width / 2, ys - height / 2
-    source_x = width / 2 + (c * dx - s * dy) / scale
-    source_y = height / 2 + (s * dx + c * dy) / scale
-    # grid_sample's coordinates with align_corners=True: -1 and +1 are the centres of the first and last pixel
-    return torch.stack([2 * source_x / max(width - 1, 1) - 1, 2 * source_y / max(height - 1, 1) - 1], -1).float()
-
-
-def rotate_scale_pascal_sample(sample, angle, scale):
-    """Rotate every map by `angle` degrees (counter-clockwise on screen) and zoom it by `scale` about the image
-    centre, keeping its size. Pixels that come from outside the image are 0: black image, background for
-    semantic and parts (not ignore), zero (invalid) normals, no edge, not salient."""
-    out = dict(sample)
-    if "normal" in out:
-        out["normal"] = rotate_normals(out["normal"], angle)
-    height, width = sample["image"].shape[-2:]
-    grid = _rotation_grid(height, width, angle, scale)[None]  # (1, H, W, 2)
-
-    def warp(x, mode):  # (C, H, W) -> (C, H, W)
-        return F.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-
-    return _resample_maps(out, warp)
-
-
-def augment_pascal_sample(sample, generator=None, max_rotation=20.0, scales=(0.75, 1.25), flip_prob=0.5):
-    """MTI-Net's PASCAL training augmentation (mtinet.md 6.3) on one sample at its own size: a horizontal flip
-    with probability 1/2, then a rotation by an angle uniform in [-20, 20] degrees and a zoom by a factor
-    uniform in [0.75, 1.25] about the centre. Draws from `generator` (a CPU torch.Generator; None = torch's
-    global one, which DataLoader seeds per worker). Returns a new dict; the input is not modified."""
-    u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
-    angle = -max_rotation + 2 * max_rotation * u[1]
-    scale = scales[0] + (scales[1] - scales[0]) * u[2]
-    if u[0] < flip_prob:
-        sample = flip_pascal_sample(sample)
-    return rotate_scale_pascal_sample(sample, angle, scale)
-
-
-def resize_pascal_sample(sample, size=(512, 512), targets=True):
-    """The official FixedResize: every map to `size` (H, W) without keeping the aspect ratio (cubic for the
-    image and normals, which are then renormalised; nearest for labels, the "floor" rule of cv2 and
-    F.interpolate). targets=False resizes only the image: the evaluation transform, whose predictions are
-    compared with the targets at the original size."""
-    size = tuple(size)
-
-    def resize(x, mode):  # (C, H, W) -> (C, *size)
-        return F.interpolate(x[None], size=size, mode=mode, align_corners=False if mode == "bicubic" else None)[0]
-
-    if not targets:
-        return dict(sample, image=resize(sample["image"], "bicubic").clamp_(0, 1))
-    out = _resample_maps(sample, resize)
-    if "normal" in out:
-        out["normal"] = unit_normals(out["normal"])
-    return out
-
-
-def ignore_empty_parts(sample):
-    """An all-background human-parts map (no person, or cropped out by augmentation) becomes all -1 (ignore),
-    as the official AddIgnoreRegions, which runs after augmentation and resizing."""
-    if "parts" in sample and not sample["parts"].any():
-        sample = dict(sample, parts=torch.full_like(sample["parts"], -1))
-    return sample
-
-
-# ---- the dataset ------------------------------------------------------------------------------------------
-
-DOWNLOADS["pascal"] = {
-    "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, edges)",
-    "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported dead; "
-    "copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
-    "layout": (
-        "ROOT/ImageSets/Context/train.txt, val.txt   one image id per line (4998 / 5105)\n"
-        "ROOT/JPEGImages/<id>.jpg                   RGB, about 500x375\n"
-        "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void (or semseg/pascal-context/<id>.png)\n"
-        "ROOT/human_parts/<id>.mat                  Pascal-Part annotation, variable 'anno'\n"
-        "ROOT/sal_distill/<id>.png                  grey, saliency in 0..255\n"
-        "ROOT/normals_distill/<id>.png              RGB, normals as (n + 1) * 255 / 2\n"
-        "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels, variable 'LabelMap' (459 classes)\n"
-        "(ROOT is the PASCAL_MT folder itself or the folder that holds it; .mat files are MATLAB v5)"
-    ),
+# Four small classification domains rendered from the synthetic scenes. Each asks a different
+# question about a scene, shows the scene in its own style (so the domains have different image statistics,
+# like the real ones) and has its own number of classes. Labels come from the scene description and from the
+# renderer's object map (which object each pixel shows), and a scene is kept only when its image answers the
+# question clearly: "count", for instance, skips scenes where a primitive shows as a sliver of a few pixels.
+# Every domain is class-balanced (no class gets ahead of another by more than one sample), so chance, 1 / K,
+# is also what the best constant answer scores. The questions were chosen so that a small WRN learns every
+# one of them in a few CPU minutes; "which kind of primitive is the largest" and "which kinds are visible"
+# were tried too and stayed at chance in that budget.
+SYNTHETIC_DECATHLON = {  # domain: (number of classes, image style, question)
+    "floor": (3, "grey", "the floor's pattern: plain, planks (stripes) or tiles (checks)"),
+    "walls": (2, "bgr", "are the walls painted plain or with vertical stripes"),
+    "count": (4, "colour", "how many primitives are visible: 1, 2, 3, or 4 and more"),
+    "colour": (6, "dim", "the hue of the largest visible primitive, in six 60-degree bins starting at red"),
 }
+VISIBLE = 0.015  # a primitive is visible when it covers at least 1.5% of the image (61 pixels at 64x64)
+WALLS = (LEFT_WALL, RIGHT_WALL, FRONT_WALL, BACK_WALL)
 
 
-def _fit_to_image(sample):
-    """Resize every target whose size differs from the image's to it, as the official loader does (nearest
-    for labels, cubic for normals): in PASCAL_MT they normally agree."""
-    size = tuple(sample["image"].shape[-2:])
-    wrong = {key: x for key, x in sample.items() if key != "image" and tuple(x.shape[-2:]) != size}
-    if wrong:
-        sample = dict(sample, **resize_pascal_sample(wrong, size))
-    return sample
+def _primitive_colours(scene):
+    """The first colour of each primitive, in object-id order (spheres, then boxes, then cylinders)."""
+    colours = []
+    for kind in ("spheres", "boxes", "cylinders"):
+        start = PRIMITIVE_SIZES[kind]  # the material follows the geometry; it starts with the colour
+        colours += [row[start:start + 3].tolist() for row in scene[kind]]
+    return colours
 
 
-class PascalContext(_CachedDataset):
-    """MTI-Net's PASCAL_MT: PASCAL-Context images with five tasks, 4,998 train / 5,105 val images.
+def synthetic_decathlon_label(domain, scene, objects):
+    """The class of a rendered scene for `domain` (see SYNTHETIC_DECATHLON), or None when the image does not
+    answer the question clearly. objects: (H, W) object ids from render_scenes(..., objects=True)."""
+    colours = _primitive_colours(scene)
+    share = torch.bincount(objects.flatten(), minlength=FIRST_PRIMITIVE + len(colours)).double() / objects.numel()
+    if domain == "floor":  # materials: floor, walls, ceiling, picture; column 6 is the pattern
+        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None  # a big primitive may hide it
+    if domain == "walls":
+        return int(scene["materials"][1, 6]) if share[list(WALLS)].sum() >= 0.1 else None
+    areas = share[FIRST_PRIMITIVE:].tolist()
+    if not any(a >= VISIBLE for a in areas):
+        return None  # no primitive in view
+    if domain == "count":  # 1, 2, 3, 4+ (5 visible primitives are rare)
+        if any(VISIBLE / 2 <= a < VISIBLE for a in areas):
+            return None  # a primitive on the edge of counting
+        return min(sum(a >= VISIBLE for a in areas), 4) - 1
+    order = sorted(range(len(areas)), key=areas.__getitem__, reverse=True)
+    largest = order[0]
+    if len(order) > 1 and areas[order[1]] > 0.7 * areas[largest]:
+        return None  # two primitives of about the same size: which one is "the largest"?
+    hue = colorsys.rgb_to_hsv(*colours[largest])[0] * 6  # in units of 60 degrees
+    if abs(hue - round(hue)) < 0.1:
+        return None  # within 6 degrees of a bin boundary
+    return int(hue) % 6
 
-    semantic  21 VOC classes (PASCAL_VOC_CLASSES), void 255 -> -1
-    parts     7 (HUMAN_PART_NAMES); an image without annotated person parts is all -1
-    saliency  distilled saliency binarised at x / 255 > 0.5
-    normal    distilled normals 2 x / 255 - 1, kept only on NORMAL_VALID_CONTEXT_CLASSES (elsewhere 0 = invalid)
-    edge      context_edges(LabelMap)
 
-    Every sample's image is resized to `size` (512x512, the aspect ratio is not kept). Training samples
-    (targets_at_original_size=False, the default for split "train") have their targets resized with it;
-    evaluation samples (the default for "val") keep their targets at the original image size, so predictions
-    are upsampled to it and scored there, as the official evaluation does. Their sizes vary from image to
-    image, so `variable_size` is True: batch them one at a time. augment=True applies augment_pascal_sample
-    to training samples before the resize (never to val: the official test transform has none).
-    cache=True keeps the decoded samples (before augmentation) in memory. `ids` lists the image ids."""
+def _styled(image, style):
+    """A domain's look: "colour" as rendered, "grey", "dim" (half the light) or "bgr" (red and blue swapped,
+    like a camera that stores its channels the other way round)."""
+    if style == "grey":
+        return image.mean(0, keepdim=True).expand(3, -1, -1).clone()
+    if style == "dim":
+        return image * 0.5
+    if style == "bgr":
+        return image.flip(0)
+    return image
 
-    name = "pascal"
-    CLASS_NAMES = PASCAL_VOC_CLASSES
-    class_names = PASCAL_VOC_CLASSES
-    PART_NAMES = HUMAN_PART_NAMES
-    tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order
-    primary_tasks = dict(tasks)
-    FOLDERS = {"image": "JPEGImages", "parts": "human_parts", "saliency": "sal_distill",
-               "normal": "normals_distill", "context": os.path.join("pascal-context", "trainval")}
-    EXTENSIONS = {"image": ".jpg", "parts": ".mat", "saliency": ".png", "normal": ".png", "context": ".mat"}
-    SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))  # preferred first
 
-    def __init__(self, root, split="train", size=512, augment=False, targets_at_original_size=None,
-                 num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        if os.path.isdir(os.path.join(root, "PASCAL_MT")):  # the folder that holds PASCAL_MT is fine too
-            root = os.path.join(root, "PASCAL_MT")
-        self.root, self.split = root, _resolve_split(self.name, split)
-        self.size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
-        self.augment = bool(augment) and self.split == "train"
-        if targets_at_original_size is None:
-            targets_at_original_size = self.split == "val"
-        self.targets_at_original_size = self.variable_size = bool(targets_at_original_size)
-        ids = self._read_ids()
-        self.paths = self._find_files(ids)
-        self.ids = ids[: self._limit(len(ids), num_samples)]
-        self.length = len(self.ids)
-        self.cache = {} if cache else None
+class SyntheticDecathlon(torch.utils.data.Dataset):
+    """One synthetic classification domain (see SYNTHETIC_DECATHLON): {"image", "label"} samples at 64x64,
+    deterministic like SyntheticScenes (sample i of a split is the same on every machine), rendered once and
+    kept in memory. Training flips horizontally at random (no label depends on left and right).
 
-    def _read_ids(self):
-        _check_folder(self.name, os.path.join(self.root, "ImageSets", "Context"))
-        return _read_split_list(self.name, os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt"))
+    Sample i is the i-th scene of the split's seed sequence whose image answers the question (see
+    synthetic_decathlon_label) and keeps the classes balanced, so the first N samples do not depend on how
+    many are asked for."""
 
-    def _find_files(self, ids):
-        """{id: {what: path}} for every id of the split; a missing folder or file is a DatasetError."""
-        paths = {i: {} for i in ids}
-        for what, folder in self.FOLDERS.items():
-            present = set(os.listdir(_check_folder(self.name, os.path.join(self.root, folder))))
-            for i in ids:
-                paths[i][what] = os.path.join(self.root, folder, i + self.EXTENSIONS[what])
-                if i + self.EXTENSIONS[what] not in present:
-                    raise dataset_error(self.name, "missing file", paths[i][what])
-        semseg = [(folder, set(os.listdir(os.path.join(self.root, folder)))) for folder in self.SEMSEG_FOLDERS
-                  if os.path.isdir(os.path.join(self.root, folder))]
-        if not semseg:
-            raise dataset_error(self.name, "no semantic label folder (semseg/VOC12 or semseg/pascal-context)",
-                                os.path.join(self.root, self.SEMSEG_FOLDERS[0]))
-        for i in ids:
-            found = [folder for folder, present in semseg if i + ".png" in present]
-            if not found:
-                raise dataset_error(self.name, "missing file (in semseg/VOC12 or semseg/pascal-context)",
-                                    os.path.join(self.root, semseg[0][0], i + ".png"))
-            paths[i]["semantic"] = os.path.join(self.root, found[0], i + ".png")
-        return paths
+    DEFAULT_SIZES = {"train": 800, "val": 200}
+    _statistics = {}  # (domain, resolution, seed) -> (mean, std), computed once per process
+    _rendered = {}  # (domain, split, count, resolution, seed) -> (normalised images, labels), once per process
 
-    def _mat_variable(self, path, variable):
-        try:
-            variables = read_mat(path)
-        except FileNotFoundError:
-            raise dataset_error(self.name, "missing file", path) from None
-        except MatFileError as error:
-            raise dataset_error(self.name, f"cannot read this .mat file ({error.problem})", path) from None
-        if variable not in variables:
-            raise dataset_error(self.name, f"no variable {variable!r} in this .mat file "
-                                f"(found: {', '.join(variables) or 'none'})", path)
-        return variables[variable]
+    def __init__(self, domain, split="train", num_samples=None, resolution=(64, 64), train=None, seed=0):
+        if domain not in SYNTHETIC_DECATHLON:
+            raise ValueError(f"unknown synthetic Decathlon domain {domain!r}; valid: {', '.join(SYNTHETIC_DECATHLON)}")
+        split = _resolve_split(split)
+        self.domain, self.split, self.seed = domain, split, seed
+        self.resolution = parse_resolution(resolution)
+        self.train = split == "train" if train is None else train
+        self.num_classes, self.style, _ = SYNTHETIC_DECATHLON[domain]
+        count = self.DEFAULT_SIZES[split] if num_samples is None else int(num_samples)
+        key = (domain, split, count, self.resolution, seed)
+        if key not in self._rendered:  # e.g. eval.py after train.py in one process needs the same splits
+            images, labels = self._render(count, split)
+            mean, std = self.statistics(images if split == "train" else None)
+            self._rendered[key] = (normalise(images, mean, std), labels)  # normalised once, not per sample
+        self.images, self.labels = self._rendered[key]
+        self.mean, self.std = self.statistics()
 
-    def load(self, index):
-        """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
-        where no person is: the all-zero map becomes ignore only at the end (ignore_empty_parts)."""
-        paths = self.paths[self.ids[index]]
-        image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
-        size = tuple(image.shape[-2:])
-        label_map = np.asarray(self._mat_variable(paths["context"], "LabelMap"))
-        if label_map.ndim != 2:
-            raise dataset_error(self.name, f"LabelMap of shape {label_map.shape}, expected (H, W)",
-                                paths["context"])
-        anno = self._mat_variable(paths["parts"], "anno")
-        try:
-            parts = human_parts_map(anno, size)
-        except (KeyError, TypeError, IndexError, ValueError) as error:  # fields missing or of the wrong kind
-            raise dataset_error(self.name, f"not a Pascal-Part annotation ({type(error).__name__}: {error})",
-                                paths["parts"]) from None
-        saliency = _read_picture(self.name, paths["saliency"], rgb=False)
-        saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # a grey map saved as RGB: equal channels
-        normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
-        if normal.shape[:2] != label_map.shape:
-            raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
-                                f"{paths['context']} is {label_map.shape}", paths["normal"])
-        normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
-        sample = {
-            "image": image,
-            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
-                                      paths["semantic"], 21),
-            "parts": torch.from_numpy(parts),
-            "saliency": torch.from_numpy((saliency.astype(np.float32) / 255 > 0.5).astype(np.float32))[None],
-            "normal": torch.from_numpy(np.ascontiguousarray(normal.transpose(2, 0, 1), dtype=np.float32)),
-            "edge": torch.from_numpy(context_edges(label_map).astype(np.float32))[None],
-        }
-        return _fit_to_image(sample)
+    def _candidate(self, split, j):
+        """Candidate scene j of a split, from a seed hashed from (seed, domain, split, j)."""
+        return sample_scene(_hashed_seed("synthetic-decathlon", self.seed, self.domain, split, j))
+
+    def _render(self, count, split):
+        """Images and labels of the first `count` candidate scenes that answer the domain's question."""
+        images, labels, j = [], [], 0
+        while len(labels) < count:
+            scenes = [self._candidate(split, j + i) for i in range(32)]
+            j += len(scenes)
+            batch = render_scenes(scenes, self.resolution, objects=True)
+            for scene, image, objects in zip(scenes, batch["image"], batch["object"]):
+                label = synthetic_decathlon_label(self.domain, scene, objects)
+                balanced = labels.count(label) <= len(labels) // self.num_classes  # no class gets ahead
+                if label is not None and balanced and len(labels) < count:
+                    images.append(_styled(image, self.style))
+                    labels.append(label)
+        return torch.stack(images), torch.tensor(labels)
+
+    def statistics(self, train_images=None):
+        """Per-channel mean and std of the domain's first 64 training images (the official code ships such
+        numbers for each real domain), so every split is normalised alike."""
+        key = (self.domain, self.resolution, self.seed)
+        if key not in self._statistics:
+            if train_images is None or len(train_images) < 64:
+                train_images, _ = self._render(64, "train")
+            first = train_images[:64]
+            self._statistics[key] = (tuple(first.mean((0, 2, 3)).tolist()),
+                                     tuple(first.std((0, 2, 3)).clamp_min(1e-3).tolist()))
+        return self._statistics[key]
+
+    def __len__(self):
+        return len(self.labels)
 
     def __getitem__(self, index):
-        return self.transform(super().__getitem__(index))  # decoded (and cached) at the original size
-
-    def transform(self, sample):
-        """Decoded sample -> what the network sees: augmentation (training), the resize, the ignore rules."""
-        if self.augment:
-            sample = augment_pascal_sample(sample)
-        if self.targets_at_original_size:
-            sample = resize_pascal_sample(sample, self.size, targets=False)
-            sample["normal"] = unit_normals(sample["normal"])  # the official evaluation normalises the GT
-        else:
-            sample = resize_pascal_sample(sample, self.size)
-        return ignore_empty_parts(sample)
+        image = self.images[index]
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"image": image, "label": self.labels[index]}
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 4. build_dataset
-# -----------------------------------------------------------------------------------------------------------
-
-# name -> (class, whether it reads files from a root folder, the options it accepts). A new dataset is one
-# more line here: its class takes (root, split, **options) (or (split, **options) without files) and has
-# `name`, `tasks`, `primary_tasks` and `class_names`.
-DATASETS = {
-    "synthetic": (SyntheticScenes, False, ("resolution", "num_samples", "seed", "cache")),
-    "nyuv2": (NYUv2, True, ("num_samples", "cache")),
-    "cityscapes": (CityScapes, True, ("num_classes", "num_samples", "cache")),
-    "nyud": (NYUD, True, ("num_samples", "cache")),
-    "pascal": (PascalContext, True, ("size", "augment", "targets_at_original_size", "num_samples", "cache")),
-}
-DATASET_NAMES = tuple(DATASETS)
-
-
-def build_dataset(name, root=None, split="train", **options):
-    """Build dataset `name` and return (dataset, tasks), tasks being its primary task dict.
-
-    options (None means "not given"): resolution (synthetic only), num_classes (cityscapes only),
-    num_samples (use only the first N samples), seed (synthetic only), cache. `root` is ignored for synthetic.
-    NYUD's primary tasks are semantic + depth (MTI-Net's NYUD setting); dataset.tasks also lists its
-    auxiliary normal and edge targets. PASCAL (five tasks) also takes size, augment and
-    targets_at_original_size (see PascalContext)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    cls, reads_files, accepted = DATASETS[name]
-    options = {key: value for key, value in options.items() if value is not None}
-    for key in options:
-        if key == "resolution" and key not in accepted:
-            raise ValueError(f"--resolution applies to synthetic data only; the {name} files fix their own resolution")
-        if key not in accepted:
-            raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: {', '.join(accepted)})")
-    dataset = cls(root, split, **options) if reads_files else cls(split, **options)
-    return dataset, dict(dataset.primary_tasks)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 5. Augmentation
-# -----------------------------------------------------------------------------------------------------------
-#
-# MTAN's NYUv2 augmentation (mtan.md section 6.3; not used in the paper's tables): pick a scale s from
-# {1.0, 1.2, 1.5}, crop an int(H/s) x int(W/s) window at a random position, resize it back to H x W (image and
-# normals bilinear with align_corners=True; labels, depth and edges nearest, exactly as F.interpolate's
-# default "nearest" picks pixels), divide depth by s (zooming in brings things closer), then flip
-# horizontally with probability 1/2, negating the normals' x. Normals are not renormalised, as in MTAN.
-#
-# Here it runs on a whole batch at once, on the batch's device: every sample has its own crop, so each output
-# pixel reads source rows and columns that differ per sample, and resizing becomes a gather. A mirror just
-# reads the columns right to left. A nearest gather can only copy existing values, so ignore labels stay -1
-# and invalid depth stays 0. For normals, the bilinear blend is multiplied by the nearest-resized validity
-# mask: an invalid pixel stays exactly zero (MTAN would blend it with its neighbours into a short vector).
-
-
-def _nearest_source(out_size, in_sizes):
-    """(B, out_size) source index of each output index, for per-sample input sizes (B,), computed as
-    F.interpolate(mode="nearest") does: floor(i * (in / out)) in float32."""
-    scale = in_sizes.float() / out_size  # (B,)
-    index = torch.floor(torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]).long()
-    return torch.minimum(index, (in_sizes - 1)[:, None])
-
-
-def _linear_source(out_size, in_sizes):
-    """The two source indices (B, out_size) and the weight of the second, as bilinear interpolation with
-    align_corners=True computes them: position i * (in - 1) / (out - 1) in float32."""
-    scale = (in_sizes - 1).float() / max(out_size - 1, 1)  # (B,)
-    position = torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]
-    last = (in_sizes - 1)[:, None]
-    first = torch.minimum(torch.floor(position).long(), last)
-    weight = (position - first.float()).clamp(0, 1)
-    return first, torch.minimum(first + 1, last), weight
-
-
-def _take(x, rows, cols):
-    """x (B, C, H, W), rows (B, H'), cols (B, W') -> (B, C, H', W'): x[b, :, rows[b, i], cols[b, j]]."""
-    B, C = x.shape[:2]
-    x = x.gather(2, rows[:, None, :, None].expand(B, C, rows.shape[1], x.shape[3]))
-    return x.gather(3, cols[:, None, None, :].expand(B, C, x.shape[2], cols.shape[1]))
-
-
-def scale_crop_flip(batch, scale, top, left, flip):
-    """The deterministic half of `augment_batch`. For each sample b: crop the int(H/scale[b]) x
-    int(W/scale[b]) window whose corner is (top[b], left[b]) (it must fit in the image), resize it to H x W,
-    divide depth by scale[b], and mirror it if flip[b]. scale, top, left, flip: (B,) tensors or sequences.
-    Returns a new dict; entries that are not (B, [C,] H, W) maps pass unchanged."""
-    B, _, H, W = batch["image"].shape
-    device = batch["image"].device
-    scale = torch.as_tensor(scale, dtype=torch.float64).to(device)
-    top, left = torch.as_tensor(top).to(device).long(), torch.as_tensor(left).to(device).long()
-    flip = torch.as_tensor(flip).to(device).bool()[:, None]  # (B, 1)
-    h, w = torch.floor(H / scale).long(), torch.floor(W / scale).long()  # int(H / s), as MTAN computes it
-
-    def mirror(columns):  # (B, W) -> the same columns read right to left where flip
-        return torch.where(flip, columns.flip(1), columns)
-
-    near_rows = _nearest_source(H, h) + top[:, None]  # (B, H) source row of each output row
-    near_cols = mirror(_nearest_source(W, w) + left[:, None])  # (B, W)
-    r0, r1, wr = _linear_source(H, h)
-    c0, c1, wc = _linear_source(W, w)
-    r0, r1, wr = r0 + top[:, None], r1 + top[:, None], wr[:, None, :, None]
-    c0, c1, wc = mirror(c0 + left[:, None]), mirror(c1 + left[:, None]), mirror(wc)[:, None, None, :]
-    every_row = torch.arange(H, device=device).expand(B, H)
-    every_col = torch.arange(W, device=device).expand(B, W)
-
-    def nearest(x):
-        return _take(x, near_rows, near_cols)
-
-    def bilinear(x):  # along rows, then along columns; a weight of 0 copies the pixel exactly
-        x = _take(x, r0, every_col) * (1 - wr) + _take(x, r1, every_col) * wr
-        return _take(x, every_row, c0) * (1 - wc) + _take(x, every_row, c1) * wc
-
-    out = dict(batch)
-    for key, x in batch.items():
-        if not torch.is_tensor(x) or x.dim() not in (3, 4) or tuple(x.shape[-2:]) != (H, W):
-            continue  # not a (B, [C,] H, W) map
-        if key == "image":
-            out[key] = bilinear(x)
-        elif key == "normal":
-            valid = (x != 0).any(1, keepdim=True)
-            n = bilinear(x) * nearest(valid).to(x.dtype)
-            n_x = torch.where(flip[:, :, None, None], -n[:, :1], n[:, :1])  # a mirror turns x around
-            out[key] = torch.cat([n_x, n[:, 1:]], dim=1)
-        elif key == "depth":
-            out[key] = nearest(x) / scale.to(x.dtype)[:, None, None, None]
-        elif x.dim() == 3:  # (B, H, W) label maps: semantic, parts
-            out[key] = nearest(x[:, None])[:, 0]
-        else:  # edge, saliency and any other map
-            out[key] = nearest(x)
-    return out
-
-
-def augment_batch(batch, generator=None, scales=(1.0, 1.2, 1.5), flip_prob=0.5):
-    """MTAN's random scale-crop and horizontal flip on a dict of batched tensors (any device).
-
-    Each sample draws its own scale, crop position and flip from `generator` (None: torch's default CPU
-    generator). A generator on the batch's device keeps everything there, with no host-device sync; a seeded
-    generator gives the same crops on every run."""
-    B, _, H, W = batch["image"].shape
-    device = generator.device if generator is not None else torch.device("cpu")
-    # torch.tensor(..., device=cuda) would be a blocking copy (a host-device sync every step); a non-blocking
-    # copy of the 3 scales does not wait.
-    scale = torch.tensor(scales, dtype=torch.float64).to(device, non_blocking=True)[
-        torch.randint(len(scales), (B,), generator=generator, device=device)]
-    position = torch.rand(B, 2, generator=generator, dtype=torch.float64, device=device)
-    flip = torch.rand(B, generator=generator, device=device) < flip_prob
-    h, w = torch.floor(H / scale), torch.floor(W / scale)
-    top = torch.floor(position[:, 0] * (H - h + 1)).long()  # uniform in 0 .. H - h
-    left = torch.floor(position[:, 1] * (W - w + 1)).long()
-    return scale_crop_flip(batch, scale, top, left, flip)
-
-
-def semantic_edges(semantic):
-    """Edge targets derived from semantic labels, for datasets without edge files (NYUv2, CityScapes) when
-    MTI-Net uses edges as an auxiliary task: a pixel is an edge when its label differs from the label of its
-    right or lower neighbour, both labels being valid (an ignored pixel next to a label is not an edge: the
-    boundary is unknown there). The same rule draws the synthetic scenes' edges (with objects as labels).
-
-    semantic: long (B, H, W) or (H, W), -1 = ignore. Returns float (B, 1, H, W) or (1, H, W) in {0, 1}."""
-    valid = semantic >= 0
-    edge = torch.zeros_like(valid)
-    horizontal = (semantic[..., :, :-1] != semantic[..., :, 1:]) & valid[..., :, :-1] & valid[..., :, 1:]
-    vertical = (semantic[..., :-1, :] != semantic[..., 1:, :]) & valid[..., :-1, :] & valid[..., 1:, :]
-    edge[..., :, :-1] |= horizontal
-    edge[..., :-1, :] |= vertical
-    return edge.unsqueeze(-3).float()
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 6. Pictures
+# E. Pictures: colour maps, the montage, and `python data.py`
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -1924,298 +2284,6 @@ def montage(samples, num_classes, class_names=None):
         draw.text((x + 13, y - 1), name, fill=(0, 0, 0))
         x += 13 + int(draw.textlength(name)) + 12
     return canvas
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 7. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment) and a synthetic stand-in
-# -----------------------------------------------------------------------------------------------------------
-#
-# The official data is one image folder per domain, `decathlon-1.0-data/<domain>/{train,val,test}`, with one
-# sub-folder per class (torchvision's ImageFolder convention, which the MTAN code uses; class index = position
-# of the folder in sorted order). Images are small (the longer side about 72 pixels) and preprocessed exactly
-# as the MTAN code does (mtan.md section 8.3): resize the shorter side to 72, crop 72x72, normalise with the
-# domain's mean and std. Training crops at random and flips; gtsrb, omniglot and svhn use a centre crop and no
-# flip (traffic signs, characters and digits change meaning when mirrored). Deviation: the official val loader
-# used the training transform; here val and test use the evaluation transform (centre crop, no flip).
-
-DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot", "svhn",
-                     "ucf101", "vgg-flowers")  # the order of the official code's class counts
-DECATHLON_NO_FLIP = ("gtsrb", "omniglot", "svhn")
-
-# RGB mean and std of each domain, from the official decathlon_mean_std.pickle (mtan.md section 8.4).
-DECATHLON_MEAN_STD = {
-    "imagenet12": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "aircraft": ((0.4798, 0.5107, 0.5344), (0.2107, 0.2051, 0.2373)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "daimlerpedcls": ((0.482, 0.482, 0.482), (0.2361, 0.2361, 0.2361)),
-    "dtd": ((0.527, 0.4703, 0.424), (0.2523, 0.2409, 0.2499)),
-    "gtsrb": ((0.3392, 0.3118, 0.3205), (0.2756, 0.2658, 0.2709)),
-    "omniglot": ((0.081, 0.081, 0.081), (0.2705, 0.2705, 0.2705)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)),
-    "ucf101": ((0.4995, 0.4988, 0.4998), (0.109, 0.1081, 0.1068)),
-    "vgg-flowers": ((0.4341, 0.3831, 0.2971), (0.2851, 0.2384, 0.264)),
-}
-
-DOWNLOADS["decathlon"] = {
-    "title": "Visual Decathlon (decathlon-1.0-data)",
-    "url": "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
-    "layout": ("ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
-               "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
-               "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
-               f"domains: {', '.join(DECATHLON_DOMAINS)}"),
-}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif")
-
-
-def _image_files(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def resize_and_crop(image, size, top_left=None):
-    """Resize a (3, H, W) image so that its shorter side is `size` (bilinear), then crop size x size: at
-    `top_left` (row, col) as fractions of the free range in [0, 1], or in the centre when it is None."""
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-    fy, fx = (0.5, 0.5) if top_left is None else top_left
-    top, left = round(fy * (new_h - size)), round(fx * (new_w - size))
-    return image[:, top:top + size, left:left + size]
-
-
-def normalise(image, mean, std):
-    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-class Decathlon(torch.utils.data.Dataset):
-    """One domain of the Visual Decathlon: samples {"image": float (3, 72, 72) normalised, "label": long}.
-
-    Decathlon(root, domain, split, train=None): `train` selects the random training transform (default: for
-    the train split only). Class i is the i-th class folder of the train split in sorted order. The test split
-    has no labels (label -1) unless it holds class folders."""
-
-    def __init__(self, root, domain, split="train", train=None, size=72, num_samples=None):
-        root = _check_root("decathlon", root)
-        if domain not in DECATHLON_MEAN_STD:
-            raise ValueError(f"unknown Decathlon domain {domain!r}; valid: {', '.join(DECATHLON_DOMAINS)}")
-        self.domain, self.split, self.size = domain, split, size
-        self.train = split == "train" if train is None else train
-        self.mean, self.std = DECATHLON_MEAN_STD[domain]
-        _check_folder("decathlon", os.path.join(root, domain), "domain folder missing")
-        train_dir = _check_folder("decathlon", os.path.join(root, domain, "train"), "train folder missing")
-        self.classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
-        if not self.classes:
-            raise dataset_error("decathlon", "no class folders", train_dir)
-        split_dir = _check_folder("decathlon", os.path.join(root, domain, split), f"{split} folder missing")
-        self.files = self._list(split_dir)
-        if num_samples is not None:
-            self.files = self.files[: int(num_samples)]
-
-    def _list(self, split_dir):
-        """(path, label) pairs: class folders if the split has them, else a flat unlabelled folder (test)."""
-        if not any(os.path.isdir(os.path.join(split_dir, c)) for c in self.classes):
-            files = [(os.path.join(split_dir, f), -1) for f in _image_files(split_dir)]
-        else:
-            files = []
-            for label, name in enumerate(self.classes):
-                folder = _check_folder("decathlon", os.path.join(split_dir, name), "class folder missing")
-                images = _image_files(folder)
-                if not images:
-                    raise dataset_error("decathlon", "empty class folder (no images)", folder)
-                files += [(os.path.join(folder, f), label) for f in images]
-        if not files:
-            raise dataset_error("decathlon", "no images in this split", split_dir)
-        return files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        path, label = self.files[index]
-        array = _read_picture("decathlon", path)
-        if array.ndim == 2:  # greyscale (omniglot, daimlerpedcls): three equal channels
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        image = _image_tensor("decathlon", array[:, :, :3], path)
-        return {"image": self.transform(image), "label": torch.tensor(label)}
-
-    def transform(self, image):
-        """Random crop and flip for training (centre crop, no flip for gtsrb/omniglot/svhn); centre crop for
-        evaluation. Randomness comes from torch's global generator, which train.py seeds per epoch."""
-        random_crop = self.train and self.domain not in DECATHLON_NO_FLIP
-        top_left = tuple(torch.rand(2).tolist()) if random_crop else None
-        image = resize_and_crop(image, self.size, top_left)
-        if random_crop and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return normalise(image, self.mean, self.std)
-
-
-# The stand-in: four small classification domains rendered from the synthetic scenes. Each asks a different
-# question about a scene, shows the scene in its own style (so the domains have different image statistics,
-# like the real ones) and has its own number of classes. Labels come from the scene description and from the
-# renderer's object map (which object each pixel shows), and a scene is kept only when its image answers the
-# question clearly: "count", for instance, skips scenes where a primitive shows as a sliver of a few pixels.
-# Every domain is class-balanced (no class gets ahead of another by more than one sample), so chance, 1 / K,
-# is also what the best constant answer scores. The questions were chosen so that a small WRN learns every
-# one of them in a few CPU minutes; "which kind of primitive is the largest" and "which kinds are visible"
-# were tried too and stayed at chance in that budget.
-SYNTHETIC_DECATHLON = {  # domain: (number of classes, image style, question)
-    "floor": (3, "grey", "the floor's pattern: plain, planks (stripes) or tiles (checks)"),
-    "walls": (2, "bgr", "are the walls painted plain or with vertical stripes"),
-    "count": (4, "colour", "how many primitives are visible: 1, 2, 3, or 4 and more"),
-    "colour": (6, "dim", "the hue of the largest visible primitive, in six 60-degree bins starting at red"),
-}
-VISIBLE = 0.015  # a primitive is visible when it covers at least 1.5% of the image (61 pixels at 64x64)
-WALLS = (LEFT_WALL, RIGHT_WALL, FRONT_WALL, BACK_WALL)
-
-
-def _primitive_colours(scene):
-    """The first colour of each primitive, in object-id order (spheres, then boxes, then cylinders)."""
-    colours = []
-    for kind in ("spheres", "boxes", "cylinders"):
-        start = PRIMITIVE_SIZES[kind]  # the material follows the geometry; it starts with the colour
-        colours += [row[start:start + 3].tolist() for row in scene[kind]]
-    return colours
-
-
-def synthetic_decathlon_label(domain, scene, objects):
-    """The class of a rendered scene for `domain` (see SYNTHETIC_DECATHLON), or None when the image does not
-    answer the question clearly. objects: (H, W) object ids from render_scenes(..., objects=True)."""
-    colours = _primitive_colours(scene)
-    share = torch.bincount(objects.flatten(), minlength=FIRST_PRIMITIVE + len(colours)).double() / objects.numel()
-    if domain == "floor":  # materials: floor, walls, ceiling, picture; column 6 is the pattern
-        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None  # a big primitive may hide it
-    if domain == "walls":
-        return int(scene["materials"][1, 6]) if share[list(WALLS)].sum() >= 0.1 else None
-    areas = share[FIRST_PRIMITIVE:].tolist()
-    if not any(a >= VISIBLE for a in areas):
-        return None  # no primitive in view
-    if domain == "count":  # 1, 2, 3, 4+ (5 visible primitives are rare)
-        if any(VISIBLE / 2 <= a < VISIBLE for a in areas):
-            return None  # a primitive on the edge of counting
-        return min(sum(a >= VISIBLE for a in areas), 4) - 1
-    order = sorted(range(len(areas)), key=areas.__getitem__, reverse=True)
-    largest = order[0]
-    if len(order) > 1 and areas[order[1]] > 0.7 * areas[largest]:
-        return None  # two primitives of about the same size: which one is "the largest"?
-    hue = colorsys.rgb_to_hsv(*colours[largest])[0] * 6  # in units of 60 degrees
-    if abs(hue - round(hue)) < 0.1:
-        return None  # within 6 degrees of a bin boundary
-    return int(hue) % 6
-
-
-def _styled(image, style):
-    """A domain's look: "colour" as rendered, "grey", "dim" (half the light) or "bgr" (red and blue swapped,
-    like a camera that stores its channels the other way round)."""
-    if style == "grey":
-        return image.mean(0, keepdim=True).expand(3, -1, -1).clone()
-    if style == "dim":
-        return image * 0.5
-    if style == "bgr":
-        return image.flip(0)
-    return image
-
-
-class SyntheticDecathlon(torch.utils.data.Dataset):
-    """One synthetic classification domain (see SYNTHETIC_DECATHLON): {"image", "label"} samples at 64x64,
-    deterministic like SyntheticScenes (sample i of a split is the same on every machine), rendered once and
-    kept in memory. Training flips horizontally at random (no label depends on left and right).
-
-    Sample i is the i-th scene of the split's seed sequence whose image answers the question (see
-    synthetic_decathlon_label) and keeps the classes balanced, so the first N samples do not depend on how
-    many are asked for."""
-
-    DEFAULT_SIZES = {"train": 800, "val": 200}
-    _statistics = {}  # (domain, resolution, seed) -> (mean, std), computed once per process
-    _rendered = {}  # (domain, split, count, resolution, seed) -> (normalised images, labels), once per process
-
-    def __init__(self, domain, split="train", num_samples=None, resolution=(64, 64), train=None, seed=0):
-        if domain not in SYNTHETIC_DECATHLON:
-            raise ValueError(f"unknown synthetic Decathlon domain {domain!r}; valid: {', '.join(SYNTHETIC_DECATHLON)}")
-        split = "val" if split == "test" else split
-        if split not in self.DEFAULT_SIZES:
-            raise ValueError(f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}")
-        self.domain, self.split, self.seed = domain, split, seed
-        self.resolution = parse_resolution(resolution)
-        self.train = split == "train" if train is None else train
-        self.num_classes, self.style, _ = SYNTHETIC_DECATHLON[domain]
-        count = self.DEFAULT_SIZES[split] if num_samples is None else int(num_samples)
-        key = (domain, split, count, self.resolution, seed)
-        if key not in self._rendered:  # e.g. eval.py after train.py in one process needs the same splits
-            images, labels = self._render(count, split)
-            mean, std = self.statistics(images if split == "train" else None)
-            self._rendered[key] = (normalise(images, mean, std), labels)  # normalised once, not per sample
-        self.images, self.labels = self._rendered[key]
-        self.mean, self.std = self.statistics()
-
-    def _candidate(self, split, j):
-        """Candidate scene j of a split, from a seed hashed from (seed, domain, split, j)."""
-        digest = hashlib.sha256(f"synthetic-decathlon/{self.seed}/{self.domain}/{split}/{j}".encode()).digest()
-        return sample_scene(int.from_bytes(digest[:8], "little") >> 1)
-
-    def _render(self, count, split):
-        """Images and labels of the first `count` candidate scenes that answer the domain's question."""
-        images, labels, j = [], [], 0
-        while len(labels) < count:
-            scenes = [self._candidate(split, j + i) for i in range(32)]
-            j += len(scenes)
-            batch = render_scenes(scenes, self.resolution, objects=True)
-            for scene, image, objects in zip(scenes, batch["image"], batch["object"]):
-                label = synthetic_decathlon_label(self.domain, scene, objects)
-                balanced = labels.count(label) <= len(labels) // self.num_classes  # no class gets ahead
-                if label is not None and balanced and len(labels) < count:
-                    images.append(_styled(image, self.style))
-                    labels.append(label)
-        return torch.stack(images), torch.tensor(labels)
-
-    def statistics(self, train_images=None):
-        """Per-channel mean and std of the domain's first 64 training images (the official code ships such
-        numbers for each real domain), so every split is normalised alike."""
-        key = (self.domain, self.resolution, self.seed)
-        if key not in self._statistics:
-            if train_images is None or len(train_images) < 64:
-                train_images, _ = self._render(64, "train")
-            first = train_images[:64]
-            self._statistics[key] = (tuple(first.mean((0, 2, 3)).tolist()),
-                                     tuple(first.std((0, 2, 3)).clamp_min(1e-3).tolist()))
-        return self._statistics[key]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        image = self.images[index]
-        if self.train and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return {"image": image, "label": self.labels[index]}
-
-
-def decathlon_domains_present(root):
-    """The official domains that have a folder under `root`, in the official order. Many users have all but
-    imagenet12, whose images need a separate licence; training then uses the other nine."""
-    root = _check_root("decathlon", root)
-    present = [d for d in DECATHLON_DOMAINS if os.path.isdir(os.path.join(root, d))]
-    if not present:
-        raise dataset_error("decathlon", "no domain folder (aircraft, cifar100, ...) in this folder", root)
-    return present
-
-
-def build_decathlon(name, root, split, domains=None, num_samples=None):
-    """{domain: dataset} and {domain: number of classes} for "decathlon" or "synthetic-decathlon", in the
-    official domain order (or the order of `domains`, a subset). For "decathlon", domains=None means every
-    official domain with a folder under `root`."""
-    every = DECATHLON_DOMAINS if name == "decathlon" else tuple(SYNTHETIC_DECATHLON)
-    if domains is None and name == "decathlon":
-        domains = decathlon_domains_present(root)
-    domains = list(domains or every)
-    unknown = [d for d in domains if d not in every]
-    if unknown:
-        raise ValueError(f"unknown {name} domain(s) {', '.join(unknown)}; valid: {', '.join(every)}")
-    if name == "decathlon":
-        sets = {d: Decathlon(root, d, split, num_samples=num_samples) for d in domains}
-        return sets, {d: len(s.classes) for d, s in sets.items()}
-    sets = {d: SyntheticDecathlon(d, split, num_samples=num_samples) for d in domains}
-    return sets, {d: s.num_classes for d, s in sets.items()}
 
 
 def main(argv=None):

@@ -1,14 +1,24 @@
 """
 Evaluation for MTAN (Liu et al., CVPR 2019) and MTI-Net (Vandenhende et al., ECCV 2020).
 
-This file holds two things:
+Read top to bottom, this file is:
 
-1. A metric library that works when eval.py is copied alone into another
-   project (it imports torch, math and the standard library only):
-   accumulators for every dense task of both papers, the multi-task
-   performance Delta_m in its published conventions, the Visual Decathlon
-   score, and helpers that print a metrics dict as the papers' table rows.
-2. The command line `python eval.py --checkpoint ...` (at the bottom).
+1. A metric library: accumulators for every dense task of both papers, the
+   multi-task performance Delta_m in its published conventions, the Visual
+   Decathlon score, and the papers' table rows. It imports torch, math and
+   the standard library only, so it works when eval.py is copied alone into
+   another project.
+2. The evaluation loops: a whole split through a model into the
+   accumulators (train.py's validation uses the same loop), the Decathlon's
+   per-domain evaluation with its BatchNorm re-estimation.
+3. Reading a run: checkpoints, and rebuilding the model they hold from the
+   class and arguments they record (no train.py needed).
+4. The command line `python eval.py --checkpoint runs/NAME/last.pt`, and
+   `python eval.py --compare RUN ...` for the papers' tables.
+5. Pictures (predictions, attention masks, training curves), and an appendix
+   with the Decathlon challenge's results format.
+
+Only sections 3-5 import data.py, mtan.py and mtinet.py, inside functions.
 
 How the accumulators work
 -------------------------
@@ -36,10 +46,10 @@ Each task has an accumulator with `update(pred, target)` once per batch and
 Fractions are in [0, 1] and angles in degrees; `table_row` turns fractions
 into the percentages the papers print.
 
-Task names, target formats and ignore values follow the project contract:
-semantic / parts = long class ids with -1 ignored, depth 0 = invalid,
-normal all-zero vector = invalid, edge / saliency = {0, 1} maps with logits
-as predictions.
+Task names, target formats and ignore values are those of every dataset in
+data.py: semantic / parts = long class ids with -1 ignored, depth 0 =
+invalid, normal all-zero vector = invalid, edge / saliency = {0, 1} maps with
+logits as predictions.
 """
 
 import argparse
@@ -138,7 +148,7 @@ class SegMetrics(Metric):
     `pred` is either logits (B, K, H, W) or class ids (B, H, W); `target` is
     (B, H, W) long with `ignore_index` (and any id outside [0, K)) ignored.
     The MTAN paper's NYUv2 numbers used an older per-image mIoU, about 8
-    points lower than this one (mtan.md section 5.1).
+    points lower than this one (`compute_miou`, kept commented out in lorenmt/mtan im2im_pred/utils.py).
     """
 
     def __init__(self, num_classes, ignore_index=-1, absent="skip"):
@@ -373,7 +383,7 @@ class EdgeMetrics(Metric):
     """Approximate ODS F-score for edge maps (MTI-Net's PASCAL "odsF").
 
     The official number comes from SEISM / the BSDS benchmark in MATLAB
-    (mtinet.md section 7.6): for each of 99 thresholds t, binarise the edge
+    (MTI-Net's evaluation/eval_edge.py calls it): for each of 99 thresholds t, binarise the edge
     probability at >= t, thin it to one-pixel-wide lines, match it one-to-one
     (bipartite matching, `correspondPixels`) with the ground-truth boundary
     within maxDist = 0.0075 x the image diagonal, and count over the dataset
@@ -453,7 +463,7 @@ class EdgeMetrics(Metric):
 
 
 class SaliencyMetrics(Metric):
-    """Saliency maxF and mIoU exactly as MTI-Net's `eval_sal` (mtinet.md section 7.5).
+    """Saliency maxF and mIoU exactly as MTI-Net's `eval_sal` (evaluation/eval_sal.py).
 
     For each image and each of 15 thresholds t = linspace(0.2, 0.9, 15),
     binarise the probability at > t and compute
@@ -537,15 +547,6 @@ def metrics_for(tasks, **options):
     return {name: makers[name](channels, dict(options.get(name, {}))) for name, channels in tasks.items()}
 
 
-def update_all(metrics, preds, batch):
-    """Feed one batch to every accumulator: preds[task] against batch[task]."""
-    for name, metric in metrics.items():
-        metric.update(preds[name], batch[name])
-
-
-def compute_all(metrics):
-    """{task: {metric: float}} for a dict of accumulators."""
-    return {name: metric.compute() for name, metric in metrics.items()}
 
 
 def average_results(history):
@@ -560,7 +561,7 @@ def average_results(history):
 # Multi-task performance Delta_m
 # ----------------------------------------------------------------------------
 
-# Results dicts are {task: {metric: value}} as returned by compute_all; a
+# Results dicts are {task: {metric: value}} as returned by `evaluate`; a
 # baseline must use the same units as the results (fractions or percentages
 # alike), since Delta_m only uses ratios.
 
@@ -570,7 +571,7 @@ HIGHER_IS_BETTER = {
     "abs_err": False, "rel_err": False, "rmse": False, "mean": False, "median": False,
 }
 
-# One metric per task, as MTI-Net's calculate_multi_task_performance (mtinet.md 7.7).
+# One metric per task, as MTI-Net's calculate_multi_task_performance (evaluation/evaluate_utils.py).
 PRIMARY_METRIC = {"semantic": "miou", "parts": "miou", "saliency": "miou",
                   "edge": "odsf", "normal": "mean", "depth": "rmse"}
 
@@ -580,13 +581,13 @@ NYUV2_9 = (("semantic", "miou"), ("semantic", "pixel_acc"), ("depth", "abs_err")
            ("normal", "within_22.5"), ("normal", "within_30"))
 
 # Single-task rows ("STL") printed by the papers, in this file's units (fractions, degrees, metres).
-# SegNet single-task NYUv2, the BASE of Nash-MTL / CAGrad (ecosystem.md section 2.1).
+# SegNet single-task NYUv2, the STL row of Nash-MTL (Navon et al., ICML 2022, Table 2) and CAGrad.
 STL_NYUV2_SEGNET = {
     "semantic": {"miou": 0.3830, "pixel_acc": 0.6376},
     "depth": {"abs_err": 0.6754, "rel_err": 0.2780},
     "normal": {"mean": 25.01, "median": 19.21, "within_11.25": 0.3014, "within_22.5": 0.5720, "within_30": 0.6915},
 }
-# MTI-Net repository v1 README, HRNet-18 single-task models (mtinet.md section 9.1).
+# MTI-Net repository README (v1), HRNet-18 single-task models on NYUD and PASCAL: reference rows for users.
 STL_NYUD_HRNET18 = {"semantic": {"miou": 0.345}, "depth": {"rmse": 0.610}}
 STL_PASCAL_HRNET18 = {"semantic": {"miou": 0.594}, "parts": {"miou": 0.603}, "saliency": {"miou": 0.670},
                       "edge": {"odsf": 0.692}, "normal": {"mean": 14.6}}
@@ -612,7 +613,7 @@ def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
     """Relative multi-task performance against a single-task baseline, in percent.
 
     The three published conventions give different numbers and even
-    different signs, so the caller must name one (ecosystem.md section 1.2):
+    different signs, so the caller must name one:
 
     convention="mtinet"  (Maninis et al. 2019 / MTI-Net / Auto-Lambda; higher is better)
         Delta_m = 100/T * sum_t (-1)^{l_t} (M_t - M_stl,t) / M_stl,t
@@ -662,7 +663,6 @@ def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
 FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82,
             "dtd": 55.53, "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69,
             "svhn": 96.55, "ucf101": 51.20}
-DECATHLON_DOMAINS = tuple(FINETUNE)
 
 
 def decathlon_score(accuracy, baseline=FINETUNE):
@@ -810,26 +810,328 @@ def format_metrics(results):
 
 
 # ----------------------------------------------------------------------------
-# Command line (added by the train/eval issue)
+# Evaluation loops
+#
+# One pass over a split with the model in eval mode, every batch fed to the
+# accumulators on the device. train.py's validation calls the same functions,
+# so the numbers of a training log and of `python eval.py` are the same ones.
+# ----------------------------------------------------------------------------
+
+
+def to_device(batch, device, channels_last=False):
+    """A batch dict on `device`; the image in channels_last layout when asked (faster convolutions)."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def autocast(amp, device):
+    """bf16/fp16 autocast ("bf16", "fp16" or "off") for the model's forward pass; losses and metrics stay
+    in fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def all_reduce(tensor):
+    """Sum a tensor over torch.distributed ranks in place; the identity in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def variable_size(dataset):
+    """True for splits whose targets keep each image's own size (PASCAL val): they cannot be stacked."""
+    return getattr(getattr(dataset, "dataset", dataset), "variable_size", False)  # looks through a Subset
+
+
+@torch.no_grad()
+def evaluate(model, loader, tasks, device, amp="off", channels_last=False, normalise=None):
+    """Pixel-pooled metrics {task: {metric: value}} of every task over a whole split. `normalise` maps the
+    [0, 1] image to the model's input (ImageNet statistics for a pretrained backbone). Under torchrun each
+    rank evaluates its shard and the accumulators are summed across ranks, so the numbers equal a
+    single-process evaluation of the same weights."""
+    import data  # edges derived from semantic labels, for datasets without edge files
+
+    model.eval()
+    metrics = metrics_for(tasks)
+    for batch in loader:
+        batch = data.add_derived_targets(to_device(batch, device, channels_last), tasks)
+        image = batch["image"] if normalise is None else normalise(batch["image"])
+        with autocast(amp, device):
+            preds = model(image)
+        for task, meter in metrics.items():
+            pred, target = preds[task].float(), batch[task]
+            if pred.shape[-2:] != target.shape[-2:]:  # PASCAL val: evaluated at each image's original size
+                pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            meter.update(pred, target)
+    for meter in metrics.values():
+        meter.all_reduce()
+    return {task: meter.compute() for task, meter in metrics.items()}
+
+
+def classification_totals(loss_sum, logits, label):
+    """(3,) loss sum, correct answers and images of one batch, kept on the device so nothing waits for it.
+    torch.full, not torch.tensor: building a CUDA tensor from a Python number is a blocking copy."""
+    count = torch.full((), len(label), device=logits.device)
+    return torch.stack([loss_sum, (logits.argmax(1) == label).sum(), count])
+
+
+# Batch normalisation across Decathlon domains. The backbone's BN layers are shared, so after an epoch their
+# running statistics describe mostly the domain trained last (the final BN, with momentum 0.9, only its last
+# batch), and every other domain would be evaluated with the wrong statistics. The official evaluation script
+# (lorenmt/mtan visual_decathlon/model_wrn_eval.py) therefore trains one more epoch on each domain before
+# predicting it, "to compute dataset-specific BN statistics". Here the statistics are re-estimated without
+# touching the weights: before a domain is evaluated, a few batches of its training data run through the
+# network in training mode, and the shared statistics are put back after. The batches depend on the seed
+# only, so every torchrun rank and eval.py compute the same statistics.
+BN_CALIBRATION_BATCHES = 10
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model, dataset, index, cfg, device, batches=BN_CALIBRATION_BATCHES):
+    """Set the BN running statistics to the average over `batches` shuffled training batches of domain `index`.
+    Returns what restore_batchnorm needs to put the previous statistics back."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None = a cumulative average over the batches seen
+    model.train()
+    loader = torch.utils.data.DataLoader(  # train.py's loader of epoch 0, without the torchrun shard
+        dataset, batch_size=cfg["batch_size"], shuffle=True, num_workers=cfg["workers"],
+        generator=torch.Generator().manual_seed(cfg["seed"] * 1000),
+        drop_last=cfg["drop_last"] and len(dataset) > cfg["batch_size"])
+    with torch.random.fork_rng(devices=[]):  # the same batches, crops and flips in train.py and eval.py
+        torch.manual_seed(cfg["seed"])
+        for step, batch in enumerate(loader):
+            if step == batches:
+                break
+            with autocast(cfg["amp"], device):
+                model(batch["image"].to(device), index)
+    model.eval()
+    return list(zip(norms, saved))
+
+
+def restore_batchnorm(saved):
+    for m, (momentum, mean, var, tracked) in saved:
+        m.momentum = momentum
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(tracked)
+
+
+@torch.no_grad()
+def evaluate_decathlon(model, loaders, cfg, device, calibration=None):
+    """Top-1 accuracy (a fraction) and mean cross entropy of every domain's split, summed across ranks.
+    calibration: {domain: training dataset} to re-estimate each domain's BN statistics first (see above)."""
+    model.eval()
+    results = {}
+    for index, (domain, loader) in enumerate(loaders.items()):
+        saved = calibrate_batchnorm(model, calibration[domain], index, cfg, device) if calibration else []
+        totals = torch.zeros(3, device=device)
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            with autocast(cfg["amp"], device):
+                logits = model(image, index).float()
+            totals += classification_totals(F.cross_entropy(logits, label, reduction="sum"), logits, label)
+        restore_batchnorm(saved)
+        loss_sum, correct, count = all_reduce(totals).tolist()
+        results[domain] = {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
+    return results
+
+
+# ----------------------------------------------------------------------------
+# Reading a run
+#
+# A run folder of train.py holds last.pt, log.jsonl, metrics.json and
+# curves.png. The checkpoint records the model's module, class and
+# constructor arguments (`model_args`), so the model is rebuilt here from
+# mtan.py or mtinet.py alone, as nanoGPT's sample.py rebuilds its GPT.
+# ----------------------------------------------------------------------------
+
+DECATHLON_DATASETS = ("decathlon", "synthetic-decathlon")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by train.py, with one-line errors for the usual mistakes. weights_only=True:
+    loading a checkpoint never runs code from the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: pass a run folder (runs/NAME) or its last.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a "
+                              f"checkpoint of this repository; start a new run or use another file") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of train.py (it has no 'config'/'model' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """The (untrained) model a checkpoint's weights belong to, built from its recorded class and arguments."""
+    import mtan
+    import mtinet
+
+    args = ckpt.get("model_args") or legacy_model_args(ckpt["config"])
+    module = {"mtan": mtan, "mtinet": mtinet}[args["module"]]
+    return getattr(module, args["class"])(**args["kwargs"])
+
+
+def legacy_model_args(cfg):
+    """model_args of a checkpoint written before checkpoints recorded them: from its `--model` name."""
+    tasks, width = dict(cfg["tasks"]), cfg.get("width", 1.0)
+    name = cfg["model"]
+    if name in ("single", "split", "split-wide", "split-deep"):
+        variant = {"split-wide": "wide", "split-deep": "deep"}.get(name, "standard")
+        return {"module": "mtan", "class": "SegNet", "kwargs": dict(tasks=tasks, variant=variant, width=width)}
+    if name in ("stan", "mtan", "dense", "cross-stitch"):
+        cls = {"dense": "DenseSegNet", "cross-stitch": "CrossStitchSegNet"}.get(name, "MTAN")
+        return {"module": "mtan", "class": cls, "kwargs": dict(tasks=tasks, width=width)}
+    if name == "wrn-mtan":
+        return {"module": "mtan", "class": "WideResNetMTAN", "kwargs": dict(
+            num_classes=list(tasks.values()), domains=list(tasks), depth=cfg["wrn_depth"],
+            widen_factor=max(1, round(4 * width)))}
+    kwargs = dict(tasks=tasks, backbone=cfg.get("backbone", "w18-small-v2"))
+    if name in ("mtinet", "padnet"):
+        kwargs["aux_tasks"] = dict(cfg["aux_tasks"]) or None
+    if name == "mtinet":
+        kwargs["fpm_softmax"] = cfg.get("fpm_softmax", "tasks")
+    cls = {"mtinet": "MTINet", "padnet": "PADNet", "hrnet-mtl": "HRNetMultiTask"}[name]
+    return {"module": "mtinet", "class": cls, "kwargs": kwargs}
+
+
+def count_parameters(state_dict):
+    """Parameters of a model from its state dict (BatchNorm statistics and other buffers excluded)."""
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(v.numel() for k, v in state_dict.items() if not k.endswith(buffers) and v.is_floating_point())
+
+
+def is_decathlon(cfg):
+    return cfg["data"] in DECATHLON_DATASETS
+
+
+def dataset_options(cfg):
+    """The data.build_dataset options of a run's configuration."""
+    import data
+
+    options = {}
+    if cfg["data"] == "synthetic":
+        options["resolution"] = data.parse_resolution(cfg["resolution"], flag="--resolution")
+        options["cache"] = True  # render each scene once; later epochs read it from memory
+    if cfg["data"] == "cityscapes":
+        options["num_classes"] = cfg["num_classes"]
+    if cfg["data"] == "pascal":  # PASCAL augments each sample itself (rotation, scale, fixed resize)
+        options["augment"] = cfg["augment"]
+    return options
+
+
+def write_text_atomic(text, path):
+    """Write a text file through a temporary file and a rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---- speed settings and measurement, shared with train.py --------------------------------------------------
+
+
+def configure_torch(cfg):
+    """--deterministic, or on a GPU the fast settings: the cuDNN autotuner (fixed input sizes) and TF32."""
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif cfg["device"] == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    """Peak memory: allocated CUDA memory on a GPU, the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class DeviceClock:
+    """Time marks on the device's timeline, for `--bench` in train.py and here. On a GPU, CUDA events recorded
+    between steps let the steps run back to back with no synchronisation; one synchronisation at the end
+    reads them. On a CPU every op has finished when it returns, so the wall clock is read directly. Creating
+    the clock resets the GPU's peak-memory counter."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def start(self):
+        synchronize(self.device)
+        self.marks = [self._now()]
+
+    def mark(self):
+        self.marks.append(self._now())
+
+    def _now(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def median_interval(self):
+        """The median time in seconds between consecutive marks."""
+        synchronize(self.device)
+        cuda = self.device.type == "cuda"
+        times = sorted(a.elapsed_time(b) / 1000 if cuda else b - a for a, b in zip(self.marks, self.marks[1:]))
+        return times[len(times) // 2]
+
+
+def speed_fields(cfg, device, image):
+    """The fields every --bench line carries: memory, device, precision, layout, batch and resolution."""
+    return {"peak_mem_mb": round(peak_memory_mb(device), 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "amp": cfg["amp"], "channels_last": cfg["channels_last"], "batch_size": image.shape[0],
+            "resolution": "x".join(map(str, image.shape[-2:]))}
+
+
+# ----------------------------------------------------------------------------
+# Command line
 # ----------------------------------------------------------------------------
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
                                 "and optional pictures of predictions and attention masks.")
-    p.add_argument("--checkpoint", required=True, help="runs/NAME/last.pt (or the run folder)")
-    p.add_argument("--data-root", help="dataset folder, if it moved since training")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
+    p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
                    "(Decathlon: comma-separated eval.json files of single-domain runs, for the score)")
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
     p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
-    p.add_argument("--num-vis", type=int, default=4, help="how many samples --save-vis draws")
+    p.add_argument("--num-vis", type=int, default=4, metavar="N", help="how many samples --save-vis draws")
     p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--subset", type=int, help="evaluate only the first N samples")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--subset", type=int, metavar="N", help="evaluate only the first N samples")
     p.add_argument("--bench", type=int, metavar="N", help="time N evaluations of the split (images/s, metrics "
                    "included), print one JSON line and exit (dense datasets)")
     return p
@@ -837,11 +1139,9 @@ def build_parser():
 
 def load_run(args):
     """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
-    import train
-
     try:
-        ckpt = train.load_checkpoint(args.checkpoint)
-    except train.CheckpointError as e:
+        ckpt = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     cfg = dict(ckpt["config"])
     if args.data_root:
@@ -849,7 +1149,8 @@ def load_run(args):
     cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg["compile"] = False  # compiling pays off over many training steps, not one evaluation
     cfg["channels_last"] = cfg.get("channels_last", False)  # as in training: faster on CPU and GPU alike
-    model = train.build_model(cfg)
+    cfg.setdefault("deterministic", False)
+    model = model_from_checkpoint(ckpt)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -860,12 +1161,20 @@ def load_run(args):
     return cfg, model.eval(), device
 
 
+def input_normalisation(cfg, device):
+    """ImageNet statistics for a run trained from ImageNet weights (--pretrained), else the identity."""
+    if not cfg.get("pretrained"):
+        return torch.nn.Identity()
+    import mtinet
+
+    return mtinet.ImageNetNormalisation().to(device)
+
+
 def evaluation_split(cfg, args):
     import data
-    import train
 
     try:
-        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], args.split, **train.dataset_options(cfg))
+        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], args.split, **dataset_options(cfg))
     except Exception as e:
         raise SystemExit(f"error: {e}") from None
     subset = args.subset or cfg.get("subset")
@@ -874,25 +1183,29 @@ def evaluation_split(cfg, args):
     return dataset
 
 
-def main(argv=None):
-    import train
+def evaluation_loader(dataset, cfg):
+    """The split in order, one pass; batch 1 where targets keep each image's size (PASCAL val)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=1 if variable_size(dataset) else cfg["batch_size"],
+                                       num_workers=cfg.get("workers", 0), pin_memory=cfg["device"] == "cuda")
 
+
+def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg, model, device = load_run(args)
-    normalise = train.InputNormalisation().to(device) if cfg.get("pretrained") else torch.nn.Identity()
+    normalise = input_normalisation(cfg, device)
     if args.image:
         return predict_image(args, cfg, model, device, normalise)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
-    if train.is_decathlon(cfg):
+    if is_decathlon(cfg):
         if args.bench:
             raise SystemExit("error: --bench times the dense datasets' evaluation; not the Decathlon's")
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
     dataset = evaluation_split(cfg, args)
-    loader = train.make_loader(dataset, cfg, 0, train=False)
+    loader = evaluation_loader(dataset, cfg)
     if args.bench:
         return bench_evaluation(args, cfg, model, loader, device, normalise)
-    results = train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)
+    results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results}
@@ -911,31 +1224,24 @@ def main(argv=None):
 
 
 def bench_evaluation(args, cfg, model, loader, device, normalise):
-    """--bench N: the speed of evaluating the split as training evaluates it (train.evaluate: loading, forward,
+    """--bench N: the speed of evaluating the split as training evaluates it (`evaluate`: loading, forward,
     metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
     Prints one JSON line and returns it as a dict; writes no file."""
-    import train
-
-    train.configure_torch(cfg)  # the cuDNN autotuner and TF32 of training, on a GPU
+    configure_torch(cfg)  # the cuDNN autotuner and TF32 of training, on a GPU
     batch = next(iter(loader))
-    train.evaluate(model, [batch], cfg["tasks"], device, cfg, normalise)  # warm-up: autotuning, lazy state
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    run_split = lambda batches: evaluate(model, batches, cfg["tasks"], device, cfg["amp"], cfg["channels_last"],
+                                         normalise)  # ends by reading the metrics
+    run_split([batch])  # warm-up: autotuning, lazy state
+    clock = DeviceClock(device)
+    clock.start()
     for _ in range(args.bench):
-        train.synchronize(device)
-        start = time.perf_counter()
-        train.evaluate(model, loader, cfg["tasks"], device, cfg, normalise)  # ends by reading the metrics
-        train.synchronize(device)
-        times.append(time.perf_counter() - start)
-    median = sorted(times)[len(times) // 2]
+        run_split(loader)
+        clock.mark()
+    median = clock.median_interval()
     images = len(loader.dataset)
     result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
               "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
-              "peak_mem_mb": round(train.peak_memory_mb(device), 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "amp": cfg["amp"], "channels_last": cfg["channels_last"], "batch_size": loader.batch_size,
-              "resolution": "x".join(map(str, batch["image"].shape[-2:]))}
+              **speed_fields(cfg, device, batch["image"]), "batch_size": loader.batch_size}
     print(json.dumps(result))
     return result
 
@@ -950,10 +1256,9 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
 
     (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`).
     Each domain's BN statistics are re-estimated from its training split first, as during training
-    (train.calibrate_batchnorm). With `--split test` on the official data and ROOT/annotations/
+    (calibrate_batchnorm). With `--split test` on the official data and ROOT/annotations/
     <domain>_test_stripped.json present, the predictions go to results.json in the challenge's format."""
     import data
-    import train
 
     domains = list(cfg["tasks"])
     try:
@@ -968,8 +1273,8 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     if any(label < 0 for s in sets.values() for _, label in getattr(s, "files", [])):  # official test split
         raise SystemExit(f"error: the {args.split} split has no labels; for the official test split put the "
                          "challenge's annotations/<domain>_test_stripped.json files in the data root")
-    loaders = {d: train.make_loader(s, cfg, 0, train=False) for d, s in sets.items()}
-    results = train.evaluate_decathlon(model, loaders, cfg, device, calibration)
+    loaders = {d: evaluation_loader(s, cfg) for d, s in sets.items()}
+    results = evaluate_decathlon(model, loaders, cfg, device, calibration)
     baseline = decathlon_baseline(args, sets)
     rows = [(f"{cfg['model']} ({args.split})", results)]
     if args.baseline:
@@ -989,64 +1294,6 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     write_report(report, args.checkpoint)
     return report
 
-
-# ---- the challenge's results format -------------------------------------------------------------------------
-#
-# The Decathlon server takes one JSON list of {"image_id", "category_id"} for the test images, ids as in the
-# devkit's COCO-style ROOT/annotations/<domain>_test_stripped.json ("images": id and file_name; "categories":
-# id). Class index i (the i-th class folder in sorted order, as ImageFolder numbers them) is taken to be the
-# i-th category in sorted id order. This is the assumption of the official MTAN script coco_results.py, and it
-# holds when the class folders sort like the category ids (the devkit numbers both in the same order).
-
-
-def test_annotations(root, domains):
-    """{domain: path of its test annotations} for the domains that have the file."""
-    paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
-    return {d: p for d, p in paths.items() if os.path.isfile(p)}
-
-
-def read_test_annotations(root, path):
-    """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
-    "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
-    import data
-
-    try:
-        with open(path) as f:
-            blob = json.load(f)
-        images = [(int(im["id"]), str(im["file_name"])) for im in blob["images"]]
-        categories = sorted(int(c["id"]) for c in blob["categories"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
-    prefix = "data/"
-    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
-    return files, categories
-
-
-def write_decathlon_results(args, cfg, model, device, calibration):
-    """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
-    import data
-    import train
-
-    results, counts = [], {}
-    for domain, path in test_annotations(cfg["data_root"], list(cfg["tasks"])).items():
-        files, categories = read_test_annotations(cfg["data_root"], path)
-        dataset = data.Decathlon(cfg["data_root"], domain, "train", train=False)  # the classes and transform
-        if len(categories) != len(dataset.classes):
-            raise data.DatasetError(f"{path}: {len(categories)} categories, but {len(dataset.classes)} class "
-                                    f"folders in {os.path.join(cfg['data_root'], domain, 'train')}")
-        dataset.files = [(p, -1) for _, p in files]  # the annotated test images instead of the training ones
-        index = list(cfg["tasks"]).index(domain)
-        saved = train.calibrate_batchnorm(model, calibration[domain], index, cfg, device)
-        with torch.no_grad(), train.autocast(cfg, device):
-            predicted = torch.cat([model(batch["image"].to(device), index).argmax(1).cpu()
-                                   for batch in train.make_loader(dataset, cfg, 0, train=False)])
-        train.restore_batchnorm(saved)
-        results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
-        counts[domain] = len(files)
-    out = os.path.join(run_folder(args.checkpoint), "results.json")
-    train.write_text_atomic(json.dumps(results), out)
-    print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
-    return {"results": out, "predictions": counts}
 
 
 def decathlon_baseline(args, sets):
@@ -1097,10 +1344,8 @@ def run_folder(checkpoint):
 
 def write_report(report, checkpoint):
     """eval.json beside the checkpoint, written atomically."""
-    import train
-
     path = os.path.join(run_folder(checkpoint), "eval.json")
-    train.write_text_atomic(json.dumps(report, indent=2), path)
+    write_text_atomic(json.dumps(report, indent=2), path)
     print(f"wrote {path}")
 
 
@@ -1117,7 +1362,10 @@ def read_baseline(path):
     raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor 'final' (metrics.json)")
 
 
-# ---- pictures -----------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------
 
 
 def task_picture(task, tensor, num_classes, truth=None):
@@ -1221,7 +1469,9 @@ def predict_image(args, cfg, model, device, normalise):
         raise SystemExit(f"error: cannot read --image {args.image}: {e}") from None
     width, height = picture.size
     if cfg["data"] == "synthetic":
-        size = tuple(int(v) for v in str(cfg["resolution"]).split("x"))
+        import data
+
+        size = data.parse_resolution(cfg["resolution"], flag="--resolution")
     else:
         size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
     image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(device)
@@ -1236,6 +1486,114 @@ def predict_image(args, cfg, model, device, normalise):
     print("wrote " + ", ".join(written))
     return written
 
+# ---- training curves (train.py's curves.png) ----------------------------------------------------------------
+
+
+def save_panels(panels, path, width=360, height=260):
+    """Side-by-side line plots drawn with pillow. panels: [(title, {line name: values}, tick label of a
+    y value)], one panel per entry."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, series, tick) in enumerate(panels):
+        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
+    image.save(path)
+
+
+def rescaled(values):
+    """Values mapped linearly onto [0, 1] (their own range), for lines on different scales in one panel."""
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_panel(draw, box, title, series, tick):
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, y0 + 5), title, fill="black")
+    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    draw.text((x0 + 4, top), tick(hi), fill="black")
+    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
+    for k, (name, vs) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        n = max(len(vs) - 1, 1)
+        points = [(left + (right - left) * j / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
+                  for j, v in enumerate(vs) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        elif points:
+            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
+        draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
+
+
+# ----------------------------------------------------------------------------
+# Appendix: the Visual Decathlon challenge's results format
+# ----------------------------------------------------------------------------
+#
+# The Decathlon server takes one JSON list of {"image_id", "category_id"} for the test images, ids as in the
+# devkit's COCO-style ROOT/annotations/<domain>_test_stripped.json ("images": id and file_name; "categories":
+# id). Class index i (the i-th class folder in sorted order, as ImageFolder numbers them) is taken to be the
+# i-th category in sorted id order. This is the assumption of the official MTAN script coco_results.py, and it
+# holds when the class folders sort like the category ids (the devkit numbers both in the same order).
+
+
+def test_annotations(root, domains):
+    """{domain: path of its test annotations} for the domains that have the file."""
+    paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
+    return {d: p for d, p in paths.items() if os.path.isfile(p)}
+
+
+def read_test_annotations(root, path):
+    """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
+    "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
+    import data
+
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+        images = [(int(im["id"]), str(im["file_name"])) for im in blob["images"]]
+        categories = sorted(int(c["id"]) for c in blob["categories"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
+    prefix = "data/"
+    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
+    return files, categories
+
+
+def write_decathlon_results(args, cfg, model, device, calibration):
+    """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
+    import data
+
+    results, counts = [], {}
+    for domain, path in test_annotations(cfg["data_root"], list(cfg["tasks"])).items():
+        files, categories = read_test_annotations(cfg["data_root"], path)
+        dataset = data.Decathlon(cfg["data_root"], domain, "train", train=False)  # the classes and transform
+        if len(categories) != len(dataset.classes):
+            raise data.DatasetError(f"{path}: {len(categories)} categories, but {len(dataset.classes)} class "
+                                    f"folders in {os.path.join(cfg['data_root'], domain, 'train')}")
+        dataset.files = [(p, -1) for _, p in files]  # the annotated test images instead of the training ones
+        index = list(cfg["tasks"]).index(domain)
+        saved = calibrate_batchnorm(model, calibration[domain], index, cfg, device)
+        with torch.no_grad(), autocast(cfg["amp"], device):
+            predicted = torch.cat([model(batch["image"].to(device), index).argmax(1).cpu()
+                                   for batch in evaluation_loader(dataset, cfg)])
+        restore_batchnorm(saved)
+        results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
+        counts[domain] = len(files)
+    out = os.path.join(run_folder(args.checkpoint), "results.json")
+    write_text_atomic(json.dumps(results), out)
+    print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
+    return {"results": out, "predictions": counts}
 
 if __name__ == "__main__":
     main()

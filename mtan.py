@@ -9,6 +9,7 @@ Every network of the paper's experiments, in the order a reader needs them:
     4. MTAN              shared SegNet + one soft-attention chain per task; one task = STAN
     5. DenseSegNet, CrossStitchSegNet      the remaining baselines of the paper's Tables 2 and 3
     6. WideResNetMTAN    WRN-28-4 + attention for the Visual Decathlon (Table 4)
+    7. ResNetDilated, DeepLabHead, MTANDeepLabv3, DeepLabv3      dilated ResNet-50 + DeepLabv3 heads
 
 Every model is `Model(tasks, ...)`, `tasks` an ordered dict name -> output channels, e.g.
 {"semantic": 13, "depth": 1, "normal": 3}, and `forward(x)` returns a dict name -> (B, C, H, W) prediction
@@ -44,6 +45,14 @@ official code only loosely; the exact wiring, which this file follows, is asymme
     Decoder: bilinear x2 upsampling (align_corners=True) and f come *first*, and the mask reads the unpooled
     tensor up_j entering the shared stage, not a conv output. Both multiply the stage's last conv output p_j.
 
+Section 7 is not in the paper. The official repository later added MTAN on a dilated ResNet-50 with DeepLabv3
+heads (lorenmt/mtan, im2im_pred/model_resnet_mtan/resnet_mtan.py, class MTANDeepLabv3), and MTI-Net's code
+(SimonVandenhende/Multi-Task-Learning-PyTorch, models/models.py) uses the same backbone and head for its
+single-task and multi-task baselines (DeepLabv3 here). The ResNet-50 is written out with torchvision's module
+names, so a torchvision ImageNet state dict loads unchanged (ResNetDilated.load_torchvision); its last two
+stages trade stride for dilation (output stride 8: 1/8 resolution features, same receptive field), and each
+task reads them through its own DeepLabv3 head (atrous spatial pyramid pooling, Chen et al. 2017).
+
 Deviations from the official code (lorenmt/mtan), each repeated where it happens:
   * heads return logits for "semantic" (official: log_softmax; here the loss does it) and normalise
     normals with an epsilon (official: none);
@@ -52,9 +61,13 @@ Deviations from the official code (lorenmt/mtan), each repeated where it happens
   * any task names and channel counts instead of three hard-coded tasks, and a `width` multiplier;
   * MTAN runs the shared convs f once on the task-stacked batch (same maths, see SharedConv);
   * DenseSegNet drops a decoder block whose output the official code never uses;
-  * WideResNetMTAN returns logits (official: softmax probabilities, then log(p + 1e-20) in the loss).
+  * WideResNetMTAN returns logits (official: softmax probabilities, then log(p + 1e-20) in the loss);
+  * the ResNet models start from random weights (official: ImageNet weights downloaded in the constructor);
+    load them with `model.backbone.load_torchvision(path)`. The official MTANDeepLabv3 has no logsigma, so
+    its count, 92,347,921 for the three NYUv2 tasks, is matched exactly.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+import os
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -78,10 +91,10 @@ def check_tasks(tasks: Dict[str, int]) -> Dict[str, int]:
     return {name: int(c) for name, c in tasks.items()}
 
 
-def check_input(x: torch.Tensor) -> None:
-    """SegNet pools five times by 2 and unpools back, so H and W must be multiples of 32."""
-    if x.dim() != 4 or x.shape[-2] % 32 or x.shape[-1] % 32:
-        raise ValueError(f"expected a (B, 3, H, W) input with H and W divisible by 32 (five 2x2 poolings), "
+def check_input(x: torch.Tensor, multiple: int = 32, why: str = "five 2x2 poolings") -> None:
+    """SegNet pools five times by 2 and unpools back, so H and W must be multiples of 32 (MTAN-DeepLabv3: 8)."""
+    if x.dim() != 4 or x.shape[-2] % multiple or x.shape[-1] % multiple:
+        raise ValueError(f"expected a (B, 3, H, W) input with H and W divisible by {multiple} ({why}), "
                          f"got shape {tuple(x.shape)}")
 
 
@@ -171,11 +184,13 @@ class TaskHeads(nn.ModuleDict):
 class AttentionMask(nn.Sequential):
     """The task-specific mask a = h(g(.)) of Eq. (2) (official `att_layer`, one per task and stage):
     g = 1x1 conv -> BN -> ReLU, h = 1x1 conv -> BN -> sigmoid. Cheap (1x1) and full resolution: one weight in
-    (0, 1) per channel and pixel of the shared feature it gates."""
+    (0, 1) per channel and pixel of the shared feature it gates. g's width `mid` is `cout` in every SegNet
+    model; MTAN-DeepLabv3 (section 7) squeezes it to cout/4, like a ResNet bottleneck."""
 
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 1), nn.BatchNorm2d(cout), nn.Sigmoid())
+    def __init__(self, cin: int, cout: int, mid: Optional[int] = None):
+        mid = cout if mid is None else mid
+        super().__init__(nn.Conv2d(cin, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                         nn.Conv2d(mid, cout, 1), nn.BatchNorm2d(cout), nn.Sigmoid())
 
 
 class SharedConv(ConvLayer):
@@ -541,3 +556,280 @@ class WideResNetMTAN(nn.Module):
                 h = F.max_pool2d(h, 2, 2)                               # to the next group's resolution
         h = F.avg_pool2d(h, 8).flatten(1)                               # (B, 256): official 8x8 window on 9x9
         return self.classifiers[k](h)                                   # (B, classes_k) logits
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. Dilated ResNet-50 and DeepLabv3 heads (not in the paper; official lorenmt/mtan
+#    im2im_pred/model_resnet_mtan/ and SimonVandenhende/Multi-Task-Learning-PyTorch models/)
+#
+#    image (B, 3, H, W)
+#      conv1 7x7/2, bn1, relu, maxpool 3x3/2      (B, 64, H/4, W/4)      "stem"
+#      layer1   3 Bottlenecks                      (B, 256, H/4, W/4)
+#      layer2   4 Bottlenecks, first stride 2      (B, 512, H/8, W/8)
+#      layer3   6 Bottlenecks, dilation 2          (B, 1024, H/8, W/8)    torchvision: stride 2, H/16
+#      layer4   3 Bottlenecks, dilation 4          (B, 2048, H/8, W/8)    torchvision: stride 2, H/32
+#      DeepLabHead per task                        (B, C, H/8, W/8)  -> bilinear to (B, C, H, W)
+
+# ResNet-50's blocks per layer and the bottleneck widths ("planes") of layer1..layer4; a block outputs 4x planes.
+RESNET50_BLOCKS = (3, 4, 6, 3)
+RESNET50_PLANES = (64, 128, 256, 512)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's residual block (He et al. 2016, Fig. 5 right), as torchvision builds it: 1x1 conv narrows to
+    `planes`, 3x3 conv works there, 1x1 conv widens to 4 * planes; the input is added back, through
+    `downsample` (1x1 conv + BN) when the shape changes. The stride sits on the 3x3 conv (torchvision's
+    "ResNet v1.5"), convs have no bias (BN follows), and the attribute names are torchvision's, so its weights
+    load: conv1, bn1, conv2, bn2, conv3, bn3, downsample.0 (conv), downsample.1 (BN)."""
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        # padding = dilation keeps the size: a dilated 3x3 kernel spans 2 * dilation + 1 pixels
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))                        # (B, planes, h, w)
+        out = self.relu(self.bn2(self.conv2(out)))                      # (B, planes, h/stride, w/stride)
+        out = self.bn3(self.conv3(out))                                 # (B, 4*planes, h/stride, w/stride)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+def projection(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """The shortcut of a block that changes shape: 1x1 conv (with the block's stride) + BN."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def resnet_layer(cin: int, planes: int, num_blocks: int, stride: int, dilation: int = 1) -> nn.Sequential:
+    """One ResNet stage ("layer"): torchvision's `ResNet._make_layer`, then, for dilation > 1, the official
+    conversion `ResnetDilated._nostride_dilate` (lorenmt/mtan im2im_pred/model_resnet_mtan/resnet_dilated.py,
+    the same in SimonVandenhende/Multi-Task-Learning-PyTorch models/resnet_dilated.py):
+      * the strided 3x3 conv gets stride 1 and dilation (and padding) dilation // 2;
+      * every other 3x3 conv gets dilation (and padding) `dilation`;
+      * the strided 1x1 downsample conv gets stride 1.
+    The resolution is kept, and the dilation grows the kernels' reach by what the stride would have given:
+    the receptive field stays that of the pretrained network, so its weights still make sense. (torchvision's
+    own replace_stride_with_dilation gives the same convs for ResNet-50 at output stride 8.)"""
+    first_dilation = 1
+    if dilation > 1:
+        stride, first_dilation = 1, dilation // 2
+    downsample = projection(cin, 4 * planes, stride) if stride != 1 or cin != 4 * planes else None
+    blocks = [Bottleneck(cin, planes, stride, first_dilation, downsample)]
+    blocks += [Bottleneck(4 * planes, planes, dilation=dilation) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def init_torchvision(model: nn.Module) -> None:
+    """torchvision's ResNet init: kaiming_normal_ (fan_out, ReLU gain) convs, BN weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ResNetDilated(nn.Module):
+    """ResNet-50 without its classifier (avgpool + fc), layer3 and layer4 dilated instead of strided: official
+    `ResnetDilated(resnet50(), dilate_scale=8)`. 23,508,032 parameters, torchvision's ResNet-50 minus fc.
+
+    Module and key names are torchvision's (conv1, bn1, relu, maxpool, layer1..layer4; the official wrapper
+    renames relu to relu1, which holds no weights), so `load_torchvision(path)` reads the ImageNet file as is.
+    output_stride 8 (the default, dilations 2 and 4), 16 (layer4 only, dilation 2) or 32 (plain ResNet-50).
+    width != 1.0 scales every channel count, a CPU toy that no pretrained file fits."""
+
+    DILATIONS = {8: (2, 4), 16: (1, 2), 32: (1, 1)}                     # layer3, layer4
+
+    def __init__(self, output_stride: int = 8, width: float = 1.0):
+        super().__init__()
+        if output_stride not in self.DILATIONS:
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+        planes = [max(1, round(p * width)) for p in RESNET50_PLANES]   # 64, 128, 256, 512
+        self.channels = [4 * p for p in planes]                         # 256, 512, 1024, 2048: layer outputs
+        self.conv1 = nn.Conv2d(3, planes[0], 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        d3, d4 = self.DILATIONS[output_stride]
+        ins = [planes[0]] + self.channels[:-1]
+        self.layer1 = resnet_layer(ins[0], planes[0], RESNET50_BLOCKS[0], stride=1)
+        self.layer2 = resnet_layer(ins[1], planes[1], RESNET50_BLOCKS[1], stride=2)
+        self.layer3 = resnet_layer(ins[2], planes[2], RESNET50_BLOCKS[2], stride=2, dilation=d3)
+        self.layer4 = resnet_layer(ins[3], planes[3], RESNET50_BLOCKS[3], stride=2, dilation=d4)
+        init_torchvision(self)
+
+    def layers(self) -> List[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))         # (B, 64, H/4, W/4)
+
+    def forward(self, x):
+        x = self.stem(x)                                                # (B, 64, H/4, W/4)
+        for layer in self.layers():
+            x = layer(x)                        # (B, 256, H/4, W/4), then 512, 1024, 2048 channels at H/8, W/8
+        return x
+
+    def forward_stages(self, x) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """For each layer k: (output of all its blocks but the last, output of the last block), the u_k^b and
+        u_k^t of the official MTANDeepLabv3.forward, which attends over every layer's last block."""
+        x, out = self.stem(x), []
+        for layer in self.layers():
+            for block in layer[:-1]:
+                x = block(x)
+            out.append((x, layer[-1](x)))                               # both (B, C_k, H/4 or H/8, ...)
+            x = out[-1][1]
+        return out
+
+    def load_torchvision(self, source: Union[str, os.PathLike, Dict[str, torch.Tensor]]) -> List[str]:
+        """Load a torchvision ResNet-50 state dict (a dict, or the path of a file such as resnet50-0676ba61.pth
+        or resnet50-11ad3fa6.pth). Every backbone tensor must be there (strict); the classifier fc.weight and
+        fc.bias have no place in a backbone and are skipped. Returns the skipped keys. (Old files saved before
+        BN counted its batches lack num_batches_tracked; BatchNorm fills it in.)"""
+        if isinstance(source, (str, os.PathLike)):
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        skipped = [k for k in source if k.startswith("fc.")]
+        self.load_state_dict({k: v for k, v in source.items() if not k.startswith("fc.")}, strict=True)
+        return skipped
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    """conv (no bias) -> BN -> ReLU, padding chosen to keep the size: one ASPP branch."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                                   bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ASPPPooling(nn.Sequential):
+    """ASPP's image-level branch: global average -> 1x1 conv -> BN -> ReLU, one vector per image, spread back
+    over the map. Official: bilinear upsampling from 1x1, which is a copy to every pixel; `expand` does it.
+    Its BN sees one value per channel and image, so training needs batches of 2 or more (official too)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+    def forward(self, x):
+        return super().forward(x).expand(-1, -1, *x.shape[-2:])        # (B, C, 1, 1) -> (B, C, h, w)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabv3, Chen et al. 2017, Sec. 3.3): five parallel branches on the
+    same feature map, each 256 channels: a 1x1 conv, three 3x3 convs at dilations 12, 24, 36 (context at three
+    scales without losing resolution) and the image-level branch; concatenated (1280) and projected back to 256
+    by a 1x1 conv + BN + ReLU + Dropout(0.5). Official `ASPP` (aspp.py in both repositories), same key names."""
+
+    def __init__(self, cin: int, rates: Sequence[int] = (12, 24, 36), cout: int = 256):
+        super().__init__()
+        branches = [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
+        self.convs = nn.ModuleList(branches + [ASPPPooling(cin, cout)])
+        n = len(self.convs)
+        self.project = nn.Sequential(nn.Conv2d(n * cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                     nn.Dropout(0.5))
+
+    def forward(self, x):
+        y = torch.cat([branch(x) for branch in self.convs], dim=1)     # (B, 5*256, h, w)
+        return self.project(y)                                          # (B, 256, h, w)
+
+
+class DeepLabHead(nn.Sequential):
+    """The DeepLabv3 decoder of one task (official `DeepLabHead`, aspp.py): ASPP -> 3x3 conv 256->256 + BN +
+    ReLU -> 1x1 conv to the task's channels (with bias). On 2048 input channels: 16,125,440 + 257 * C parameters.
+    Output at the input's resolution (1/8 of the image); the models upsample it."""
+
+    def __init__(self, cin: int, num_classes: int, width: float = 1.0):
+        c = max(1, round(256 * width))
+        super().__init__(ASPP(cin, cout=c), nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                         nn.ReLU(), nn.Conv2d(c, num_classes, 1))
+
+
+def upsample(task: str, y: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """A head's stride-8 output to the image size, bilinear, then the task's output convention (activate)."""
+    return activate(task, F.interpolate(y, size=size, mode="bilinear", align_corners=align_corners))
+
+
+class DeepLabv3(nn.Module):
+    """The ResNet baseline of MTI-Net's code (models/models.py): one shared dilated ResNet-50 and one DeepLabHead
+    per task. One task is its `SingleTaskModel`, several its `MultiTaskModel` (hard parameter sharing).
+    NYUD: 39,643,752 parameters for semantic (40 classes) alone, 55,769,449 with depth.
+    Upsampling as there: bilinear with align_corners=False; any H and W work. Outputs follow this file's
+    convention: MTI-Net's model returns raw normals and normalises them in its loss, here they are unit vectors."""
+
+    ALIGN_CORNERS = False
+
+    def __init__(self, tasks: Dict[str, int], width: float = 1.0):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+        self.backbone = ResNetDilated(width=width)
+        self.heads = nn.ModuleDict({name: DeepLabHead(self.backbone.channels[-1], c, width)
+                                    for name, c in self.tasks.items()})
+
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        features = self.backbone(x)                                     # (B, 2048, H/8, W/8), once for all
+        return {name: upsample(name, head(features), x.shape[-2:], self.ALIGN_CORNERS)   # (B, C, H, W)
+                for name, head in self.heads.items()}
+
+
+class MTANDeepLabv3(nn.Module):
+    """MTAN on the dilated ResNet-50 (official `MTANDeepLabv3`, lorenmt/mtan resnet_mtan.py): the attention of
+    Eqs. (1)-(2) over the encoder only, one DeepLabHead per task instead of a decoder. 92,347,921 parameters for
+    the three NYUv2 tasks: backbone 23,508,032, shared f 7,931,392, and per task attention 4,175,936 plus a head
+    of 16,125,440 + 257 * C (the three heads: 48,380,689).
+
+    Each ResNet layer k plays a SegNet stage: its blocks but the last give the mask input u_k^b, its last
+    block's output u_k^t is the gated feature (the official code attends over the last bottleneck):
+
+    shared   ─► layer_k[:-1] ─┬─► layer_k[-1] ─┬─► layer_(k+1)
+                              │ u_k^b          │ u_k^t
+                              ▼                ▼
+    task i   a_(k-1) ─────► g,h ─► mask ─────► ⊙ ─► f_k ─► (maxpool, k = 1 only) ─► a_k   (a_4: head i)
+
+    As in SegNet-MTAN the mask input is [u_k^b; a_(k-1)] (layer 1: u_1^b alone), and the mask's middle width is
+    C_k / 4. The shared f_k is a Bottleneck to layer k+1's width (with a 1x1 projection shortcut); layer 1's is
+    followed by a 2x2 max-pool, as layer 2 halves the resolution (1/4 -> 1/8) and the dilated layers 3-4 do not.
+    Layer 4 has no f: the gated u_4^t goes straight to the head. Hence H and W must be multiples of 8 (the
+    pooled a_1 must meet layer 2's output). f runs once per task, as officially (its BNs see each task alone).
+    Upsampling as in the official forward: bilinear with align_corners=True.
+
+    forward(x, return_attention=True) also returns dict task -> its four masks, layer 1 (B, 256, H/4, W/4) to
+    layer 4 (B, 2048, H/8, W/8)."""
+
+    ALIGN_CORNERS = True
+
+    def __init__(self, tasks: Dict[str, int], width: float = 1.0):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+        self.backbone = ResNetDilated(width=width)
+        ch = self.backbone.channels                                     # 256, 512, 1024, 2048
+        ins = [ch[0]] + [2 * c for c in ch[1:]]                         # [u_k^b; a_(k-1)]: 256, 1024, 2048, 4096
+        self.attention = nn.ModuleDict({name: nn.ModuleList(AttentionMask(i, c, c // 4) for i, c in zip(ins, ch))
+                                        for name in self.tasks})
+        # f_k: 256->512, 512->1024, 1024->2048 (official `conv_layer`: Bottleneck(ch_k, ch_(k+1) / 4) + projection)
+        self.shared_f = nn.ModuleList(Bottleneck(a, b // 4, downsample=projection(a, b))
+                                      for a, b in zip(ch, ch[1:]))
+        self.heads = nn.ModuleDict({name: DeepLabHead(ch[-1], c, width) for name, c in self.tasks.items()})
+
+    def forward(self, x, return_attention: bool = False):
+        check_input(x, 8, "output stride 8, and MTAN-DeepLabv3's pooled layer-1 attention must meet layer 2")
+        stages = self.backbone.forward_stages(x)    # the shared network runs once: 4 x (u_k^b, u_k^t)
+        preds, masks = {}, {}
+        for name, chain in self.attention.items():
+            a, masks[name] = None, []
+            for k, ((u_b, u_t), mask_k) in enumerate(zip(stages, chain)):
+                mask = mask_k(u_b if a is None else torch.cat([u_b, a], dim=1))   # Eq. (2): (B, C_k, h_k, w_k)
+                a = mask * u_t                                                      # Eq. (1)
+                if k < 3:
+                    a = self.shared_f[k](a)                                         # (B, C_(k+1), h_k, w_k)
+                if k == 0:
+                    a = F.max_pool2d(a, 2, 2)                                       # (B, 512, H/8, W/8)
+                masks[name].append(mask)
+            y = self.heads[name](a)                                                 # (B, C, H/8, W/8)
+            preds[name] = upsample(name, y, x.shape[-2:], self.ALIGN_CORNERS)      # (B, C, H, W)
+        return (preds, masks) if return_attention else preds

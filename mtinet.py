@@ -17,7 +17,7 @@ multi-scale backbone, instead of once at the end (PAD-Net):
 
     image (B, 3, H, W)
       |
-      |  HRNet-W18-small-v2, shared by all tasks
+      |  HRNet backbone, shared by all tasks (channels here: W18 variants)
       v
     x0 (18, H/4)     x1 (36, H/8)     x2 (72, H/16)    x3 (144, H/32)
       |                |                |                |
@@ -40,7 +40,7 @@ multi-scale backbone, instead of once at the end (PAD-Net):
       | D0_t           | D1_t           | D2_t           | D3_t
       +----------------+-------+--------+----------------+
                                v
-               feature aggregation: upsample to H/4, concat (270 ch),
+               feature aggregation: upsample to H/4, concat (sum C_s = 270),
                conv1x1 - BN - ReLU - conv1x1 -> K_t, upsample to H x W
                                v
                      final prediction P_t  (one per main task t)
@@ -61,9 +61,30 @@ multi-scale backbone, instead of once at the end (PAD-Net):
    of a task are upsampled to H/4, concatenated and decoded into the final
    prediction.
 
+Backbones
+---------
+Every model takes `backbone=` (default "w18-small-v2"), the name of an HRNet
+(Wang et al., "Deep High-Resolution Representation Learning", TPAMI 2020):
+
+    name            HRNet                    C_s                  backbone params
+    "w18-small-v2"  HRNet-W18-C-Small-v2     18, 36, 72, 144       3,860,720
+    "w18"           HRNetV2-W18              18, 36, 72, 144       9,562,260
+    "w32"           HRNetV2-W32              32, 64, 128, 256     29,305,536
+    "w48"           HRNetV2-W48              48, 96, 192, 384     65,325,120
+
+The paper's "HRNet-18" is "w18-small-v2": it is the only HRNet the official
+code wires in (utils/common_config.py, get_backbone: "hrnet_w18", built by
+models/seg_hrnet.py from hrnet_w18_small_model_v2.pth; its W32/W48 model_info
+files are unused), and the one behind the paper's ablations and HRNet-18 rows.
+The paper's state-of-the-art rows use HRNet-48, i.e. "w48" here (MTI-Net
+NYUD: 98.7 M parameters instead of 8.6 M). The heads take their widths from the backbone's C_s, so
+every part of MTI-Net grows with it. ImageNet weights for every name load with
+`load_hrnet_imagenet`, under HRNet-Image-Classification's own key names.
+
 Notation (used throughout the comments)
 ---------------------------------------
-C_s = (18, 36, 72, 144): channels at scale s = 0..3, strides 4, 8, 16, 32.
+C_s: backbone channels at scale s = 0..3, strides 4, 8, 16, 32; (18, 36, 72,
+144) for the default backbone, whose numbers the comments quote.
 T: the main tasks (they get final predictions). A: all tasks = T plus the
 auxiliary tasks (they get initial predictions, deep supervision, take part in
 FPM and distillation). N = |A|. K_t: output channels of task t.
@@ -83,7 +104,8 @@ Conventions
   normals are returned raw, because the loss upsamples them to the label size
   first and must normalise after that (as the official loss does).
 * Input: the official recipe feeds ImageNet-normalised images (mean 0.485,
-  0.456, 0.406; std 0.229, 0.224, 0.225) when the backbone is pretrained. Sides
+  0.456, 0.406; std 0.229, 0.224, 0.225; `ImageNetNormalisation`) when the
+  backbone is pretrained. Sides
   divisible by 32 make every scale exactly half the next, as in the official
   code; other sizes also work, because every upsampling here targets the size
   of the map it is added to (with exact halving this is the same interpolation
@@ -91,15 +113,19 @@ Conventions
 * Initialisation: PyTorch defaults everywhere. The official backbone is
   re-initialised with N(0, 0.001^2) only on the way to loading ImageNet weights,
   which overwrite every backbone conv, so the two agree wherever it matters.
-* BatchNorm momentum: 0.01 in the backbone (HRNet's setting), 0.1 (PyTorch's
-  default) everywhere else, as in the official code.
+* BatchNorm momentum: 0.01 in the backbone (the official models/seg_hrnet.py;
+  the ImageNet code, cls_hrnet.py, uses 0.1), 0.1 (PyTorch's default)
+  everywhere else, as in the official code.
 """
+
+import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HRNET_CHANNELS = (18, 36, 72, 144)  # C_s of HRNet-W18-small-v2, strides 4, 8, 16, 32
+HRNET_CHANNELS = (18, 36, 72, 144)  # C_s of the default HRNet-W18-small-v2, strides 4, 8, 16, 32
 TASK_ORDER = ("semantic", "parts", "saliency", "normal", "edge", "depth")  # official parse order
 BACKBONE_BN_MOMENTUM = 0.01
 HEAD_BN_MOMENTUM = 0.1
@@ -175,13 +201,17 @@ class Bottleneck(nn.Module):
         return F.relu(out + identity)
 
 
+def residual_blocks(block, in_channels, out_channels, num_blocks, bn_momentum=HEAD_BN_MOMENTUM):
+    """`num_blocks` residual blocks in a row, the first one changing the width
+    (the official `_make_layer` / `_make_one_branch`)."""
+    widths = [in_channels] + [out_channels] * num_blocks
+    return nn.Sequential(*[block(widths[i], out_channels, bn_momentum) for i in range(num_blocks)])
+
+
 def two_blocks(block, in_channels, out_channels, bn_momentum=HEAD_BN_MOMENTUM):
     """Two residual blocks, the first one changing the width. Every refinement in
-    HRNet-W18-small-v2, MTI-Net and PAD-Net is such a pair."""
-    return nn.Sequential(
-        block(in_channels, out_channels, bn_momentum),
-        block(out_channels, out_channels, bn_momentum),
-    )
+    MTI-Net and PAD-Net is such a pair, and so is every branch of HRNet-W18-small-v2."""
+    return residual_blocks(block, in_channels, out_channels, 2, bn_momentum)
 
 
 def upsample_to(x, size):
@@ -190,13 +220,40 @@ def upsample_to(x, size):
 
 
 # -----------------------------------------------------------------------------
-# Backbone: HRNet-W18-small-v2
+# Backbone: HRNet
 #
 # HRNet keeps a high-resolution branch for the whole depth of the network and
 # adds a lower-resolution branch at each stage. After every module all branches
 # exchange information ("fuse layers"), so each of the 4 outputs mixes all
 # resolutions. Module and parameter names below are exactly those of the
-# official HRNet classification code, so its ImageNet checkpoint loads as is.
+# official classification code (HRNet/HRNet-Image-Classification,
+# lib/models/cls_hrnet.py, class HighResolutionNet), so its ImageNet
+# checkpoints load as they are, for every width.
+#
+# Two details follow the official MTI-Net code (models/seg_hrnet.py of
+# SimonVandenhende/Multi-Task-Learning-PyTorch) rather than cls_hrnet.py: BN
+# momentum 0.01 instead of 0.1, and bilinear instead of nearest upsampling in
+# the fuse layers. Neither has parameters, so the checkpoints load either way.
+
+
+class HRNetConfig(NamedTuple):
+    """The shape of one HRNet: the MODEL.EXTRA section of the
+    HRNet-Image-Classification configs (experiments/cls_hrnet_*.yaml)."""
+
+    stage1_blocks: int  # Bottlenecks in layer1 (64 planes: 64 -> 256 channels)
+    modules: tuple  # HighResolutionModules in stages 2, 3, 4
+    blocks: int  # BasicBlocks per branch in every module
+    channels: tuple  # C_0..C_3, the widths of the 4 branches
+
+
+HRNET_CONFIGS = {
+    # The HRNet the official MTI-Net code builds (cls_hrnet_w18_small_v2_*.yaml).
+    "w18-small-v2": HRNetConfig(2, (1, 3, 2), 2, HRNET_CHANNELS),
+    # HRNetV2 (cls_hrnet_w18/w32/w48_*.yaml): twice the blocks and more modules.
+    "w18": HRNetConfig(4, (1, 4, 3), 4, (18, 36, 72, 144)),
+    "w32": HRNetConfig(4, (1, 4, 3), 4, (32, 64, 128, 256)),
+    "w48": HRNetConfig(4, (1, 4, 3), 4, (48, 96, 192, 384)),
+}
 
 
 def conv_bn_relu(in_channels, out_channels, stride):
@@ -230,14 +287,15 @@ def fuse_path(channels, j, i):
 
 
 class HighResolutionModule(nn.Module):
-    """One HRNet module: two BasicBlocks per branch, then the fuse layers, where
+    """One HRNet module: `blocks` BasicBlocks per branch (2 in W18-small-v2, 4 in
+    HRNetV2), then the fuse layers, where
     output branch i = ReLU(sum over input branches j of fuse_path(j -> i))."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, blocks=2):
         super().__init__()
         n = len(channels)
         self.branches = nn.ModuleList(
-            [two_blocks(BasicBlock, c, c, BACKBONE_BN_MOMENTUM) for c in channels]
+            [residual_blocks(BasicBlock, c, c, blocks, BACKBONE_BN_MOMENTUM) for c in channels]
         )
         self.fuse_layers = nn.ModuleList(
             [nn.ModuleList([fuse_path(channels, j, i) for j in range(n)]) for i in range(n)]
@@ -258,48 +316,62 @@ class HighResolutionModule(nn.Module):
 
 
 def transition(in_channels, out_channels):
-    """Between stages: existing branches pass unchanged (their width never changes
-    in HRNet-W18-small-v2), and one new branch is made by a stride-2 3x3 conv from
+    """Between stages: existing branches pass unchanged (a branch keeps its width
+    in every HRNet here), and one new branch is made by a stride-2 3x3 conv from
     the coarsest existing branch. The extra Sequential around the new branch
-    reproduces the official names (`transition1.1.0.0.weight`)."""
+    reproduces the official names (`transition2.2.0.0.weight`)."""
     layers = [nn.Identity() for _ in in_channels]
     layers.append(nn.Sequential(conv_bn_relu(in_channels[-1], out_channels[-1], stride=2)))
     return nn.ModuleList(layers)
 
 
 class HRNet(nn.Module):
-    """HRNet-W18-small-v2, the backbone the official MTI-Net code calls "hrnet_w18":
-    1/1/3/2 modules in stages 1-4, 2 blocks per branch, 3,860,720 parameters.
-    (Not HRNetV2-W18, which has 4 blocks, 1/1/4/3 modules and ~9.6 M parameters.)
+    """The shared backbone. `name` picks one of HRNET_CONFIGS:
 
-    forward(x) returns [x0, x1, x2, x3] at strides 4/8/16/32 with 18/36/72/144
+      "w18-small-v2" (default): HRNet-W18-C-Small-v2, the backbone the official
+          MTI-Net code calls "hrnet_w18" (the paper's HRNet-18): 2 bottlenecks in
+          stage 1, then 1/3/2 modules in stages 2-4, 2 blocks per branch,
+          C_s = 18/36/72/144, 3,860,720 parameters.
+      "w18", "w32", "w48": HRNetV2-W18/W32/W48: 4 bottlenecks in stage 1, then
+          1/4/3 modules, 4 blocks per branch, C_s = W, 2W, 4W, 8W;
+          9,562,260 / 29,305,536 / 65,325,120 parameters. W48 is the paper's
+          HRNet-48.
+
+    This is the feature extractor alone: the ImageNet classification head
+    (incre_modules, downsamp_modules, final_layer, classifier) is left out.
+    `self.channels` holds C_s, which the heads of every model read.
+
+    forward(x) returns [x0, x1, x2, x3] at strides 4/8/16/32 with C_0..C_3
     channels; for a (B, 3, 288, 384) input: 72x96, 36x48, 18x24, 9x12. Any input
     size works (sizes round up at each stride-2 conv)."""
 
-    channels = HRNET_CHANNELS
-
-    def __init__(self):
+    def __init__(self, name="w18-small-v2"):
         super().__init__()
-        c = HRNET_CHANNELS
+        if name not in HRNET_CONFIGS:
+            raise ValueError(f"unknown HRNet {name!r}; choose one of {list(HRNET_CONFIGS)}")
+        cfg = HRNET_CONFIGS[name]
+        self.name = name
+        self.channels = c = cfg.channels
         # stem: two stride-2 convs, H -> H/4
         self.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, momentum=BACKBONE_BN_MOMENTUM)
         self.conv2 = nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(64, momentum=BACKBONE_BN_MOMENTUM)
-        # stage 1: one branch, two bottlenecks, 64 -> 256 channels
-        self.layer1 = two_blocks(Bottleneck, 64, 256, BACKBONE_BN_MOMENTUM)
+        # stage 1: one branch of bottlenecks, 64 -> 256 channels
+        self.layer1 = residual_blocks(Bottleneck, 64, 256, cfg.stage1_blocks, BACKBONE_BN_MOMENTUM)
         # stage 2: 2 branches. Both come from the 256-channel map, so branch 0 also
         # needs a conv (the only transition of an existing branch).
         self.transition1 = nn.ModuleList([
             conv_bn_relu(256, c[0], stride=1),
             nn.Sequential(conv_bn_relu(256, c[1], stride=2)),
         ])
-        self.stage2 = nn.Sequential(HighResolutionModule(c[:2]))
-        # stage 3: 3 branches, 3 modules; stage 4: 4 branches, 2 modules
+        m2, m3, m4 = cfg.modules
+        self.stage2 = nn.Sequential(*[HighResolutionModule(c[:2], cfg.blocks) for _ in range(m2)])
+        # stage 3: 3 branches; stage 4: all 4 branches
         self.transition2 = transition(c[:2], c[:3])
-        self.stage3 = nn.Sequential(*[HighResolutionModule(c[:3]) for _ in range(3)])
+        self.stage3 = nn.Sequential(*[HighResolutionModule(c[:3], cfg.blocks) for _ in range(m3)])
         self.transition3 = transition(c[:3], c)
-        self.stage4 = nn.Sequential(*[HighResolutionModule(c) for _ in range(2)])
+        self.stage4 = nn.Sequential(*[HighResolutionModule(c, cfg.blocks) for _ in range(m4)])
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
@@ -311,40 +383,92 @@ class HRNet(nn.Module):
             # branch i reads branch i; the new, coarsest branch reads the coarsest one
             xs = [t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(trans)]
             xs = stage(xs)
-        return xs  # [(B, 18, H/4), (B, 36, H/8), (B, 72, H/16), (B, 144, H/32)]
+        return xs  # [(B, C_0, H/4), (B, C_1, H/8), (B, C_2, H/16), (B, C_3, H/32)]
 
 
-def load_hrnet_imagenet(model, state_dict):
-    """Load the official ImageNet checkpoint `hrnet_w18_small_model_v2.pth`
-    (HRNet-Image-Classification, "HRNet-W18-C-Small-v2") into an HRNet, or into
-    the `.backbone` of MTINet / PADNet / HRNetMultiTask.
+# -----------------------------------------------------------------------------
+# ImageNet pretraining: the checkpoint and the input normalisation it expects
 
-        skipped = load_hrnet_imagenet(model, torch.load(path, map_location="cpu"))
+
+def load_hrnet_imagenet(model, checkpoint):
+    """Load an official HRNet ImageNet classification checkpoint into an HRNet,
+    or into the `.backbone` of MTINet / PADNet / HRNetMultiTask. `checkpoint` is
+    a path or an already loaded state dict:
+
+        skipped = load_hrnet_imagenet(MTINet(tasks, backbone="w48"),
+                                      "hrnetv2_w48_imagenet_pretrained.pth")
+
+    The file must match the backbone (HRNet/HRNet-Image-Classification releases):
+
+        "w18-small-v2"  hrnet_w18_small_model_v2.pth ("HRNet-W18-C-Small-v2")
+        "w18"           hrnetv2_w18_imagenet_pretrained.pth
+        "w32"           hrnetv2_w32_imagenet_pretrained.pth
+        "w48"           hrnetv2_w48_imagenet_pretrained.pth
+
+    Keys are used as they are, no renaming.
 
     Backbone keys are loaded strictly: a missing key or a shape mismatch raises a
     ValueError naming the key (and both shapes). `num_batches_tracked` buffers may
     be absent (older checkpoints; unused with a fixed BN momentum). The
     classification-only keys (incre_modules, downsamp_modules, final_layer,
     classifier) are skipped and their names returned; any other unknown key is an
-    error, since it means the file is not HRNet-W18-small-v2.
+    error, since it means the file is another HRNet than the backbone.
     Returns the sorted list of skipped keys."""
     backbone = getattr(model, "backbone", model)
+    state_dict = checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    name = getattr(backbone, "name", "?")
     own = backbone.state_dict()
     skipped = sorted(k for k in state_dict if k.startswith(CLASSIFIER_PREFIXES))
     unknown = sorted(k for k in state_dict if k not in own and k not in skipped)
+    hint = _which_hrnet(state_dict)
+    hint = f"; the checkpoint looks like backbone={hint!r}" if hint not in (None, name) else ""
     if unknown:
-        raise ValueError(f"not an HRNet-W18-small-v2 checkpoint: unexpected keys {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all)")
+        raise ValueError(f"not an HRNet {name!r} checkpoint: unexpected keys {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all){hint}")
     for key, value in own.items():
         if key not in state_dict:
             if key.endswith("num_batches_tracked"):
                 continue
-            raise ValueError(f"checkpoint lacks backbone key '{key}' (shape {tuple(value.shape)})")
+            raise ValueError(f"checkpoint lacks HRNet {name!r} key '{key}' (shape {tuple(value.shape)}){hint}")
         if state_dict[key].shape != value.shape:
             raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(state_dict[key].shape)}, "
-                             f"model {tuple(value.shape)}")
+                             f"HRNet {name!r} {tuple(value.shape)}{hint}")
     backbone.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return skipped
+
+
+def _which_hrnet(state_dict):
+    """The HRNET_CONFIGS name whose shape a checkpoint has (branch-0 width, stage-1
+    and stage-3 depth), or None: only to make a mismatch error say what to pass."""
+    if "transition1.0.0.weight" not in state_dict:
+        return None
+    width = state_dict["transition1.0.0.weight"].shape[0]
+    stage1 = len({k.split(".")[1] for k in state_dict if k.startswith("layer1.")})
+    stage3 = len({k.split(".")[1] for k in state_dict if k.startswith("stage3.")})
+    for name, cfg in HRNET_CONFIGS.items():
+        if (cfg.channels[0], cfg.stage1_blocks, cfg.modules[1]) == (width, stage1, stage3):
+            return name
+    return None
+
+
+class ImageNetNormalisation(nn.Module):
+    """(image - mean) / std with the ImageNet statistics, for a (B, 3, H, W) batch
+    in [0, 1]: what an ImageNet-pretrained HRNet expects (the official code
+    normalises the same way: utils/common_config.py, get_transformations). Only
+    for pretrained backbones; a model trained from scratch can take the image
+    as it is.
+    The statistics are buffers of shape (1, 3, 1, 1), so they follow the model
+    to its device and live in its state dict (as `mean` and `std`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        return (image - self.mean) / self.std
 
 
 # -----------------------------------------------------------------------------
@@ -379,7 +503,7 @@ def task_attention(scores, features, num_tasks, mode="tasks"):
     `features` X and `scores` S are (B, N*C, H, W), task-major: channels
     [k*C, (k+1)*C) belong to task k.
 
-    mode="tasks" (what the paper and the design document describe): the N
+    mode="tasks" (what the paper text describes for the FPM): the N
       chunks of C channels are the tasks, and for every channel c the softmax
       runs across tasks, over channels {c, C + c, ..., (N-1)*C + c}. The tasks
       compete for each feature channel.
@@ -503,8 +627,9 @@ class MultiModalDistillation(nn.Module):
 
 class ScaleFusion(nn.Module):
     """Upsample the 4 scale maps to the finest one (H/4), concatenate them
-    (18 + 36 + 72 + 144 = 270 channels) and mix them with conv1x1 (bias) - BN -
-    ReLU. It is PAD-Net's fused backbone output and the body of the HRNet head."""
+    (sum C_s channels: 18 + 36 + 72 + 144 = 270 for W18, 720 for W48) and mix
+    them with conv1x1 (bias) - BN - ReLU. It is PAD-Net's fused backbone output
+    and the body of the HRNet head."""
 
     def __init__(self, channels=HRNET_CHANNELS):
         super().__init__()
@@ -514,7 +639,7 @@ class ScaleFusion(nn.Module):
 
     def forward(self, xs):
         size = xs[0].shape[-2:]
-        x = torch.cat([xs[0]] + [upsample_to(x, size) for x in xs[1:]], dim=1)  # (B, 270, H/4, W/4)
+        x = torch.cat([xs[0]] + [upsample_to(x, size) for x in xs[1:]], dim=1)  # (B, sum C_s, H/4, W/4)
         return F.relu(self.bn(self.conv(x)))
 
 
@@ -522,7 +647,7 @@ class FeatureAggregation(nn.Module):
     """Final head of one task (paper Fig. 3, "feature aggregation"; the official
     HighResolutionHead): ScaleFusion of the 4 distilled maps D^0_t..D^3_t, then a
     1x1 conv to K_t channels at H/4. The HRNet baselines put the same head on the
-    4 backbone maps."""
+    4 backbone maps. `channels` are the backbone's C_s."""
 
     def __init__(self, out_channels, channels=HRNET_CHANNELS):
         super().__init__()
@@ -566,7 +691,7 @@ def final_prediction(pred, size, task):
 
 
 class MTINet(nn.Module):
-    """MTI-Net with an HRNet-W18-small-v2 backbone (paper Fig. 3).
+    """MTI-Net on an HRNet backbone (paper Fig. 3).
 
     tasks:       main tasks, name -> channels; they get final predictions.
     aux_tasks:   extra tasks predicted only at the front end (initial predictions
@@ -576,6 +701,9 @@ class MTINet(nn.Module):
                  (the released code's grouping of adjacent channels; use it to
                  reproduce the released numbers). See `task_attention`. Same
                  parameters, and state-dict names, either way.
+    backbone:    HRNet name (see HRNET_CONFIGS): "w18-small-v2" (default, the
+                 paper's HRNet-18) or "w18", "w32", "w48" (HRNet-48). Every
+                 head is sized from the backbone's C_s.
 
     forward(x) -> {t: (B, K_t, H, W)} for t in tasks.
     forward(x, return_aux=True) -> (preds, aux), aux[s] = {a: (B, K_a, H_s, W_s)}
@@ -583,13 +711,13 @@ class MTINet(nn.Module):
     predictions, raw (normals too), to be upsampled to the label size and
     supervised with the same weight as the task's final loss."""
 
-    def __init__(self, tasks, aux_tasks=None, fpm_softmax="tasks"):
+    def __init__(self, tasks, aux_tasks=None, fpm_softmax="tasks", backbone="w18-small-v2"):
         super().__init__()
         self.tasks = dict(tasks)
         self.all_tasks = all_tasks(tasks, aux_tasks)
-        c = HRNET_CHANNELS
-        self.backbone = HRNet()
-        # initial[s][t]: scale 3 reads x3 (144 ch); scale s < 3 reads x_s + FPM_{s+1} output
+        self.backbone = HRNet(backbone)
+        c = self.backbone.channels  # C_s
+        # initial[s][t]: scale 3 reads x3 (C_3 ch); scale s < 3 reads x_s + FPM_{s+1} output
         self.initial = nn.ModuleList([
             nn.ModuleDict({
                 t: InitialTaskPrediction(c[s] + (c[s + 1] if s < 3 else 0), c[s], k)
@@ -601,7 +729,7 @@ class MTINet(nn.Module):
         self.fpm = nn.ModuleList([FeaturePropagation(c[s], self.all_tasks, fpm_softmax) for s in (1, 2, 3)])
         self.distill = nn.ModuleList(
             [MultiModalDistillation(c[s], self.tasks, self.all_tasks) for s in range(4)])
-        self.heads = nn.ModuleDict({t: FeatureAggregation(k) for t, k in self.tasks.items()})
+        self.heads = nn.ModuleDict({t: FeatureAggregation(k, c) for t, k in self.tasks.items()})
 
     def forward(self, x, return_aux=False):
         size = x.shape[-2:]
@@ -621,26 +749,28 @@ class MTINet(nn.Module):
 
 
 class PADNet(nn.Module):
-    """PAD-Net (Xu et al., CVPR 2018) on HRNet-W18-small-v2, the official
-    repository's single-scale counterpart of MTI-Net: the 4 backbone
-    maps are fused into one 270-channel map at H/4; every task in A gets an initial
-    prediction (two Bottlenecks to 256 channels + 1x1 conv); distillation runs
-    once, at 256 channels; each main task decodes its distilled features with two
-    Bottlenecks + 1x1 conv, upsampled to the input size.
+    """PAD-Net (Xu et al., CVPR 2018) on an HRNet backbone (`backbone=` as in
+    MTINet), the official repository's single-scale counterpart of MTI-Net: the 4
+    backbone maps are fused into one map of sum C_s channels (270 for W18) at H/4;
+    every task in A gets an initial prediction (two Bottlenecks to 256 channels +
+    1x1 conv); distillation runs once, at 256 channels; each main task decodes
+    its distilled features with two Bottlenecks + 1x1 conv, upsampled to the
+    input size.
 
     forward(x, return_aux=True) -> (preds, [ {a: (B, K_a, H/4, W/4)} ]): a single
     entry holding the initial predictions, deep-supervised like MTI-Net's."""
 
     width = 256
 
-    def __init__(self, tasks, aux_tasks=None):
+    def __init__(self, tasks, aux_tasks=None, backbone="w18-small-v2"):
         super().__init__()
         self.tasks = dict(tasks)
         self.all_tasks = all_tasks(tasks, aux_tasks)
-        self.backbone = HRNet()
-        self.fuse = ScaleFusion()
+        self.backbone = HRNet(backbone)
+        c = self.backbone.channels  # C_s
+        self.fuse = ScaleFusion(c)
         self.initial = nn.ModuleDict({
-            t: InitialTaskPrediction(sum(HRNET_CHANNELS), self.width, k, block=Bottleneck)
+            t: InitialTaskPrediction(sum(c), self.width, k, block=Bottleneck)
             for t, k in self.all_tasks.items()
         })
         self.distill = MultiModalDistillation(self.width, self.tasks, self.all_tasks)
@@ -651,7 +781,7 @@ class PADNet(nn.Module):
 
     def forward(self, x, return_aux=False):
         size = x.shape[-2:]
-        fused = self.fuse(self.backbone(x))  # (B, 270, H/4, W/4)
+        fused = self.fuse(self.backbone(x))  # (B, sum C_s, H/4, W/4)
         out = {t: head(fused) for t, head in self.initial.items()}
         features = {t: f for t, (f, _) in out.items()}  # (B, 256, H/4, W/4)
         aux = [{t: p for t, (_, p) in out.items()}]  # (B, K_t, H/4, W/4)
@@ -661,20 +791,21 @@ class PADNet(nn.Module):
 
 
 class HRNetMultiTask(nn.Module):
-    """The multi-task baseline: a shared HRNet-W18-small-v2 and one
+    """The multi-task baseline: a shared HRNet (`backbone=` as in MTINet) and one
     FeatureAggregation head per task on the 4 backbone maps. With one task this
     is the single-task baseline that Delta_m compares against.
 
     forward(x) -> {t: (B, K_t, H, W)}; forward(x, return_aux=True) -> (preds, [])
     so that a training loop can treat all models of this file alike."""
 
-    def __init__(self, tasks):
+    def __init__(self, tasks, backbone="w18-small-v2"):
         super().__init__()
         if not tasks:
             raise ValueError("need at least one task")
         self.tasks = dict(tasks)
-        self.backbone = HRNet()
-        self.heads = nn.ModuleDict({t: FeatureAggregation(k) for t, k in self.tasks.items()})
+        self.backbone = HRNet(backbone)
+        c = self.backbone.channels  # C_s
+        self.heads = nn.ModuleDict({t: FeatureAggregation(k, c) for t, k in self.tasks.items()})
 
     def forward(self, x, return_aux=False):
         size = x.shape[-2:]

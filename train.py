@@ -1,18 +1,22 @@
-"""Train any model of this repository on any dataset: `python train.py --model mtan --data nyuv2`.
+"""Train any model of this repository on any dataset: `python train.py --model mtinet --data nyuv2`.
 
-Read top to bottom, this file is:
+Sections 1-4 are the training, to be read top to bottom:
 
-1. Losses, one per task, written once (MTAN recipe and MTI-Net recipe).
-2. Task weighting: equal, uncertainty (Kendall et al.) and DWA (MTAN paper, Eq. 7). Each is a small class
-   that depends on torch only, so it can be lifted into another training loop.
-3. The model table: which class builds each `--model`, and the recipe (optimiser, schedule, epochs, batch)
-   of its family. Adding a model family means adding a row here, not touching the loop.
-4. The loop: one epoch of training with no host-device synchronisation inside the step, evaluation with
-   eval.py's accumulators, an atomic checkpoint after every epoch, exact resume.
-5. The command line.
+1. Losses, one per task, written once (the MTAN recipe and the MTI-Net recipe).
+2. Task weighting: equal, uncertainty (Kendall et al.) and DWA (MTAN paper, Eq. 7). Each is a small class that
+   depends on torch only, so it can be lifted into another training loop.
+3. The loop, on one screen: `run_training` (the epochs, where DWA updates its weights) -> `train_one_epoch`
+   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step).
+4. Models, recipes and configuration: which class each `--model` builds, the published recipe of each model
+   family, every configuration key with its default, and the `Run` that holds one run's state.
 
-`python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes,
-small enough to finish on a laptop CPU in a few minutes.
+Sections 5-10 are machinery you can skip on a first reading: 5. the Visual Decathlon (a classification
+benchmark with its own loop), 6. batches, 7. multi-GPU (torchrun), 8. checkpoints and logs, 9. `--bench`,
+10. the command line.
+
+`python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
+enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics live
+in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
@@ -20,8 +24,9 @@ import json
 import math
 import os
 import random
-import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -54,7 +59,7 @@ def depth_l1_loss(pred, target):
 
 
 def normal_validity(target):
-    """(B, 1, H, W) float mask of valid normals. The contract marks invalid normals by an all-zero vector.
+    """(B, 1, H, W) float mask of valid normals. Datasets mark an invalid normal by an all-zero vector.
 
     Deviation: the official MTAN code tests `sum of the 3 components != 0`, which also drops a valid normal
     whose components happen to sum to 0; we test the absolute sum instead."""
@@ -104,7 +109,7 @@ def task_loss(task, pred, target, normal_loss="cosine"):
     raise ValueError(f"no loss is defined for task {task!r}")
 
 
-def upsample_to(pred, target):
+def upsample_to_label(pred, target):
     """Bilinear upsampling of a coarse prediction to the label size (MTI-Net deep supervision, Sec. 3.7)."""
     size = target.shape[-2:]
     if pred.shape[-2:] == size:
@@ -125,7 +130,7 @@ def multitask_losses(outputs, batch, loss_tasks, normal_loss):
         loss = task_loss(task, preds[task], target, normal_loss) if task in preds else 0.0
         for scale in aux:
             if task in scale:
-                loss = loss + task_loss(task, upsample_to(scale[task], target), target, normal_loss)
+                loss = loss + task_loss(task, upsample_to_label(scale[task], target), target, normal_loss)
         losses.append(loss)
     return torch.stack(losses)
 
@@ -225,10 +230,112 @@ def build_weighting(name, num_tasks, temperature=2.0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Models and recipes
+# 3. The loop
 #
-# RECIPES holds each model family's published training recipe; MODELS maps every `--model` name to its family
-# and to a function building it from the task dict and the configuration. Flags override any recipe value.
+# Three functions, each calling the next. Nothing inside an epoch waits for the device: the losses are summed
+# on the device and read once per epoch, so a GPU never idles while Python catches up. The batches of an epoch
+# depend only on (seed, epoch), which makes a resumed run continue exactly where the killed one stopped.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_training(cfg, resume_from=None):
+    """Train (or continue) a dense multi-task run; returns the final metrics, also written to metrics.json."""
+    run = setup_run(cfg, resume_from)  # model, optimiser, weighting, data: see `Run` in section 4
+    open_run_folder(run)
+    val_loader = make_loader(run.val_set, cfg, 0, train=False)
+    for epoch in range(run.start_epoch, cfg["epochs"]):
+        start = time.time()
+        torch.manual_seed(cfg["seed"] * 1000 + epoch)  # dropout and random transforms: the same after a resume
+        weights = run.weighting.weights().tolist()  # lambda_k(t): DWA's weights stay fixed for the whole epoch
+        mean_losses = train_one_epoch(run, epoch)  # (K,) epoch means of the task losses, on the host
+        run.weighting.end_epoch(mean_losses[:len(cfg["tasks"])].tolist())  # DWA, Eq. (7): next epoch's weights
+        record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
+                  "train_loss": dict(zip(run.loss_tasks, mean_losses.tolist())),
+                  "task_weights": dict(zip(cfg["tasks"], weights))}
+        if evaluation_due(cfg, epoch):
+            broadcast_buffers(run.model)
+            record["val"] = evaluation.evaluate(run.model, val_loader, cfg["tasks"], run.device, cfg["amp"],
+                                                cfg["channels_last"], run.normalise)
+        record["seconds"] = round(time.time() - start, 2)
+        save_epoch(run, record)  # log.jsonl, last.pt (atomic), curves.png
+    return finish(run, lambda rows: evaluation.format_table(rows, cfg["tasks"]),
+                  yardstick=trivial_baseline if cfg["data"] == "synthetic" else None)
+
+
+def train_one_epoch(run, epoch):
+    """One pass over the training split. Returns the (K,) mean task losses of the epoch over all batches (and
+    all ranks): DWA's L_k(t), and the log's training losses."""
+    cfg, device = run.cfg, run.device
+    run.model.train()
+    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch)
+    augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
+    loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
+    total_sum = torch.zeros((), device=device)
+    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
+    for step, batch in enumerate(batches):
+        losses, total = training_step(run, prepare_batch(run, batch, augment))
+        loss_sum += losses
+        total_sum += total
+        progress.maybe_print(step, total_sum)  # reads the loss (a sync) only when it prints, every 5 s
+    counts = all_reduce(torch.tensor(float(len(batches)), device=device))
+    mean_losses = (all_reduce(loss_sum) / counts.clamp_min(1)).cpu()  # the one sync of the epoch
+    check_finite(mean_losses.tolist(), run.loss_tasks, epoch, cfg["out"])
+    return mean_losses
+
+
+def training_step(run, batch):
+    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed
+    task weights, before `--weighting`) and the total that was back-propagated, both still on the device."""
+    with evaluation.autocast(run.cfg["amp"], run.device):  # bf16/fp16 forward with --amp; losses in fp32
+        outputs = run.compiled(run.normalise(batch["image"]), **run.forward_kwargs)
+    losses = multitask_losses(outputs, batch, run.loss_tasks, run.cfg["normal_loss"]) * run.task_weights
+    num_main = len(run.cfg["tasks"])
+    total = run.weighting(losses[:num_main]) + losses[num_main:].sum()  # aux tasks: fixed weights only
+    run.optimizer.zero_grad(set_to_none=True)
+    # fp16 gradients underflow without loss scaling; the scaler is a no-op unless --amp fp16 (bf16 has fp32's
+    # exponent range and needs none). With a fused optimiser the scaler's inf check stays on the device.
+    run.scaler.scale(total).backward()
+    average_gradients_across_ranks(run.weighting)  # DDP averages the model's; uncertainty's live outside it
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return losses.detach(), total.detach()
+
+
+def prepare_batch(run, batch, augment):
+    """A loader's batch on the device, with MTAN's scale-crop-flip (--augment) drawn from `augment`, and the
+    targets derived from others (edges from semantic labels) computed after it, so they follow the crop."""
+    cfg = run.cfg
+    batch = evaluation.to_device(batch, run.device, cfg["channels_last"])
+    if cfg["augment"] and cfg["data"] != "pascal":  # PASCAL augments each sample in its loader instead
+        batch = data.augment_batch(batch, generator=augment)
+    return data.add_derived_targets(batch, run.loss_tasks)
+
+
+def evaluation_due(cfg, epoch):
+    """Evaluate every `eval_every` epochs, and always after the last one."""
+    return (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg)
+
+
+def check_finite(mean_losses, names, epoch, out):
+    """Stop a diverged run before its weights overwrite the last good checkpoint (one check per epoch)."""
+    bad = [name for name, value in zip(names, mean_losses) if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1}; stopped without "
+                                 f"overwriting {out}/last.pt (the last good epoch). Try a lower --lr.")
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Models, recipes and configuration
+#
+# RECIPES holds each model family's published training recipe, MODELS says which class every `--model` builds,
+# DEFAULTS lists every configuration key. A run's configuration is one merge, later sources winning:
+# DEFAULTS < the family's recipe < the synthetic-data preset < the flags the user typed (`resolve_config`).
 # ----------------------------------------------------------------------------------------------------------
 
 RECIPES = {
@@ -242,6 +349,10 @@ RECIPES = {
     # MTAN's Visual Decathlon code: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-5, StepLR(50, 0.5),
     # 300 epochs over all domains, then 100 epochs fine-tuning every domain but ImageNet with a fresh SGD at
     # lr 0.01; batch 128.
+    # MTI-Net official configs for the ResNet-50 (dilated, DeepLabv3 heads) models on NYUD: Adam 1e-4, weight
+    # decay 1e-4, poly, 100 epochs, batch 8. MTAN-DeepLabv3 ships without a trainer; it trains with this one.
+    "resnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
+                   batch_size=8, normal_loss="l1", drop_last=True),
     "wrn": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, schedule="step", step_size=50, epochs=300,
                 finetune_epochs=100, finetune_lr=0.01, batch_size=128, normal_loss=None, drop_last=False,
                 wrn_depth=28),
@@ -249,16 +360,17 @@ RECIPES = {
 
 # The embedded synthetic scenes are a smoke test and a teaching aid, not a benchmark: on them the default is a
 # quarter-width network at 96x128, a larger learning rate and a handful of epochs, so that a CPU run ends in
-# minutes. Every value can be overridden by a flag.
+# minutes. The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of
+# the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in about
+# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 / 50
+# / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance; lr 0.02 learns
+# faster early on than the recipe's 0.1 and ends as well. Every value can be overridden by a flag.
 SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=320,
                         eval_every=2)
-# The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of the
-# widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in about
-# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 / 50
-# / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance;
-# lr 0.02 learns faster early on than the recipe's 0.1 and ends as well.
 SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_epochs=2, batch_size=16,
                                   lr=0.02, step_size=4)
+PRESETS = {"synthetic": SYNTHETIC_PRESET, "synthetic-decathlon": SYNTHETIC_DECATHLON_PRESET}
+QUICKSTART = dict(weighting="dwa")  # `python train.py` with no argument: MTAN with DWA, the paper's method
 
 # MTI-Net's fixed task weights (official configs): chosen so the task losses have similar magnitudes. They
 # multiply each task's loss before `--weighting` combines the main tasks.
@@ -266,45 +378,111 @@ MTINET_TASK_WEIGHTS = {"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50
                        "saliency": 5.0}
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One `--model`: the recipe family that trains it, the class that builds it, and its constructor's
+    arguments as a function of the configuration. The checkpoint records the class and the arguments, so
+    eval.py rebuilds the model without this table."""
+    family: str  # a key of RECIPES
+    cls: type  # a class of mtan.py or mtinet.py
+    kwargs: Callable[[dict], dict]  # cfg -> keyword arguments of cls (plain values: they go into last.pt)
+    single_task: bool = False  # needs --task
+
+
 def _segnet(variant):
-    return lambda tasks, aux, cfg: mtan.SegNet(tasks, variant=variant, width=cfg["width"])
+    return lambda cfg: dict(tasks=dict(cfg["tasks"]), variant=variant, width=cfg["width"])
+
+
+def _width(cfg):
+    return dict(tasks=dict(cfg["tasks"]), width=cfg["width"])
+
+
+def _hrnet(cfg, aux=True):
+    kwargs = dict(tasks=dict(cfg["tasks"]), backbone=cfg["backbone"])
+    if aux:
+        kwargs["aux_tasks"] = dict(cfg["aux_tasks"]) or None
+    return kwargs
 
 
 MODELS = {
-    # name: (family, builder(tasks, aux_tasks, cfg), single-task model?)
-    "single": ("segnet", _segnet("standard"), True),
-    "stan": ("segnet", lambda t, a, c: mtan.MTAN(t, width=c["width"]), True),
-    "split": ("segnet", _segnet("standard"), False),
-    "split-wide": ("segnet", _segnet("wide"), False),
-    "split-deep": ("segnet", _segnet("deep"), False),
-    "dense": ("segnet", lambda t, a, c: mtan.DenseSegNet(t, width=c["width"]), False),
-    "cross-stitch": ("segnet", lambda t, a, c: mtan.CrossStitchSegNet(t, width=c["width"]), False),
-    "mtan": ("segnet", lambda t, a, c: mtan.MTAN(t, width=c["width"]), False),
-    "mtinet": ("hrnet", lambda t, a, c: mtinet.MTINet(t, aux_tasks=a or None,
-                                                      fpm_softmax=c.get("fpm_softmax", "tasks")), False),
-    "padnet": ("hrnet", lambda t, a, c: mtinet.PADNet(t, aux_tasks=a or None), False),
-    "hrnet-mtl": ("hrnet", lambda t, a, c: mtinet.HRNetMultiTask(t), False),
-    # Visual Decathlon: one classifier per domain; `tasks` maps each domain to its number of classes.
-    "wrn-mtan": ("wrn", lambda t, a, c: mtan.WideResNetMTAN(list(t.values()), domains=list(t), depth=c["wrn_depth"],
-                                                              widen_factor=max(1, round(4 * c["width"]))), False),
+    # MTAN paper, Table 2: the SegNet family (mtan.py)
+    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True),  # One Task
+    "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
+    "split": ModelSpec("segnet", mtan.SegNet, _segnet("standard")),
+    "split-wide": ModelSpec("segnet", mtan.SegNet, _segnet("wide")),
+    "split-deep": ModelSpec("segnet", mtan.SegNet, _segnet("deep")),
+    "dense": ModelSpec("segnet", mtan.DenseSegNet, _width),
+    "cross-stitch": ModelSpec("segnet", mtan.CrossStitchSegNet, _width),
+    "mtan": ModelSpec("segnet", mtan.MTAN, _width),
+    # MTI-Net paper: the HRNet family (mtinet.py)
+    "mtinet": ModelSpec("hrnet", mtinet.MTINet, lambda cfg: dict(_hrnet(cfg), fpm_softmax=cfg["fpm_softmax"])),
+    "padnet": ModelSpec("hrnet", mtinet.PADNet, _hrnet),
+    "hrnet-mtl": ModelSpec("hrnet", mtinet.HRNetMultiTask, lambda cfg: _hrnet(cfg, aux=False)),
+    # The dilated ResNet-50 family (mtan.py): the official MTAN repository's MTAN-DeepLabv3, and the DeepLabv3
+    # baselines of MTI-Net's ResNet-50 tables (one task: single-task; several: a shared backbone).
+    "mtan-deeplab": ModelSpec("resnet", mtan.MTANDeepLabv3, _width),
+    "deeplab": ModelSpec("resnet", mtan.DeepLabv3, _width),
+    # MTAN paper, Table 4: Visual Decathlon, one classifier per domain; `tasks` maps domain -> classes.
+    # `--width` scales the widening factor 4 of WRN-28-4.
+    "wrn-mtan": ModelSpec("wrn", mtan.WideResNetMTAN, lambda cfg: dict(
+        num_classes=list(cfg["tasks"].values()), domains=list(cfg["tasks"]), depth=cfg["wrn_depth"],
+        widen_factor=max(1, round(4 * cfg["width"])))),
 }
 DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
-DECATHLON_DATASETS = ["decathlon", "synthetic-decathlon"]
+DECATHLON_DATASETS = list(evaluation.DECATHLON_DATASETS)
+
+DEFAULTS = dict(
+    # what to train
+    model="mtan",  # a key of MODELS
+    data="synthetic",  # a dataset of data.py
+    data_root=None,  # the dataset folder; None: data/<name> under the working directory
+    tasks=None, aux_tasks=None,  # {task: channels}, resolved from the dataset and --task/--tasks/--aux-tasks
+    task_weights=None,  # {task: fixed loss weight}: MTI-Net's recipe, or --task-weights
+    weighting="equal",  # how the main task losses combine: equal, uncertainty or dwa
+    temperature=2.0,  # DWA's temperature T (MTAN paper, Eq. 7)
+    augment=False,  # MTAN's scale-crop-flip (NYUv2 and co.) or MTI-Net's PASCAL augmentation
+    pretrained=None,  # ImageNet weights of the backbone (HRNet or ResNet-50)
+    fpm_softmax="tasks",  # MTI-Net's FPM softmax grouping: "tasks" (the paper) or "official" (the code)
+    backbone="w18-small-v2",  # the HRNet of mtinet, padnet, hrnet-mtl: w18-small-v2 (the paper's), w18, w32, w48
+    width=1.0,  # SegNet / ResNet-50 channel multiplier (1.0 = the paper); wrn-mtan: scales the widening factor
+    wrn_depth=28,  # wrn-mtan: depth of the wide ResNet, 6n + 4
+    num_classes=7,  # CityScapes: 2, 7 or 19 classes
+    # the recipe (set by RECIPES for each family; listed here so every key has a documented default)
+    optimizer="adam", lr=1e-4, weight_decay=0.0,  # "adam" or "sgd" (momentum 0.9, Nesterov)
+    schedule="step", step_size=100,  # "step": halve every step_size epochs; "poly": (1 - e/E)^0.9
+    epochs=200, batch_size=2, drop_last=False,
+    normal_loss="cosine",  # "cosine" (MTAN) or "l1" (MTI-Net)
+    finetune_epochs=0, finetune_lr=None,  # wrn-mtan: the second, fine-tuning phase
+    # the run
+    out=None,  # the run folder; None: runs/<model>-<data>-<time>
+    eval_every=1,  # evaluate every N epochs (and after the last)
+    subset=None,  # use only the first N samples of each split
+    resolution=None,  # HxW of the synthetic scenes
+    seed=0,  # model init, batch order, augmentation
+    deterministic=False,  # torch's deterministic algorithms
+    # speed
+    device=None,  # None: cuda when available, else cpu
+    amp=None,  # None: bf16 (fp16 without bf16) on a GPU, off on a CPU
+    channels_last=True,  # NHWC memory format: faster on CPU and GPU
+    compile=False,  # torch.compile the model
+    fused=True,  # fused optimiser step (off only for the benchmark's baseline)
+    workers=0,  # DataLoader worker processes
+    data_on_device=False,  # hold the training split on the device
+    peak_tflops=None,  # the device's peak TFLOP/s for the MFU of --bench
+    sync_bn=False,  # SyncBatchNorm across GPUs under torchrun
+)
 
 
 def build_model(cfg):
-    """The model of a resolved configuration (also used by eval.py to rebuild a checkpoint's model)."""
-    _, builder, _ = MODELS[cfg["model"]]
-    return builder(dict(cfg["tasks"]), dict(cfg["aux_tasks"]), cfg)
+    """The model of a resolved configuration, on the CPU."""
+    spec = MODELS[cfg["model"]]
+    return spec.cls(**spec.kwargs(cfg))
 
 
-def has_deep_supervision(model):
-    return isinstance(model, (mtinet.MTINet, mtinet.PADNet))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. The loop
-# ----------------------------------------------------------------------------------------------------------
+def model_args(cfg):
+    """What the checkpoint records so that eval.py can rebuild the model: module, class and arguments."""
+    spec = MODELS[cfg["model"]]
+    return {"module": spec.cls.__module__, "class": spec.cls.__name__, "kwargs": spec.kwargs(cfg)}
 
 
 def learning_rate(cfg, epoch):
@@ -317,6 +495,10 @@ def learning_rate(cfg, epoch):
     if cfg["schedule"] == "poly":
         return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
     return cfg["lr"]
+
+
+def total_epochs(cfg):
+    return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
 
 
 def build_optimizer(cfg, params, device, lr=None):
@@ -334,134 +516,177 @@ def build_optimizer(cfg, params, device, lr=None):
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
 
 
-def to_device(batch, device, channels_last=False):
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if channels_last:
-        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
-    return out
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `setup_run`."""
+    cfg: dict  # the resolved configuration; saved in last.pt
+    device: torch.device
+    model: nn.Module  # the plain model: evaluation and checkpoints use it
+    compiled: nn.Module  # what the training step calls: the model under DDP and/or torch.compile
+    normalise: nn.Module  # ImageNet mean/std for a pretrained backbone, else the identity
+    forward_kwargs: dict  # {"return_aux": True} for models with deep supervision (MTI-Net, PAD-Net)
+    loss_tasks: list  # main tasks, then auxiliary ones: the order of every (K,) loss vector
+    task_weights: torch.Tensor  # (K,) fixed loss weights (MTI-Net's recipe), applied before `weighting`
+    weighting: nn.Module  # equal, uncertainty or DWA, over the main tasks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for --amp fp16, a no-op otherwise
+    train_set: object  # a dataset (the Decathlon: {domain: dataset})
+    val_set: object
+    train_tensors: dict = None  # --data-on-device: the training split stacked on the device
+    start_epoch: int = 0  # epochs already done (a resumed run)
+    history: list = field(default_factory=list)  # one log record per finished epoch
 
 
-def add_derived_targets(batch, tasks):
-    """Edge targets from semantic boundaries when a run needs edges and the dataset has none (NYUv2,
-    CityScapes). Computed after augmentation, on the device, so they follow the augmented labels."""
-    if "edge" in tasks and "edge" not in batch:
-        batch = dict(batch, edge=data.semantic_edges(batch["semantic"]))
-    return batch
+def setup_run(cfg, resume_from=None):
+    """Build data, model, optimiser and weighting from a resolved configuration, and restore the state of a
+    checkpoint to continue from."""
+    device = init_distributed(cfg)
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    train_set, val_set = datasets_for(cfg)
+    model = build_model(cfg).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    normalise = nn.Identity()
+    if cfg.get("pretrained"):
+        load_pretrained(model, cfg["pretrained"])
+        normalise = mtinet.ImageNetNormalisation().to(device)
+    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
+    params = list(model.parameters()) + list(weighting.parameters())
+    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
+    run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
+              normalise=normalise, loss_tasks=loss_tasks,
+              forward_kwargs={"return_aux": True} if isinstance(model, (mtinet.MTINet, mtinet.PADNet)) else {},
+              task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
+              weighting=weighting, optimizer=build_optimizer(cfg, params, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
+              train_set=train_set, val_set=val_set,
+              train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
+    if resume_from is not None:
+        run.model.load_state_dict(resume_from["model"])
+        run.optimizer.load_state_dict(resume_from["optimizer"])
+        run.weighting.load_state_dict(resume_from["weighting"])
+        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
+            run.scaler.load_state_dict(resume_from["scaler"])
+        run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
+        say(f"resumed {cfg['out']} after epoch {run.start_epoch}")
+    return run
 
 
-class InputNormalisation(nn.Module):
-    """ImageNet mean/std normalisation, applied only when an ImageNet-pretrained backbone is loaded (MTI-Net).
-    SegNet models take the image as stored, in [0, 1], as the MTAN code does."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, image):
-        return (image - self.mean) / self.std
-
-
-def autocast(cfg, device):
-    """bf16/fp16 autocast for the model's forward pass; losses and metrics are computed in fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def wrap_for_training(model, cfg, device):
+    """The module the training step calls: DDP under torchrun (SyncBatchNorm with --sync-bn), then
+    torch.compile with --compile. Evaluation and checkpoints use the plain model underneath."""
+    if world_size() > 1:
+        if cfg["sync_bn"]:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Dense's dead decoder block and the other domains' chains of wrn-mtan get no gradient: tell DDP.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg["model"] in ("dense", "wrn-mtan"))
+    return torch.compile(model) if cfg["compile"] else model
 
 
-class Progress:
-    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
-    host-device synchronisation of the training loop, and it happens only when a line is printed."""
-
-    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
-        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
-        self.name = f"{name}  " if name else ""  # the Decathlon's domain
-        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
-
-    def maybe_print(self, step, running_loss):
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
-            return
-        self.last = now
-        rate = (step + 1) * self.batch_size / (now - self.start)
-        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
-        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(running_loss) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
+def datasets_for(cfg):
+    """Train and val splits with every target the run needs (edges derived from semantics if missing)."""
+    if cfg["data"] in DECATHLON_DATASETS:
+        if cfg["data"] == "synthetic-decathlon" and is_main():
+            print("rendering the synthetic Decathlon domains (about a minute on a CPU)...", flush=True)
+        return [data.build_decathlon(cfg["data"], cfg["data_root"], split, domains=list(cfg["tasks"]),
+                                     num_samples=cfg["subset"])[0] for split in ("train", "val")]
+    sets = []
+    for split in ("train", "val"):
+        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], split, **evaluation.dataset_options(cfg))
+        if cfg["subset"]:
+            dataset = torch.utils.data.Subset(dataset, range(min(cfg["subset"], len(dataset))))
+        sets.append(dataset)
+    return sets
 
 
-def training_step(run, batch):
-    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed
-    task weights, before `--weighting`) and the total that was back-propagated, both still on the device."""
-    cfg = run["cfg"]
-    with autocast(cfg, run["device"]):
-        outputs = run["compiled"](run["normalise"](batch["image"]), **run["forward_kwargs"])
-    losses = multitask_losses(outputs, batch, run["loss_tasks"], cfg["normal_loss"]) * run["task_weights"]
-    num_main = len(cfg["tasks"])
-    total = run["weighting"](losses[:num_main]) + losses[num_main:].sum()  # aux tasks: fixed weights only
-    backward_and_step(run, total)
-    return losses.detach(), total.detach()
-
-
-def backward_and_step(run, loss):
-    """Gradients of `loss` and one optimiser step, for the dense and the Decathlon loops alike."""
-    run["optimizer"].zero_grad(set_to_none=True)
-    # fp16 gradients underflow without loss scaling; the scaler is a no-op unless --amp fp16 (bf16 has fp32's
-    # exponent range and needs none). With a fused optimiser the scaler's inf check stays on the device.
-    run["scaler"].scale(loss).backward()
-    average_gradients_across_ranks(run["weighting"])  # DDP averages the model's; uncertainty's live outside it
-    run["scaler"].step(run["optimizer"])
-    run["scaler"].update()
-
-
-def train_one_epoch(run, epoch):
-    """One pass over the training split. Returns the (K,) mean losses of the epoch over all batches (and all
-    ranks), which feed DWA and the log, and the first step with a non-finite loss (-1 if none)."""
-    cfg, device = run["cfg"], run["device"]
-    run["model"].train()
-    for group in run["optimizer"].param_groups:
-        group["lr"] = learning_rate(cfg, epoch)
-    if run["train_tensors"] is not None:  # --data-on-device
-        loader = DeviceBatches(run["train_tensors"], cfg, epoch)
+def load_pretrained(model, path):
+    """ImageNet weights into the model's backbone, by their official key names: HRNet-Image-Classification's
+    files for the HRNet models, torchvision's ResNet-50 file for the ResNet-50 ones."""
+    if isinstance(model.backbone, mtan.ResNetDilated):
+        skipped, kind = model.backbone.load_torchvision(path), "ResNet-50"
     else:
-        loader = make_loader(run["train_set"], cfg, epoch, train=True)
-    augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
-    loss_sum = torch.zeros(len(run["loss_tasks"]), device=device)
-    total_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    progress = Progress(epoch, cfg["epochs"], len(loader), cfg["batch_size"] * world_size(), is_main())
-    for step, batch in enumerate(loader):
-        batch = to_device(batch, device, cfg["channels_last"])
-        if cfg["augment"] and cfg["data"] != "pascal":  # MTAN's scale-crop-flip, on the device
-            batch = data.augment_batch(batch, generator=augment)
-        batch = add_derived_targets(batch, run["loss_tasks"])
-        losses, total = training_step(run, batch)
-        # Bookkeeping stays on the device: no .item() in the step.
-        loss_sum += losses
-        total_sum += total
-        bad = ~torch.isfinite(losses).all()
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        progress.maybe_print(step, total_sum)
-    counts = torch.tensor(float(len(loader)), device=device)
-    loss_sum, counts, first_bad = all_reduce(loss_sum), all_reduce(counts), all_reduce(first_bad, "max")
-    return (loss_sum / counts.clamp_min(1)).cpu(), int(first_bad)
+        skipped, kind = mtinet.load_hrnet_imagenet(model.backbone, path), "HRNet"
+    say(f"loaded ImageNet {kind} weights from {path}; skipped {len(skipped)} classifier keys")
 
 
-@torch.no_grad()
-def evaluate(model, loader, tasks, device, cfg, normalise=nn.Identity()):
-    """Pixel-pooled metrics of every task over a whole split, accumulated on the device (eval.py). Under
-    torchrun each rank evaluates its shard and the accumulators are summed across ranks, so the numbers equal
-    a single-process evaluation of the same weights."""
-    model.eval()
-    metrics = evaluation.metrics_for(tasks)
-    for batch in loader:
-        batch = add_derived_targets(to_device(batch, device, cfg["channels_last"]), tasks)
-        with autocast(cfg, device):
-            preds = model(normalise(batch["image"]))
-        for task, meter in metrics.items():
-            # PASCAL is evaluated at each image's original size: predictions are upsampled to the target.
-            meter.update(upsample_to(preds[task].float(), batch[task]), batch[task])
-    for meter in metrics.values():
-        meter.all_reduce()
-    return {task: meter.compute() for task, meter in metrics.items()}
+# ==========================================================================================================
+# Appendix: the machinery. Sections 5-10 are not needed to understand the training of MTAN or MTI-Net.
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The Visual Decathlon (wrn-mtan, MTAN paper Sec. 4.3)
+#
+# Classification domains never share a batch: as in the official code, each epoch visits the domains in turn,
+# each with a full pass over its own training data, its own attention chain and classifier, and plain cross
+# entropy. No task weighting is involved. After `epochs` epochs comes the fine-tuning phase: a fresh SGD at
+# `finetune_lr` for `finetune_epochs` more epochs over every domain but ImageNet.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_decathlon(cfg, resume_from=None):
+    """The Decathlon's counterpart of run_training: per-domain passes, accuracy, and each domain evaluated
+    with its own BatchNorm statistics (eval.calibrate_batchnorm)."""
+    run = setup_run(cfg, resume_from)
+    open_run_folder(run)
+    val_loaders = {d: make_loader(s, cfg, 0, train=False) for d, s in run.val_set.items()}
+    for epoch in range(run.start_epoch, total_epochs(cfg)):
+        start = time.time()
+        torch.manual_seed(cfg["seed"] * 1000 + epoch)  # the random crops and flips: the same after a resume
+        stats = train_decathlon_epoch(run, epoch)
+        check_finite([v["loss"] for v in stats.values()], list(stats), epoch, cfg["out"])
+        record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
+                  "train_loss": {d: v["loss"] for d, v in stats.items()},
+                  "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
+        if evaluation_due(cfg, epoch):
+            broadcast_buffers(run.model)
+            record["val"] = evaluation.evaluate_decathlon(run.model, val_loaders, cfg, run.device, run.train_set)
+        record["seconds"] = round(time.time() - start, 2)
+        save_epoch(run, record)
+    return finish(run, evaluation.format_decathlon_table)
+
+
+def decathlon_domains(cfg, epoch):
+    in_finetuning = epoch >= cfg["epochs"]
+    return [d for d in cfg["tasks"] if not (in_finetuning and d == "imagenet12")]
+
+
+def train_decathlon_epoch(run, epoch):
+    """Returns {domain: {"loss", "accuracy"}} of this epoch's training passes (accuracy as a fraction)."""
+    cfg, device = run.cfg, run.device
+    if epoch == cfg["epochs"]:  # the fine-tuning phase starts with a new optimiser (no momentum carried over)
+        run.optimizer = build_optimizer(cfg, run.model.parameters(), device, cfg["finetune_lr"])
+    run.model.train()
+    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    stats, domains = {}, decathlon_domains(cfg, epoch)
+    for index, domain in enumerate(cfg["tasks"]):  # index: the domain's attention chain and classifier
+        if domain not in domains:
+            continue
+        loader = make_loader(run.train_set[domain], cfg, epoch * 100 + index, train=True)
+        totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
+        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main(),
+                            name=domain)
+        for step, batch in enumerate(loader):
+            image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            with evaluation.autocast(cfg["amp"], device):
+                logits = run.compiled(image, index)
+            loss = F.cross_entropy(logits.float(), label)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            totals += evaluation.classification_totals(loss.detach() * len(label), logits, label)
+            progress.maybe_print(step, totals[0] / totals[2] * (step + 1))  # the running sum Progress expects
+        loss_sum, correct, count = all_reduce(totals).tolist()
+        stats[domain] = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Batches
+# ----------------------------------------------------------------------------------------------------------
 
 
 def make_loader(dataset, cfg, epoch, train):
@@ -471,8 +696,7 @@ def make_loader(dataset, cfg, epoch, train):
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
     # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
-    batch_size = 1 if not train and getattr(getattr(dataset, "dataset", dataset), "variable_size", False) \
-        else cfg["batch_size"]
+    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
     sampler = None
     if world_size() > 1 and train:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
@@ -483,6 +707,13 @@ def make_loader(dataset, cfg, epoch, train):
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         generator=generator if train and sampler is None else None, drop_last=drop_last,
         num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
+
+
+def epoch_batches(run, epoch):
+    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
+    if run.train_tensors is not None:
+        return DeviceBatches(run.train_tensors, run.cfg, epoch)
+    return make_loader(run.train_set, run.cfg, epoch, train=True)
 
 
 def stack_on_device(dataset, device, workers=0):
@@ -519,129 +750,36 @@ class DeviceBatches:
             yield {key: value[index] for key, value in self.tensors.items()}
 
 
-# ---- the Visual Decathlon loop (wrn-mtan) --------------------------------------------------------------------
-#
-# Classification domains never share a batch: as in the official code, each epoch visits the domains in turn,
-# each with a full pass over its own training data, its own attention chain and classifier, and plain cross
-# entropy. No task weighting is involved. After `epochs` epochs comes the fine-tuning phase: a fresh SGD at
-# `finetune_lr` for `finetune_epochs` more epochs over every domain but ImageNet.
+class Progress:
+    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
+    host-device synchronisation of the training loop, and it happens only when a line is printed."""
+
+    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
+        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
+        self.name = f"{name}  " if name else ""  # the Decathlon's domain
+        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
+
+    def maybe_print(self, step, running_loss):
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
+            return
+        self.last = now
+        rate = (step + 1) * self.batch_size / (now - self.start)
+        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
+        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
+              f"loss {float(running_loss) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
 
 
-def decathlon_domains(cfg, epoch):
-    in_finetuning = epoch >= cfg["epochs"]
-    return [d for d in cfg["tasks"] if not (in_finetuning and d == "imagenet12")]
-
-
-def train_decathlon_epoch(run, epoch):
-    """Returns {domain: {"loss", "accuracy"}} of this epoch's training passes (accuracy as a fraction)."""
-    cfg, device = run["cfg"], run["device"]
-    if epoch == cfg["epochs"]:  # the fine-tuning phase starts with a new optimiser (no momentum carried over)
-        run["optimizer"] = build_optimizer(cfg, run["model"].parameters(), device, cfg["finetune_lr"])
-    run["model"].train()
-    for group in run["optimizer"].param_groups:
-        group["lr"] = learning_rate(cfg, epoch)
-    stats, domains = {}, decathlon_domains(cfg, epoch)
-    for index, domain in enumerate(cfg["tasks"]):  # index: the domain's attention chain and classifier
-        if domain not in domains:
-            continue
-        loader = make_loader(run["train_set"][domain], cfg, epoch * 100 + index, train=True)
-        totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
-        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main(),
-                            name=domain)
-        for step, batch in enumerate(loader):
-            image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
-            with autocast(cfg, device):
-                logits = run["compiled"](image, index)
-            loss = F.cross_entropy(logits.float(), label)
-            backward_and_step(run, loss)
-            totals += classification_totals(loss.detach() * len(label), logits, label)
-            # Progress divides a running sum by the steps taken: hand it the mean loss per image times those
-            progress.maybe_print(step, totals[0] / totals[2] * (step + 1))
-        loss_sum, correct, count = all_reduce(totals).tolist()
-        stats[domain] = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
-    return stats
-
-
-def classification_totals(loss_sum, logits, label):
-    """(3,) loss sum, correct answers and images of one batch, kept on the device so nothing waits for it.
-    torch.full, not torch.tensor: building a CUDA tensor from a Python number is a blocking copy."""
-    count = torch.full((), len(label), device=logits.device)
-    return torch.stack([loss_sum, (logits.argmax(1) == label).sum(), count])
-
-
-# Batch normalisation across domains. The backbone's BN layers are shared, so after an epoch their running
-# statistics describe mostly the domain trained last (the final BN, with momentum 0.9, only its last batch),
-# and every other domain would be evaluated with the wrong statistics. The official evaluation script therefore
-# trains one more epoch on each domain before predicting it, "to compute dataset-specific BN statistics". Here
-# the statistics are re-estimated without touching the weights: before a domain is evaluated, a few batches of
-# its training data run through the network in training mode, and the shared statistics are put back after.
-BN_CALIBRATION_BATCHES = 10
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model, dataset, index, cfg, device, batches=BN_CALIBRATION_BATCHES):
-    """Set the BN running statistics to the average over `batches` shuffled training batches of domain `index`.
-    Returns what restore_batchnorm needs to put the previous statistics back."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # None = a cumulative average over the batches seen
-    model.train()
-    with torch.random.fork_rng(devices=[]):  # the same batches, crops and flips in train.py and eval.py
-        torch.manual_seed(cfg["seed"])
-        for step, batch in enumerate(make_loader(dataset, cfg, 0, train=True)):
-            if step == batches:
-                break
-            with autocast(cfg, device):
-                model(batch["image"].to(device), index)
-    model.eval()
-    return list(zip(norms, saved))
-
-
-def restore_batchnorm(saved):
-    for m, (momentum, mean, var, tracked) in saved:
-        m.momentum = momentum
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        m.num_batches_tracked.copy_(tracked)
-
-
-@torch.no_grad()
-def evaluate_decathlon(model, loaders, cfg, device, calibration=None):
-    """Top-1 accuracy (a fraction) and mean cross entropy of every domain's split, summed across ranks.
-    calibration: {domain: training dataset} to re-estimate each domain's BN statistics first (see above)."""
-    model.eval()
-    results = {}
-    for index, (domain, loader) in enumerate(loaders.items()):
-        saved = calibrate_batchnorm(model, calibration[domain], index, cfg, device) if calibration else []
-        totals = torch.zeros(3, device=device)
-        for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            with autocast(cfg, device):
-                logits = model(image, index).float()
-            totals += classification_totals(F.cross_entropy(logits, label, reduction="sum"), logits, label)
-        restore_batchnorm(saved)
-        loss_sum, correct, count = all_reduce(totals).tolist()
-        results[domain] = {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
-    return results
-
-
-def total_epochs(cfg):
-    return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
-
-
-def is_decathlon(cfg):
-    return cfg["data"] in DECATHLON_DATASETS
-
-
-# ---- distributed training (torchrun) -----------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# 7. Multi-GPU (torchrun)
 #
 # `torchrun --nproc_per_node=N train.py ...` starts N copies of this script with RANK/WORLD_SIZE set. Each rank
 # trains on its shard; DDP averages the model's gradients. Everything averaged over an epoch (the DWA losses,
 # the metric accumulators) is summed across ranks, so every rank computes the same task weights and the
 # evaluation equals a single-process one. Only rank 0 prints and writes files.
+# ----------------------------------------------------------------------------------------------------------
+
+all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
 
 
 def world_size():
@@ -654,14 +792,6 @@ def rank():
 
 def is_main():
     return rank() == 0
-
-
-def all_reduce(tensor, op="sum"):
-    """Sum (or max) a tensor over ranks; the identity in a single process."""
-    if world_size() > 1:
-        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-        torch.distributed.all_reduce(tensor, op=reduce_op)
-    return tensor
 
 
 def average_gradients_across_ranks(module):
@@ -695,7 +825,43 @@ def init_distributed(cfg):
     return torch.device("cpu")
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# 8. Checkpoints and logs
+#
+# A run folder holds last.pt (written atomically after every epoch), log.jsonl (one line per epoch),
+# curves.png and, at the end, metrics.json. Reading a checkpoint is eval.py's `load_checkpoint`.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def open_run_folder(run):
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued
+    (a run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    if is_main():
+        os.makedirs(run.cfg["out"], exist_ok=True)
+        evaluation.write_text_atomic("".join(json.dumps(r) + "\n" for r in run.history),
+                                     os.path.join(run.cfg["out"], "log.jsonl"))
+    say(describe(run))
+
+
+def save_epoch(run, record):
+    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png."""
+    say(summary_line(record))
+    run.history.append(record)
+    if is_main():
+        out = run.cfg["out"]
+        save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        draw_curves(run.history, os.path.join(out, "curves.png"))
+
+
+def checkpoint_state(run):
+    """Everything needed to continue exactly, in types `torch.load(weights_only=True)` accepts; `model_args`
+    lets eval.py rebuild the model without train.py."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "weighting": run.weighting.state_dict(), "epoch": len(run.history), "config": run.cfg,
+            "model_args": model_args(run.cfg), "history": run.history, "rng": {"torch": torch.get_rng_state()},
+            "scaler": run.scaler.state_dict()}
 
 
 def save_atomic(obj, path):
@@ -706,137 +872,26 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def write_text_atomic(text, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-class CheckpointError(Exception):
-    pass
-
-
-def load_checkpoint(path):
-    """Read a checkpoint written by this script, with one-line errors for the usual mistakes."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "last.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: pass a run folder (runs/NAME) or its last.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a "
-                              f"checkpoint of this repository; start a new run or use another file") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of train.py (it has no 'config'/'model' entries)")
-    return ckpt
-
-
-# ---- the run ------------------------------------------------------------------------------------------------
-
-
-def setup_run(cfg):
-    """Build data, model, optimiser and weighting from a resolved configuration."""
-    device = init_distributed(cfg)
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    train_set, val_set = datasets_for(cfg)
-    model = build_model(cfg).to(device)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    normalise = nn.Identity()
-    if cfg.get("pretrained"):
-        load_pretrained(model, cfg["pretrained"])
-        normalise = InputNormalisation().to(device)
-    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
-    params = list(model.parameters()) + list(weighting.parameters())
-    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
-    task_weights = torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device)
-    compiled = wrap_for_training(model, cfg, device)
-    train_tensors = stack_on_device(train_set, device, cfg["workers"]) if cfg.get("data_on_device") else None
-    return dict(cfg=cfg, device=device, model=model, train_set=train_set, val_set=val_set,
-                train_tensors=train_tensors, optimizer=build_optimizer(cfg, params, device), weighting=weighting,
-                normalise=normalise, loss_tasks=loss_tasks, task_weights=task_weights, compiled=compiled,
-                scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
-                forward_kwargs={"return_aux": True} if has_deep_supervision(model) else {})
-
-
-def wrap_for_training(model, cfg, device):
-    """The module the training step calls: DDP under torchrun (SyncBatchNorm with --sync-bn), then
-    torch.compile with --compile. Evaluation and checkpoints use the plain model underneath."""
-    if world_size() > 1:
-        if cfg.get("sync_bn"):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Dense's dead decoder block and the other domains' chains of wrn-mtan get no gradient: tell DDP.
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg["model"] in ("dense", "wrn-mtan"))
-    return torch.compile(model) if cfg["compile"] else model
-
-
-def datasets_for(cfg):
-    """Train and val splits with every target the run needs (edges derived from semantics if missing)."""
-    if cfg["data"] in DECATHLON_DATASETS:
-        if cfg["data"] == "synthetic-decathlon" and is_main():
-            print("rendering the synthetic Decathlon domains (about a minute on a CPU)...", flush=True)
-        return [data.build_decathlon(cfg["data"], cfg["data_root"], split, domains=list(cfg["tasks"]),
-                                     num_samples=cfg["subset"])[0] for split in ("train", "val")]
-    sets = []
-    for split in ("train", "val"):
-        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], split, **dataset_options(cfg))
-        if cfg["subset"]:
-            dataset = torch.utils.data.Subset(dataset, range(min(cfg["subset"], len(dataset))))
-        sets.append(dataset)
-    return sets
-
-
-def dataset_options(cfg):
-    options = {}
-    if cfg["data"] == "synthetic":
-        options["resolution"] = parse_resolution(cfg["resolution"])
-        options["cache"] = True  # render each scene once; later epochs read it from memory
-    if cfg["data"] == "cityscapes":
-        options["num_classes"] = cfg["num_classes"]
-    if cfg["data"] == "pascal":  # PASCAL augments each sample itself (rotation, scale, fixed resize)
-        options["augment"] = cfg["augment"]
-    return options
-
-
-def load_pretrained(model, path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    skipped = mtinet.load_hrnet_imagenet(model.backbone, state)
-    print(f"loaded ImageNet HRNet weights from {path}; skipped {len(skipped)} classifier keys")
-
-
-def run_training(cfg, resume_from=None):
-    """Train (or continue) a run; returns the final metrics dict that is also written to metrics.json."""
-    run = setup_run(cfg)
-    start_epoch, history = 0, []
-    if resume_from is not None:
-        run["model"].load_state_dict(resume_from["model"])
-        run["optimizer"].load_state_dict(resume_from["optimizer"])
-        run["weighting"].load_state_dict(resume_from["weighting"])
-        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
-            run["scaler"].load_state_dict(resume_from["scaler"])
-        start_epoch, history = resume_from["epoch"], list(resume_from["history"])
-        say(f"resumed {cfg['out']} after epoch {start_epoch}")
-    if is_main():  # the log holds exactly the epochs of the checkpoint, even if a run died after writing it
-        os.makedirs(cfg["out"], exist_ok=True)
-        write_text_atomic("".join(json.dumps(r) + "\n" for r in history), os.path.join(cfg["out"], "log.jsonl"))
-    if is_decathlon(cfg):
-        val_loader = {d: make_loader(s, cfg, 0, train=False) for d, s in run["val_set"].items()}
-    else:
-        val_loader = make_loader(run["val_set"], cfg, 0, train=False)
-    say(describe(cfg, run))
-    for epoch in range(start_epoch, total_epochs(cfg)):
-        history.append(train_and_evaluate_epoch(run, epoch, val_loader))
-        if is_main():
-            save_atomic(checkpoint_state(run, epoch + 1, history), os.path.join(cfg["out"], "last.pt"))
-            with open(os.path.join(cfg["out"], "log.jsonl"), "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            draw_curves(history, os.path.join(cfg["out"], "curves.png"))
-    return finish(run, history)
+def finish(run, format_rows, yardstick=None):
+    """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
+    plus `yardstick(run)`'s metrics when given (the quickstart's constant predictor)."""
+    cfg = run.cfg
+    evaluated = [r["val"] for r in run.history if "val" in r]
+    last10 = evaluated[-10:]
+    result = {"final": evaluated[-1], "mean_last_10": evaluation.average_results(last10),
+              "epochs": len(run.history), "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
+              "next_task_weights": run.weighting.weights().tolist()}
+    if not is_main():
+        return result
+    rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
+    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
+    if yardstick is not None and world_size() == 1:
+        result["trivial"] = yardstick(run)
+        rows.append(("trivial predictor", result["trivial"]))
+    evaluation.write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
+    print("\nfinal evaluation (val split):")
+    print(format_rows(rows))
+    return result
 
 
 def say(text):
@@ -844,60 +899,36 @@ def say(text):
         print(text, flush=True)
 
 
-def train_and_evaluate_epoch(run, epoch, val_loader):
-    # Transforms that draw random numbers (the Decathlon crops and flips) use torch's global generator: seed it
-    # per epoch, so a resumed run draws the same numbers as an uninterrupted one.
-    torch.manual_seed(run["cfg"]["seed"] * 1000 + epoch)
-    if is_decathlon(run["cfg"]):
-        return train_and_evaluate_decathlon_epoch(run, epoch, val_loader)
-    cfg = run["cfg"]
-    start = time.time()
-    weights = run["weighting"].weights().tolist()  # the weights used during this epoch
-    mean_losses, first_bad = train_one_epoch(run, epoch)
-    if first_bad >= 0:
-        names = [t for t, v in zip(run["loss_tasks"], mean_losses.tolist()) if not math.isfinite(v)]
-        raise FloatingPointError(
-            f"non-finite loss for task(s) {', '.join(names) or '?'} at epoch {epoch + 1}, step {first_bad + 1}; "
-            f"stopped without overwriting {cfg['out']}/last.pt (the last good epoch). Try a lower --lr.")
-    run["weighting"].end_epoch(mean_losses[: len(cfg["tasks"])].tolist())
-    record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
-              "train_loss": dict(zip(run["loss_tasks"], mean_losses.tolist())),
-              "task_weights": dict(zip(cfg["tasks"], weights))}
-    if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-        broadcast_buffers(run["model"])
-        record["val"] = evaluate(run["model"], val_loader, cfg["tasks"], run["device"], cfg, run["normalise"])
-    record["seconds"] = round(time.time() - start, 2)
-    say(summary_line(record))
-    return record
+def summary_line(record):
+    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
+    text = f"epoch {record['epoch']} done: train loss [{losses}]"
+    if "task_weights" in record:
+        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
+    text += f" lr {record['lr']:.2e}"
+    if "val" in record:
+        text += "\n  val " + evaluation.format_metrics(record["val"])
+    return text
 
 
-def train_and_evaluate_decathlon_epoch(run, epoch, val_loaders):
-    cfg, start = run["cfg"], time.time()
-    stats = train_decathlon_epoch(run, epoch)
-    bad = [d for d, v in stats.items() if not math.isfinite(v["loss"])]
-    if bad:
-        raise FloatingPointError(f"non-finite loss for domain(s) {', '.join(bad)} at epoch {epoch + 1}; stopped "
-                                 f"without overwriting {cfg['out']}/last.pt. Try a lower --lr.")
-    record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
-              "train_loss": {d: v["loss"] for d, v in stats.items()},
-              "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
-    if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg):
-        broadcast_buffers(run["model"])
-        record["val"] = evaluate_decathlon(run["model"], val_loaders, cfg, run["device"], run["train_set"])
-    record["seconds"] = round(time.time() - start, 2)
-    say(summary_line(record))
-    return record
+def describe(run):
+    cfg = run.cfg
+    params = sum(p.numel() for p in run.model.parameters())
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
+            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
+            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}")
 
 
 @torch.no_grad()
 def trivial_baseline(run):
     """Metrics of the best input-independent predictor, as a yardstick for the final table: the most frequent
     training class, the mean training depth, the mean training normal direction (edges: none)."""
-    cfg, device, tasks = run["cfg"], run["device"], run["cfg"]["tasks"]
+    cfg, device, tasks = run.cfg, run.device, run.cfg["tasks"]
     constants = {"semantic": torch.zeros(tasks.get("semantic", 1), device=device),
                  "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
-    for batch in make_loader(run["train_set"], cfg, 0, train=False):
-        batch = to_device(batch, device)
+    for batch in make_loader(run.train_set, cfg, 0, train=False):
+        batch = evaluation.to_device(batch, device)
         # masks multiply in rather than index: boolean indexing would wait for the device on every batch
         if "semantic" in tasks:
             labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
@@ -916,65 +947,36 @@ def trivial_baseline(run):
             shape = (image.shape[0], -1, *image.shape[-2:])
             return {t: prediction[t].view(1, -1, 1, 1).expand(shape) for t in tasks}
 
-    loader = make_loader(run["val_set"], cfg, 0, train=False)
-    return evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device, cfg)
+    loader = make_loader(run.val_set, cfg, 0, train=False)
+    return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
+                               cfg["amp"], cfg["channels_last"])
 
 
-def checkpoint_state(run, epochs_done, history):
-    """Everything needed to continue exactly, in types `torch.load(weights_only=True)` accepts."""
-    return {"model": run["model"].state_dict(), "optimizer": run["optimizer"].state_dict(),
-            "weighting": run["weighting"].state_dict(), "epoch": epochs_done, "config": run["cfg"],
-            "history": history, "rng": {"torch": torch.get_rng_state()}, "scaler": run["scaler"].state_dict()}
+def draw_curves(history, path):
+    """Three panels: per-task training loss (log scale), task weights, and one validation metric per task."""
+    # (title, {line name: values}, how the bottom and top of the y axis are labelled)
+    panels = [("train loss (log scale)", {t: [math.log10(max(r["train_loss"].get(t, math.nan), 1e-12))
+                                          for r in history] for t in history[0]["train_loss"]},
+               lambda v: f"{10 ** v:.3g}")]
+    if "task_weights" in history[0]:
+        panels.append(("task weights", {t: [r["task_weights"][t] for r in history]
+                                        for t in history[0]["task_weights"]}, lambda v: f"{v:.3g}"))
+    evaluated = [r for r in history if "val" in r]
+    if evaluated:
+        series = {}
+        for task, values in evaluated[0]["val"].items():
+            key = next(iter(values))
+            line = [r["val"][task][key] for r in evaluated]
+            series[f"{task} {key} {line[-1]:.3g}"] = evaluation.rescaled(line)  # the name ends with the last value
+        # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
+        # range, from its lowest (bottom) to its highest value (top).
+        panels.append(("val metrics (each on its own range)", series, lambda v: "max" if v > 0.5 else "min"))
+    evaluation.save_panels(panels, path)
 
 
-def finish(run, history):
-    """The final table: the last evaluation, and the paper's protocol (mean of the last 10 evaluations)."""
-    cfg = run["cfg"]
-    evaluated = [r["val"] for r in history if "val" in r]
-    last10 = evaluated[-10:]
-    mean_last10 = {task: {k: sum(r[task][k] for r in last10) / len(last10) for k in last10[-1][task]}
-                   for task in last10[-1]}
-    result = {"final": evaluated[-1], "mean_last_10": mean_last10, "epochs": len(history),
-              "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
-              "next_task_weights": run["weighting"].weights().tolist()}
-    if not is_main():
-        return result
-    write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
-    print("\nfinal evaluation (val split):")
-    rows = [("last epoch", evaluated[-1]), (f"mean of last {len(last10)} evals", mean_last10)]
-    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
-    if cfg["data"] == "synthetic" and world_size() == 1:  # the quickstart: how far above a constant predictor
-        result["trivial"] = trivial_baseline(run)
-        write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
-        rows.append(("trivial predictor", result["trivial"]))
-    if is_decathlon(cfg):
-        print(evaluation.format_decathlon_table(rows))
-    else:
-        print(evaluation.format_table(rows, cfg["tasks"]))
-    return result
-
-
-def summary_line(record):
-    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
-    text = f"epoch {record['epoch']} done: train loss [{losses}]"
-    if "task_weights" in record:
-        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
-    text += f" lr {record['lr']:.2e}"
-    if "val" in record:
-        text += "\n  val " + evaluation.format_metrics(record["val"])
-    return text
-
-
-def describe(cfg, run):
-    params = sum(p.numel() for p in run["model"].parameters())
-    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run["train_set"], run["val_set"])]
-    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
-            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
-            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}")
-
-
-# ---- --bench: speed of the training step ------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# 9. --bench: the speed of the training step
+# ----------------------------------------------------------------------------------------------------------
 
 # Dense peak throughput in TFLOP/s of common GPUs, for the MFU figure (vendor datasheets, without sparsity).
 # Keys are matched against torch.cuda.get_device_name(); `--peak-tflops` overrides.
@@ -988,10 +990,10 @@ def forward_flops_per_image(run, batch):
     """FLOPs of one forward pass for one image, counted by torch.utils.flop_counter (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = run["model"]
+    model = run.model
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(run["normalise"](batch["image"][:1]), **run["forward_kwargs"])
+        model(run.normalise(batch["image"][:1]), **run.forward_kwargs)
     model.train()
     return counter.get_total_flops()
 
@@ -1014,48 +1016,33 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     (forward, losses, backward, optimiser), not the data loader's.
 
     Warm-up: 5 steps on a GPU (cuDNN's autotuner and torch.compile settle there), 2 on a CPU. The timed steps
-    run back to back as in training, with no synchronisation between them: on a GPU, CUDA events recorded
-    between steps mark the device's timeline, and we synchronise once before reading them. On a CPU every op
-    has finished when it returns, so the wall clock is read directly. `sync_every_step` (the hidden
-    --sync-every-step) adds the official loops' per-step .item() on every loss, for the baseline."""
+    run back to back as in training, with no synchronisation between them (eval.DeviceClock marks the
+    device's timeline). `sync_every_step` (the hidden --sync-every-step) adds the official loops' per-step
+    .item() on every loss, for the baseline."""
     run = setup_run(cfg)
-    device = run["device"]
+    device = run.device
     warmup = warmup if warmup is not None else (5 if device.type == "cuda" else 2)
-    loader = make_loader(run["train_set"], cfg, 0, train=True)
-    batches = [to_device(b, device, cfg["channels_last"]) for b, _ in zip(loader, range(4))]
-    batches = [add_derived_targets(b, run["loss_tasks"]) for b in batches]
+    loader = make_loader(run.train_set, cfg, 0, train=True)
+    batches = [data.add_derived_targets(evaluation.to_device(b, device, cfg["channels_last"]), run.loss_tasks)
+               for b, _ in zip(loader, range(4))]
     flops = forward_flops_per_image(run, batches[0])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def mark():  # a point in time on the device's timeline
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
+    clock = evaluation.DeviceClock(device)
     for i in range(warmup):
         training_step(run, batches[i % len(batches)])
-    synchronize(device)
-    marks = [mark()]
+    clock.start()
     for i in range(steps):
         losses, _ = training_step(run, batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
-        marks.append(mark())
-    synchronize(device)
-    times = sorted(a.elapsed_time(b) / 1000 if device.type == "cuda" else b - a for a, b in zip(marks, marks[1:]))
-    median = times[len(times) // 2]
+        clock.mark()
+    median = clock.median_interval()
     batch_size = batches[0]["image"].shape[0]
     result = {"model": cfg["model"], "data": cfg["data"], "images_per_s": round(batch_size / median, 2),
-              "ms_per_step": round(1000 * median, 2), "peak_mem_mb": round(peak_memory_mb(device), 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
-              "batch_size": batch_size, "resolution": "x".join(map(str, batches[0]["image"].shape[-2:])),
-              "gflops_per_image": round(flops / 1e9, 3), "sync_every_step": sync_every_step,
-              "fused_optimizer": cfg.get("fused", True),
+              "ms_per_step": round(1000 * median, 2),
+              **evaluation.speed_fields(cfg, device, batches[0]["image"]),
+              "compile": cfg["compile"], "gflops_per_image": round(flops / 1e9, 3),
+              "sync_every_step": sync_every_step, "fused_optimizer": cfg.get("fused", True),
               "world_size": world_size()}
     peak = peak_tflops(cfg, device)
     if peak:  # model FLOPs utilisation: forward + backward taken as 3x the forward FLOPs
@@ -1063,89 +1050,132 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     return result
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device):
-    """Peak memory: allocated CUDA memory on a GPU, the process's peak resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# ---- curves.png, drawn with pillow ----------------------------------------------------------------------
-
-
-def draw_curves(history, path):
-    """Three panels: per-task training loss (log scale), task weights, and one validation metric per task."""
-    from PIL import Image, ImageDraw
-
-    # (title, {line name: values}, how the bottom and top of the y axis are labelled)
-    panels = [("train loss (log scale)", {t: [math.log10(max(r["train_loss"].get(t, math.nan), 1e-12))
-                                          for r in history] for t in history[0]["train_loss"]},
-               lambda v: f"{10 ** v:.3g}")]
-    if "task_weights" in history[0]:
-        panels.append(("task weights", {t: [r["task_weights"][t] for r in history]
-                                        for t in history[0]["task_weights"]}, lambda v: f"{v:.3g}"))
-    evaluated = [r for r in history if "val" in r]
-    if evaluated:
-        series = {}
-        for task, values in evaluated[0]["val"].items():
-            key = next(iter(values))
-            line = [r["val"][task][key] for r in evaluated]
-            series[f"{task} {key} {line[-1]:.3g}"] = rescaled(line)  # the name ends with the last value
-        # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
-        # range, from its lowest (bottom) to its highest value (top).
-        panels.append(("val metrics (each on its own range)", series, lambda v: "max" if v > 0.5 else "min"))
-    width, height = 360, 260
-    image = Image.new("RGB", (width * len(panels), height), "white")
-    draw = ImageDraw.Draw(image)
-    for i, (title, series, tick) in enumerate(panels):
-        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
-    image.save(path)
-
-
-def rescaled(values):
-    finite = [v for v in values if math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
-
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def plot_panel(draw, box, title, series, tick):
-    x0, y0, x1, y1 = box
-    left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((left, y0 + 5), title, fill="black")
-    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    draw.text((x0 + 4, top), tick(hi), fill="black")
-    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
-    for k, (name, vs) in enumerate(series.items()):
-        colour = PALETTE[k % len(PALETTE)]
-        n = max(len(vs) - 1, 1)
-        points = [(left + (right - left) * j / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
-                  for j, v in enumerate(vs) if math.isfinite(v)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        elif points:
-            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
-        draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Command line
+# 10. Command line
 # ----------------------------------------------------------------------------------------------------------
+
+EPILOG = """the two papers:
+  python train.py --model mtan --data nyuv2 --weighting dwa                       # MTAN, Table 2
+  python train.py --model mtinet --data nyud --aux-tasks normal,edge \\
+                  --pretrained hrnet_w18_small_model_v2.pth                        # MTI-Net, NYUD
+datasets are read from data/<name> unless --data-root says otherwise (README, "Datasets")."""
+
+
+def build_parser():
+    """Every flag defaults to "not given" (argparse.SUPPRESS): resolve_config fills in the rest from DEFAULTS,
+    the model family's recipe and the synthetic preset, so a flag only appears in the namespace if typed."""
+    p = argparse.ArgumentParser(description="Train MTAN, MTI-Net and their baselines. With no argument: the "
+                                "quickstart (MTAN + DWA on the embedded synthetic scenes).", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    what = p.add_argument_group("what to train")
+    what.add_argument("--model", choices=list(MODELS), help="MTAN paper: single stan split split-wide split-deep "
+                      "dense cross-stitch mtan (Table 2), wrn-mtan (Decathlon); MTI-Net paper: mtinet padnet "
+                      "hrnet-mtl; dilated ResNet-50: mtan-deeplab deeplab (default: mtan)")
+    what.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, help="default: synthetic (embedded, "
+                      "no download)")
+    what.add_argument("--data-root", metavar="DIR", help="the dataset folder (default: data/<name>)")
+    what.add_argument("--task", metavar="TASK", help="the task of a single-task model (single, stan, or hrnet-mtl "
+                      "and deeplab with one task); for wrn-mtan: train on one Decathlon domain only (the single-domain "
+                      "baseline)")
+    what.add_argument("--tasks", metavar="TASKS", help="the main tasks, comma separated, a subset of the "
+                      "dataset's (default: its primary tasks), e.g. semantic,depth as in MTI-Net's NYUD setting")
+    what.add_argument("--aux-tasks", metavar="TASKS", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, "
+                      "e.g. normal,edge")
+    what.add_argument("--task-weights", metavar="T=W,...", help="fixed loss weights, e.g. "
+                      "semantic=1,depth=1,normal=10,edge=50 (default: MTI-Net's for the HRNet family, else 1)")
+    what.add_argument("--weighting", choices=["equal", "uncertainty", "dwa"], help="how the main task losses "
+                      "combine (default: equal; dwa for the quickstart)")
+    what.add_argument("--temperature", type=float, metavar="T", help="DWA temperature (default 2)")
+    what.add_argument("--augment", action="store_true", help="the official augmentation (MTAN: scale-crop and "
+                      "flip; PASCAL: MTI-Net's)")
+    what.add_argument("--backbone", choices=list(mtinet.HRNET_CONFIGS), help="the HRNet of mtinet, padnet and "
+                      "hrnet-mtl (default: w18-small-v2, the MTI-Net paper's HRNet-18; w48: its state of the art)")
+    what.add_argument("--pretrained", metavar="PATH", help="ImageNet weights of the backbone: HRNet-Image-"
+                      "Classification's file (hrnet_w18_small_model_v2.pth, hrnetv2_w48_imagenet_pretrained.pth, "
+                      "...) or torchvision's ResNet-50 file; switches on ImageNet input normalisation")
+    what.add_argument("--fpm-softmax", choices=["tasks", "official"], help="MTI-Net's FPM softmax: across tasks "
+                      "per channel (the paper, default) or the official code's grouping of adjacent channels")
+    what.add_argument("--width", type=float, metavar="X", help="channel width multiplier of SegNet models "
+                      "(1.0 = the paper; default 0.25 on synthetic data)")
+    what.add_argument("--wrn-depth", type=int, metavar="N", help="wrn-mtan: depth of the wide ResNet, 6n + 4 "
+                      "(28 = the paper)")
+    what.add_argument("--num-classes", type=int, metavar="N", help="CityScapes classes: 2, 7 or 19 (default 7)")
+    recipe = p.add_argument_group("recipe overrides (default: the model family's recipe, see README 'Training'; "
+                                  "on synthetic data a smaller preset)")
+    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (resume: train for longer)")
+    recipe.add_argument("--batch-size", type=int, metavar="N", help="batch size (per GPU under torchrun)")
+    recipe.add_argument("--lr", type=float, metavar="X", help="initial learning rate")
+    recipe.add_argument("--weight-decay", type=float, metavar="X", help="L2 weight decay")
+    recipe.add_argument("--finetune-epochs", type=int, metavar="N", help="wrn-mtan: epochs of the second, "
+                        "fine-tuning phase")
+    run = p.add_argument_group("the run")
+    run.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<data>-<time>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    run.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N epochs and after the last "
+                     "(default 1; 2 on synthetic data)")
+    run.add_argument("--subset", type=int, metavar="N", help="use only the first N samples of each split")
+    run.add_argument("--resolution", metavar="HxW", help="size of the synthetic scenes, multiples of 32 (default "
+                     "96x128)")
+    run.add_argument("--seed", type=int, metavar="N", help="model init, batch order, augmentation (default 0)")
+    run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    speed.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: bf16 on a GPU, "
+                       "fp16 on GPUs without bf16, off on a CPU)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory "
+                       "format (default on: it is faster on CPU and GPU)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
+                       "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
+    speed.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default 0)")
+    speed.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the "
+                       "device (no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")
+    speed.add_argument("--bench", type=int, metavar="N", help="time N training steps, print one JSON line, exit")
+    speed.add_argument("--peak-tflops", type=float, metavar="X", help="the device's peak TFLOP/s for the MFU of "
+                       "--bench (default: a table of common GPUs)")
+    # The baseline of the benchmark, not a training option: read every loss and wait for the device after each
+    # step, as the official training loops do (.item() per loss), to measure what removing those syncs gains.
+    speed.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)
+    # Likewise: the optimiser's default per-parameter loop instead of the fused kernel, for the baseline.
+    speed.add_argument("--no-fused", dest="fused", action="store_false", help=argparse.SUPPRESS)
+    gpus = p.add_argument_group("multi-GPU (torchrun --nproc_per_node=N train.py ...)")
+    gpus.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
+    return p
+
+
+def resolve_config(args, parser):
+    """The configuration of a new run: DEFAULTS < the family's recipe < the synthetic preset < the typed flags.
+    Returns a plain dict (stored in checkpoints)."""
+    given = dict(vars(args))  # only the flags the user typed (build_parser's default is SUPPRESS)
+    for key in ("resume", "bench", "sync_every_step"):  # what to do with the run, not part of it
+        given.pop(key, None)
+    task_flags = {key: given.pop(key, None) for key in ("task", "tasks", "aux_tasks", "task_weights")}
+    model, dataset = given.get("model", DEFAULTS["model"]), given.get("data", DEFAULTS["data"])
+    family = MODELS[model].family
+    if (family == "wrn") != (dataset in DECATHLON_DATASETS):
+        parser.error(f"--model wrn-mtan goes with --data {' or '.join(DECATHLON_DATASETS)}, and the dense models "
+                     f"with {', '.join(DENSE_DATASETS)} (got --model {model} --data {dataset})")
+    quickstart = QUICKSTART if (model, dataset) == ("mtan", "synthetic") else {}
+    cfg = {**DEFAULTS, **RECIPES[family], **PRESETS.get(dataset, {}), **quickstart, **given}
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
+        cuda = cfg["device"] == "cuda"
+        cfg["amp"] = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+    if cfg["data_on_device"] and (dataset == "pascal" or dataset in DECATHLON_DATASETS):
+        parser.error(f"--data-on-device: the {dataset} training samples are augmented one by one (PASCAL) or "
+                     f"kept per domain (Decathlon); it applies to the other dense datasets")
+    if "backbone" in given and family != "hrnet":
+        parser.error(f"--backbone chooses the HRNet of mtinet, padnet and hrnet-mtl; --model {model} has no HRNet")
+    if "resolution" in given and dataset != "synthetic":
+        parser.error("--resolution applies to --data synthetic only (real datasets have a fixed size)")
+    if cfg["resolution"] is not None:
+        parse_resolution(cfg["resolution"])
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    cfg["tasks"], cfg["aux_tasks"] = resolve_tasks(cfg, task_flags, parser)
+    cfg["task_weights"] = resolve_task_weights(cfg, task_flags["task_weights"], parser)
+    cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
 
 
 def parse_resolution(text):
@@ -1156,146 +1186,60 @@ def parse_resolution(text):
         raise SystemExit(f"error: {e}") from None
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="Train MTAN, MTI-Net and their baselines. With no argument: the "
-                                "quickstart (MTAN + DWA on the embedded synthetic scenes).")
-    p.add_argument("--model", choices=list(MODELS), default="mtan")
-    p.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, default="synthetic")
-    p.add_argument("--data-root", help="dataset folder (see README, 'Datasets')")
-    p.add_argument("--task", help="the task of a single-task model (single, stan, or hrnet-mtl with one task); "
-                   "for wrn-mtan: train on one Decathlon domain only (the single-domain baseline)")
-    p.add_argument("--aux-tasks", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, e.g. normal,edge")
-    p.add_argument("--task-weights", help="fixed loss weights, e.g. semantic=1,depth=1,normal=10,edge=50")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--weighting", choices=["equal", "uncertainty", "dwa"])
-    p.add_argument("--temperature", type=float, help="DWA temperature T (default 2)")
-    p.add_argument("--augment", action="store_true", help="the official augmentation (scale-crop and flip)")
-    p.add_argument("--width", type=float, help="channel width multiplier of SegNet models (1.0 = the paper)")
-    p.add_argument("--wrn-depth", type=int, help="wrn-mtan: depth of the wide ResNet, 6n + 4 (28 = the paper)")
-    p.add_argument("--finetune-epochs", type=int, help="wrn-mtan: epochs of the second, fine-tuning phase")
-    p.add_argument("--num-classes", type=int, help="CityScapes classes: 2, 7 or 19 (default 7)")
-    p.add_argument("--subset", type=int, help="use only the first N samples of each split")
-    p.add_argument("--resolution", help="HxW of the synthetic scenes, multiples of 32")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--out", help="run folder (default runs/<model>-<data>-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    p.add_argument("--pretrained", metavar="PATH", help="ImageNet HRNet weights (hrnet_w18_small_model_v2.pth)")
-    p.add_argument("--fpm-softmax", choices=["tasks", "official"], default="tasks",
-                   help="MTI-Net's FPM softmax: across tasks per channel (the paper) or the official code's "
-                   "grouping of adjacent channels")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"])
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default on: it is faster on CPU and GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
-                   "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
-    p.add_argument("--bench", type=int, metavar="N", help="time N training steps, print one JSON line, exit")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the MFU of --bench")
-    p.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the device "
-                   "(no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")
-    # The baseline of the benchmark, not a training option: read every loss and wait for the device after each
-    # step, as the official training loops do (.item() per loss), to measure what removing those syncs gains.
-    p.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)
-    # Likewise: the optimiser's default per-parameter loop instead of the fused kernel, for the baseline.
-    p.add_argument("--no-fused", dest="fused", action="store_false", help=argparse.SUPPRESS)
-    return p
-
-
-def resolve_config(args, parser):
-    """Flags > recipe of the model family > synthetic preset. Returns a plain dict (stored in checkpoints)."""
-    family, _, single_task = MODELS[args.model]
-    if (family == "wrn") != (args.data in DECATHLON_DATASETS):
-        parser.error(f"--model wrn-mtan goes with --data {' or '.join(DECATHLON_DATASETS)}, and the dense models "
-                     f"with {', '.join(DENSE_DATASETS)} (got --model {args.model} --data {args.data})")
-    cfg = dict(RECIPES[family])
-    if args.data == "synthetic":
-        cfg.update(SYNTHETIC_PRESET)
-    if args.data == "synthetic-decathlon":
-        cfg.update(SYNTHETIC_DECATHLON_PRESET)
-    cfg.update(model=args.model, data=args.data, data_root=args.data_root, weighting="equal", temperature=2.0,
-               width=cfg.get("width", 1.0), resolution=cfg.get("resolution"), subset=cfg.get("subset"),
-               eval_every=cfg.get("eval_every", 1), num_classes=7, seed=0, workers=0, amp=None,
-               device="cuda" if torch.cuda.is_available() else "cpu", pretrained=None)
-    if args.model == "mtan" and args.data == "synthetic":
-        cfg["weighting"] = "dwa"  # the quickstart: MTAN + DWA
-    for key, value in vars(args).items():
-        if value is not None and value is not False and key not in ("resume", "task", "aux_tasks", "task_weights",
-                                                                    "bench", "sync_every_step"):
-            cfg[key] = value
-    if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
-        cuda = cfg["device"] == "cuda"
-        cfg["amp"] = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
-    cfg["augment"], cfg["compile"], cfg["fused"] = args.augment, args.compile, args.fused
-    cfg["channels_last"] = args.channels_last is not False
-    cfg["deterministic"], cfg["sync_bn"] = args.deterministic, args.sync_bn
-    cfg["data_on_device"] = args.data_on_device
-    if args.data_on_device and (args.data == "pascal" or args.data in DECATHLON_DATASETS):
-        parser.error(f"--data-on-device: the {args.data} training samples are augmented one by one (PASCAL) or "
-                     f"kept per domain (Decathlon); it applies to the other dense datasets")
-    if args.resolution and args.data != "synthetic":
-        parser.error("--resolution applies to --data synthetic only (real datasets have a fixed size)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
-    cfg["tasks"], cfg["aux_tasks"] = resolve_tasks(args, parser, single_task)
-    cfg["task_weights"] = resolve_task_weights(args, parser, family, cfg)
-    cfg["out"] = args.out or os.path.join("runs", f"{args.model}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return cfg
-
-
-def dataset_tasks(args, parser):
-    """(primary tasks, every target provided) of the chosen dataset, or a one-line error."""
-    options = {"resolution": (64, 64)} if args.data == "synthetic" else {}
-    if args.data == "synthetic-decathlon":  # known without rendering anything
+def dataset_tasks(cfg):
+    """(primary tasks, every target provided) of the configured dataset, or a one-line error."""
+    if cfg["data"] == "synthetic-decathlon":  # known without rendering anything
         tasks = {domain: spec[0] for domain, spec in data.SYNTHETIC_DECATHLON.items()}
         return tasks, tasks
     try:
-        if args.data == "decathlon":
-            _, tasks = data.build_decathlon(args.data, args.data_root, "train")  # the domains found under ROOT
+        if cfg["data"] == "decathlon":
+            _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains found under ROOT
             missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
-            if missing and not args.task:
-                print(f"note: no folder for {', '.join(missing)} in {args.data_root}: training on the other "
+            if missing and not cfg.get("task"):
+                print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
                       f"{len(tasks)} domains")
             return tasks, tasks
-        dataset, tasks = data.build_dataset(args.data, args.data_root, "train", **options)
+        options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
+        dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)
     except Exception as e:  # missing folder, wrong layout: data.py's message says what is expected
         raise SystemExit(f"error: {e}") from None
     return tasks, dataset.tasks
 
 
-def resolve_tasks(args, parser, single_task):
-    primary, available = dataset_tasks(args, parser)
+def resolve_tasks(cfg, flags, parser):
+    """The main and auxiliary task dicts from the dataset and --task / --tasks / --aux-tasks."""
+    model, dataset, single_task = cfg["model"], cfg["data"], MODELS[cfg["model"]].single_task
+    primary, available = dataset_tasks(dict(cfg, task=flags["task"]))
     if "semantic" in available and "edge" not in available:
         available = dict(available, edge=1)  # derived from the semantic labels on the fly (data.semantic_edges)
-    if single_task and not args.task:
-        parser.error(f"--model {args.model} is a single-task model: choose --task from {', '.join(primary)}")
-    if args.task:
-        if args.task not in available:
-            parser.error(f"--task {args.task}: the {args.data} dataset has tasks {', '.join(available)}")
-        if not single_task and args.model not in ("hrnet-mtl", "wrn-mtan"):
-            parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl), not {args.model}")
-        primary = {args.task: available[args.task]}
+    if single_task and not flags["task"]:
+        parser.error(f"--model {model} is a single-task model: choose --task from {', '.join(primary)}")
+    if flags["task"]:
+        if flags["task"] not in available:
+            parser.error(f"--task {flags['task']}: the {dataset} dataset has tasks {', '.join(available)}")
+        if not single_task and model not in ("hrnet-mtl", "deeplab", "wrn-mtan"):
+            parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl, deeplab), not {model}")
+        primary = {flags["task"]: available[flags["task"]]}
+    elif flags["tasks"]:
+        for name in flags["tasks"].split(","):
+            if name not in available:
+                parser.error(f"--tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
+        primary = {name: available[name] for name in flags["tasks"].split(",")}
     aux = {}
-    for name in filter(None, (args.aux_tasks or "").split(",")):
-        if args.model not in ("mtinet", "padnet"):
+    for name in filter(None, (flags["aux_tasks"] or "").split(",")):
+        if model not in ("mtinet", "padnet"):
             parser.error("--aux-tasks applies to --model mtinet and padnet only")
         if name not in available:
-            parser.error(f"--aux-tasks {name}: the {args.data} dataset has tasks {', '.join(available)}")
+            parser.error(f"--aux-tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
         aux[name] = available[name]
     return dict(primary), aux
 
 
-def resolve_task_weights(args, parser, family, cfg):
+def resolve_task_weights(cfg, text, parser):
     weights = {}
-    if family == "hrnet":
+    if MODELS[cfg["model"]].family == "hrnet":
         weights = {t: MTINET_TASK_WEIGHTS.get(t, 1.0) for t in list(cfg["tasks"]) + list(cfg["aux_tasks"])}
-    for item in filter(None, (args.task_weights or "").split(",")):
+    for item in filter(None, (text or "").split(",")):
         name, _, value = item.partition("=")
         try:
             weights[name] = float(value)
@@ -1304,45 +1248,42 @@ def resolve_task_weights(args, parser, family, cfg):
     return weights
 
 
-def configure_torch(cfg):
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif cfg["device"] == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def resume_config(args, parser):
+    """(configuration, checkpoint) of `--resume DIR`: the run's own configuration; --epochs may extend it and
+    --device move it."""
+    try:
+        resume = evaluation.load_checkpoint(args.resume)
+    except evaluation.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
+    cfg["out"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+    if getattr(args, "epochs", None):
+        cfg["epochs"] = args.epochs  # the one setting a resumed run may change: train for longer
+    if getattr(args, "device", None):
+        cfg["device"] = args.device
+    return cfg, resume
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    resume = None
-    if args.resume:
-        try:
-            resume = load_checkpoint(args.resume)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        cfg = dict(resume["config"])
-        cfg["out"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
-        if args.epochs:
-            cfg["epochs"] = args.epochs  # the one setting a resumed run may change: train for longer
-        if args.device:
-            cfg["device"] = args.device
+    if getattr(args, "resume", None):
+        cfg, resume = resume_config(args, parser)
     else:
-        cfg = resolve_config(args, parser)
-        if cfg["data"] == "synthetic" and not any(a.startswith("--width") for a in (argv or sys.argv[1:])):
-            width = f"width {cfg['width']}, " if MODELS[cfg["model"]][0] == "segnet" else ""  # HRNet has no width
+        cfg, resume = resolve_config(args, parser), None
+        if cfg["data"] == "synthetic" and "width" not in vars(args):
+            width = f"width {cfg['width']}, " if MODELS[cfg["model"]].family != "hrnet" else ""  # HRNet: no width
             print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
                   f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
                   f"(override any of them with flags)")
-    configure_torch(cfg)
-    if args.bench:
-        result = benchmark(cfg, args.bench, sync_every_step=args.sync_every_step)
+    evaluation.configure_torch(cfg)
+    if getattr(args, "bench", None):
+        result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
         say(json.dumps(result))  # under torchrun: rank 0's figures (images/s per rank)
         return result
     try:
+        if cfg["data"] in DECATHLON_DATASETS:
+            return run_decathlon(cfg, resume)
         return run_training(cfg, resume)
     except (FloatingPointError, data.DatasetError) as e:  # a DatasetError: a split or an image file met late
         raise SystemExit(f"error: {e}") from None

@@ -190,7 +190,7 @@ def test_synthetic_domain_is_deterministic_and_balanced(domain):
 
 def test_synthetic_tasks_and_model_outputs():
     args = train.build_parser().parse_args(["--model", "wrn-mtan", "--data", "synthetic-decathlon"])
-    tasks, _ = train.dataset_tasks(args, None)
+    tasks, _ = train.dataset_tasks({"data": args.data, "data_root": None})
     assert tasks == SYNTHETIC_CLASSES
     cfg = dict(train.SYNTHETIC_DECATHLON_PRESET, model="wrn-mtan", tasks=tasks, aux_tasks={})
     model = train.build_model(cfg).eval()
@@ -217,15 +217,15 @@ def test_batchnorm_calibration_is_temporary_and_deterministic():
     before = copy.deepcopy(model.state_dict())
     dataset = [{"image": torch.rand(3, 64, 64) * 3 + 1, "label": torch.tensor(0)} for _ in range(12)]
     cfg = dict(seed=0, batch_size=4, drop_last=False, workers=0, device="cpu", amp="off")
-    saved = train.calibrate_batchnorm(model, dataset, 1, cfg, torch.device("cpu"))
+    saved = evaluation.calibrate_batchnorm(model, dataset, 1, cfg, torch.device("cpu"))
     assert not model.training
     assert int(model.bn.num_batches_tracked) == 3  # 12 images, batch 4: a cumulative average of 3 batches
     assert not torch.equal(model.bn.running_mean, before["bn.running_mean"])
     calibrated = copy.deepcopy(model.state_dict())
-    train.restore_batchnorm(saved)
+    evaluation.restore_batchnorm(saved)
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value), key
-    train.calibrate_batchnorm(model, dataset, 1, cfg, torch.device("cpu"))  # the same again: same batches
+    evaluation.calibrate_batchnorm(model, dataset, 1, cfg, torch.device("cpu"))  # the same again: same batches
     for key, value in calibrated.items():
         assert torch.equal(model.state_dict()[key], value), key
 

@@ -83,9 +83,9 @@ def test_pretrained_imagenet_weights_load_and_switch_on_normalisation(tmp_path):
         TINY + ["--model", "hrnet-mtl", "--pretrained", str(tmp_path / "hrnet_w18_small_model_v2.pth"),
                 "--out", str(tmp_path / "run")]), train.build_parser())
     run = train.setup_run(cfg)
-    loaded = run["model"].backbone.state_dict()
+    loaded = run.model.backbone.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
-    assert isinstance(run["normalise"], train.InputNormalisation)
+    assert isinstance(run.normalise, mtinet.ImageNetNormalisation)
 
 
 def test_fpm_softmax_flag_reaches_the_model(tmp_path):
