@@ -21,14 +21,7 @@ import train
 SYNTHETIC_CLASSES = {"floor": 3, "walls": 2, "count": 4, "colour": 6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: one thread is as fast, and on a busy machine a second OpenMP thread
-    waiting for a core can make a step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---- the first tests of this file -------------------------------------------------------------------

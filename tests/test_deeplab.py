@@ -13,13 +13,7 @@ NYU = {"semantic": 13, "depth": 1, "normal": 3}
 NYUD_SEG, NYUD_SEG_DEPTH = {"semantic": 40}, {"semantic": 40, "depth": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is as fast and avoids OpenMP stalls on a busy CPU (see test_mtan.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def num_params(model):

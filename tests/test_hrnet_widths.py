@@ -20,12 +20,7 @@ NYUD_AUX = {"normal": 3, "edge": 1}
 PASCAL = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def count(model):

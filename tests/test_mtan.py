@@ -24,14 +24,7 @@ DECATHLON_CLASSES = [1000, 100, 100, 2, 47, 43, 1623, 10, 101, 102]
 SMALL = 0.25                                            # width for forward/backward tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and on a busy CPU it avoids OpenMP's barrier stalls
-    (an op waiting for a descheduled second thread), which made this file 10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def num_params(model):

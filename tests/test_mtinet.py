@@ -21,14 +21,7 @@ PASCAL = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}
 PASCAL_SMALL = {"semantic": 21, "parts": 7, "saliency": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy CPU, intra-op threads competing for the same cores slow these small
-    convolutions down about tenfold; one thread is fast and predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def count(model):
