@@ -1,4 +1,4 @@
-"""Visual Decathlon (issue 7): the synthetic stand-in, wrn-mtan trained and evaluated through train.py and
+"""Visual Decathlon: the synthetic stand-in, wrn-mtan trained and evaluated through train.py and
 eval.py, a fake official decathlon-1.0-data tree, the challenge's results format, and bad input.
 
 Pinned elsewhere and not repeated here: the WRN-28-4 MTAN's 10,237,656 parameters for the ten official domains

@@ -419,7 +419,7 @@ def test_delta_m_nyuv2_9_mtan_dwa_row():
 
 
 def rows_mtinet():
-    """(single-task row, multi-task row, printed Delta_m %) from mtinet.md section 9.1."""
+    """(single-task row, multi-task row, printed Delta_m %) from the MTI-Net repository README's NYUD table."""
     def nyud(seg, rmse):
         return {"semantic": {"miou": seg}, "depth": {"rmse": rmse}}
 
@@ -602,7 +602,7 @@ def test_update_does_not_sync_with_host():
 
 
 def test_eval_py_works_copied_alone(tmp_path):
-    # The contract: the metric library needs nothing but torch (no data/mtan/mtinet).
+    # The rule of eval.py's module docstring: the metric library needs nothing but torch (no data/mtan/mtinet).
     import os
     import shutil
     import subprocess

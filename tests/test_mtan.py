@@ -1,4 +1,4 @@
-"""Tests for mtan.py: parameter counts equal the official ones, the contract's output conventions, the MTAN
+"""Tests for mtan.py: parameter counts equal the official ones, the output conventions every model shares, the MTAN
 wiring against a per-task transcription of the official loop, and that the file works copied alone.
 
 Full-size models are built on the meta device (no memory, no init time) for counting only; forward and backward

@@ -1,4 +1,4 @@
-"""Speed and scale (issue 8): the fields of `--bench` and its FLOP count, the fast path's numerics (bf16,
+"""Speed and scale: the fields of `--bench` and its FLOP count, the fast path's numerics (bf16,
 channels_last, fp16 loss scaling), --data-on-device, torch.compile without a recompile per step, and torchrun:
 2 gloo processes on the CPU that agree with each other and with a single-process evaluation. On a GPU: the
 training step runs with no host-device synchronisation, and --bench reports the MFU.
