@@ -12,7 +12,9 @@ Read top to bottom, this file is:
    accumulators (train.py's validation uses the same loop), the Decathlon's
    per-domain evaluation with its BatchNorm re-estimation.
 3. Reading a run: checkpoints, and rebuilding the model they hold from the
-   class and arguments they record (no train.py needed).
+   class and arguments they record (no train.py needed); comparing finished
+   runs in one paper-style table from their metrics.json (`--compare`, no
+   re-evaluation).
 4. The command line `python eval.py --checkpoint runs/NAME/last.pt`, and
    `python eval.py --compare RUN ...` for the papers' tables.
 5. Pictures (predictions, attention masks, training curves), and an appendix
@@ -1112,18 +1114,357 @@ def speed_fields(cfg, device, image):
 
 
 # ----------------------------------------------------------------------------
+# Comparing runs
+#
+# `python eval.py --compare RUN ...` puts finished runs side by side as the papers do: the MTAN paper's Table 2
+# (One Task, STAN, Split, Dense, Cross-Stitch and MTAN under equal, uncertainty and DWA weighting) and the
+# MTI-Net paper's NYUD ablation table (single-task, multi-task baseline, PAD-Net, MTI-Net, with and without
+# auxiliary tasks, with Delta_m against the single-task rows). Nothing is re-evaluated: the numbers are those
+# train.py wrote to metrics.json (or, with --from-eval, those `python eval.py --checkpoint` wrote to eval.json),
+# the parameter count is read off the checkpoint's weights and the row's name off its configuration. Runs of
+# an older train.py have no `model_args` in last.pt and may lack newer configuration keys ("backbone"):
+# nothing here needs the first, and every key but model, data and tasks is read with its default.
+# ----------------------------------------------------------------------------
+
+# The models that are single-task networks when trained on one task, and the plain ones among them that serve
+# as the single-task baseline: STAN is MTAN's attention network on one task, a row of MTAN's Table 2 to compare
+# with the baseline rather than the baseline itself.
+SINGLE_TASK_MODELS = ("single", "stan", "hrnet-mtl", "deeplab")
+PLAIN_SINGLE_TASK_MODELS = ("single", "hrnet-mtl", "deeplab")
+HRNET_MODELS = ("mtinet", "padnet", "hrnet-mtl")  # the models whose configuration's "backbone" means something
+DEFAULT_HRNET = "w18-small-v2"  # the MTI-Net paper's HRNet-18, also what a run from before --backbone used
+EPOCH_CHOICES = {"protocol": "mean_last_10", "last": "final"}  # --epoch -> the key of metrics.json
+DELTA_M_HEADER = "Delta_m %"
+
+
+def read_finished_run(folder):
+    """What --compare needs of a run folder: its configuration, metrics.json, the parameter count of last.pt's
+    weights, how many evaluations the run made, and eval.json when there is one. One-line errors for a folder
+    that is not a finished run of train.py."""
+    if os.path.isfile(folder) and os.path.basename(folder) in ("last.pt", "metrics.json", "eval.json"):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {folder} is not a run folder: --compare expects folders that train.py wrote "
+                         "(each with metrics.json and last.pt)")
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {folder} is not a finished run: it has no metrics.json (train.py writes it after "
+                         f"the last epoch; continue a stopped run with python train.py --resume {folder})")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e})") from None
+    if not (isinstance(metrics, dict) and all(k in metrics for k in ("final", "mean_last_10", "epochs"))):
+        raise SystemExit(f"error: {path} is not the metrics.json of train.py: it lacks 'final', 'mean_last_10' or "
+                         "'epochs'")
+    if not os.path.isfile(os.path.join(folder, "last.pt")):
+        raise SystemExit(f"error: {folder} has metrics.json but no last.pt: --compare reads the configuration and "
+                         "the parameter count from the checkpoint")
+    try:
+        ckpt = load_checkpoint(folder)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = ckpt["config"]
+    if is_decathlon(cfg):
+        raise SystemExit(f"error: {folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
+                         "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")
+    # A run resumed for more epochs and stopped again keeps the metrics.json of its earlier end.
+    if ckpt.get("epoch", metrics["epochs"]) != metrics["epochs"]:
+        raise SystemExit(f"error: {folder} is not a finished run: last.pt holds epoch {ckpt['epoch']} but metrics.json "
+                         f"was written after epoch {metrics['epochs']} (resumed and not finished)")
+    evaluations = sum("val" in record for record in ckpt.get("history", [])) or None
+    eval_path = os.path.join(folder, "eval.json")
+    return {"folder": folder, "config": cfg, "metrics": metrics, "params": count_parameters(ckpt["model"]),
+            "evaluations": evaluations, "eval_json": eval_path if os.path.isfile(eval_path) else None}
+
+
+def run_numbers(run, epoch, from_eval):
+    """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
+    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json."""
+    if not from_eval:
+        key = EPOCH_CHOICES[epoch]
+        return run["metrics"][key], f"metrics.json {key}"
+    if run["eval_json"] is None:
+        raise SystemExit(f"error: --from-eval: {run['folder']} has no eval.json (write it with python eval.py "
+                         f"--checkpoint {run['folder']}, or drop --from-eval)")
+    try:
+        with open(run["eval_json"]) as f:
+            blob = json.load(f)
+        return blob["metrics"], f"eval.json {blob.get('split', 'val')} split"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read {run['eval_json']}: expected the eval.json of python eval.py "
+                         f"--checkpoint with 'metrics' ({type(e).__name__}: {e})") from None
+
+
+def is_single_task(cfg):
+    return len(cfg["tasks"]) == 1 and cfg["model"] in SINGLE_TASK_MODELS
+
+
+def row_name(cfg, weighting=True):
+    """A short name from the configuration: the model, then the task of a single-task run or the weighting of a
+    multi-task one (left out when `weighting` is False), the HRNet when not the paper's, the auxiliary tasks,
+    and the seed when not 0: "mtan dwa", "single semantic", "mtinet w48 +normal,edge", "split dwa seed 1"."""
+    parts = [cfg["model"]]
+    if is_single_task(cfg):
+        parts.append(next(iter(cfg["tasks"])))
+    elif weighting:
+        parts.append(cfg.get("weighting", "equal"))
+    if cfg["model"] in HRNET_MODELS and cfg.get("backbone", DEFAULT_HRNET) != DEFAULT_HRNET:
+        parts.append(cfg["backbone"])
+    if cfg.get("aux_tasks"):
+        parts.append("+" + ",".join(cfg["aux_tasks"]))
+    if cfg.get("seed", 0):
+        parts.append(f"seed {cfg['seed']}")
+    return " ".join(parts)
+
+
+def row_names(runs):
+    """Unique row names. The weighting is named unless every multi-task run uses equal weighting (as in the
+    MTI-Net tables, where it is not what the rows compare); runs that still share a name get their folder's."""
+    weighting = any(cfg.get("weighting", "equal") != "equal" for cfg in (r["config"] for r in runs)
+                    if not is_single_task(cfg))
+    names = [row_name(r["config"], weighting) for r in runs]
+    return [f"{n} [{os.path.basename(os.path.normpath(r['folder']))}]" if names.count(n) > 1 else n
+            for n, r in zip(names, runs)]
+
+
+def evaluation_set(cfg):
+    """The data a run was evaluated on, in words: runs evaluated on different data cannot share a table."""
+    words = [cfg["data"]]
+    if cfg["data"] == "synthetic":
+        words.append(str(cfg.get("resolution")))
+    if cfg["data"] == "cityscapes":
+        words.append(f"{cfg.get('num_classes', 7)} classes")
+    if cfg.get("subset"):
+        words.append(f"(first {cfg['subset']} samples)")
+    return " ".join(words)
+
+
+def check_comparable(runs):
+    """One-line errors for runs that cannot share a table: a folder given twice, runs evaluated on different
+    data (another dataset, resolution, subset or class count), a task with different outputs in two runs."""
+    folders = [os.path.realpath(r["folder"]) for r in runs]
+    for r, folder in zip(runs, folders):
+        if folders.count(folder) > 1:
+            raise SystemExit(f"error: {r['folder']} is given twice to --compare")
+    first = runs[0]
+    for r in runs[1:]:
+        if evaluation_set(r["config"]) != evaluation_set(first["config"]):
+            raise SystemExit(f"error: {first['folder']} ({evaluation_set(first['config'])}) and {r['folder']} "
+                             f"({evaluation_set(r['config'])}) were evaluated on different data: they cannot "
+                             "share a table")
+    channels = {}
+    for r in runs:
+        for task, n in r["config"]["tasks"].items():
+            seen = channels.setdefault(task, (n, r["folder"]))
+            if seen[0] != n:
+                raise SystemExit(f"error: task {task} has {seen[0]} outputs in {seen[1]} but {n} in {r['folder']}: "
+                                 "the task sets cannot share a table")
+
+
+def read_baseline_source(path, epoch, from_eval):
+    """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
+    (the --epoch key) or eval.json ("metrics"). Returns {"folder": path, "data": dataset or None, "numbers"}."""
+    if os.path.isdir(path):
+        run = read_finished_run(path)
+        return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
+                         f"({type(e).__name__}: {e})") from None
+    key = "metrics" if "metrics" in blob else EPOCH_CHOICES[epoch]
+    if not isinstance(blob.get(key), dict):
+        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
+    return {"folder": path, "data": blob.get("data"), "numbers": blob[key]}
+
+
+def find_baselines(runs, named=None):
+    """{task: the run whose numbers are that task's single-task reference}. Without `named` (the --baseline
+    sources), the first single-task run of each task in command-line order whose model is a plain single-task
+    network (single, hrnet-mtl, deeplab), else the first of any single-task model (stan). With `named`, those
+    alone, each task from the first source that has it."""
+    chosen = {}
+    if named:
+        for source in named:
+            for task in source["numbers"]:
+                chosen.setdefault(task, source)
+        return chosen
+    for plain_only in (True, False):
+        for run in runs:
+            cfg = run["config"]
+            if is_single_task(cfg) and (cfg["model"] in PLAIN_SINGLE_TASK_MODELS or not plain_only):
+                chosen.setdefault(next(iter(cfg["tasks"])), run)
+    return chosen
+
+
+def row_delta_m(numbers, reference, tasks, convention):
+    """(Delta_m in %, the tasks it covers) of one row against {task: single-task numbers}, or (None, []) when
+    the convention has nothing to measure. mtinet and libmtl use the row's main tasks that have a baseline; the
+    nyuv2-9 convention needs all of semantic, depth and normal."""
+    if convention == "nyuv2-9":
+        tasks = ["semantic", "depth", "normal"]
+        if not all(t in numbers and t in reference for t in tasks):
+            return None, []
+    if not tasks:
+        return None, []
+    try:
+        return delta_m(numbers, reference, convention=convention, tasks=tasks), tasks
+    except (KeyError, ValueError) as e:  # a baseline metric of 0, a metric missing from a file
+        raise SystemExit(f"error: Delta_m ({convention} convention): {e}") from None
+
+
+def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
+    """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
+    dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers and
+    the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline sources."""
+    if not folders:
+        raise SystemExit("error: --compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
+    runs = [read_finished_run(folder) for folder in folders]
+    check_comparable(runs)
+    for run in runs:
+        run["numbers"], run["source"] = run_numbers(run, epoch, from_eval)
+    if from_eval and len({run["source"] for run in runs}) > 1:
+        raise SystemExit("error: --from-eval: the eval.json files are of different splits ("
+                         + ", ".join(f"{r['folder']}: {r['source']}" for r in runs) + ")")
+    named = None
+    if baseline:
+        named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
+        data = runs[0]["config"]["data"]
+        for source in named:
+            if source["data"] not in (None, data):
+                raise SystemExit(f"error: --baseline {source['folder']} is a {source['data']} run, the compared "
+                                 f"runs are on {data}")
+    baselines = find_baselines(runs, named)
+    reference = {task: source["numbers"][task] for task, source in baselines.items()}
+    rows = []
+    for run, name in zip(runs, row_names(runs)):
+        cfg = run["config"]
+        # Main tasks only: MTI-Net's Delta_m leaves the auxiliary tasks out (train.py does not evaluate them).
+        value, covered = row_delta_m(run["numbers"], reference, [t for t in cfg["tasks"] if t in reference],
+                                     convention)
+        evaluated = 1 if (epoch == "last" or from_eval) else min(10, run["evaluations"] or 10)
+        rows.append({"name": name, "run": run["folder"], "model": cfg["model"], "data": cfg["data"],
+                     "evaluated_on": evaluation_set(cfg), "tasks": list(cfg["tasks"]),
+                     "aux_tasks": list(cfg.get("aux_tasks") or {}),
+                     "params": run["params"], "epochs": run["metrics"]["epochs"], "evaluations": evaluated,
+                     "numbers": run["source"], "metrics": run["numbers"], "delta_m": value,
+                     "delta_m_tasks": covered, "baselines": {t: baselines[t]["folder"] for t in covered}})
+    return rows
+
+
+def comparison_style(rows):
+    """format_table's style: the MTI-Net paper's one metric per task for its datasets (NYUD, PASCAL) and its
+    models, MTAN's CityScapes columns on CityScapes, else MTAN's NYUv2 columns (the synthetic scenes too)."""
+    if rows[0]["data"] in ("nyud", "pascal") or any(r["model"] in HRNET_MODELS for r in rows):
+        return "mtinet"
+    return "mtan-cityscapes" if rows[0]["data"] == "cityscapes" else "mtan"
+
+
+def table_tasks(rows):
+    """Every main task of the table, multi-task rows' order first (a single-task row lists one task)."""
+    tasks = []
+    for row in sorted(rows, key=lambda r: len(r["tasks"]) == 1):  # stable: command-line order otherwise
+        tasks += [t for t in row["tasks"] if t not in tasks]
+    return tasks
+
+
+def format_params(n):
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def span(values):
+    """"10" for equal values, "2-10" for a range."""
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+CONVENTION_WORDS = {
+    "mtinet": "mtinet convention (Maninis et al. 2019, MTI-Net: one metric per main task; higher is better)",
+    "nyuv2-9": "nyuv2-9 convention (the 9 NYUv2 metrics of semantic, depth and normal; lower is better)",
+    "libmtl": "libmtl convention (every metric, averaged per task, then over tasks; higher is better)",
+}
+
+
+def format_comparison(doc):
+    """The Markdown table of --compare with the lines above it that say which numbers it shows and what
+    Delta_m measures against, and a note under it for rows whose Delta_m leaves tasks out."""
+    rows, tasks = doc["rows"], table_tasks(doc["rows"])
+    epochs, evaluations = span([r["epochs"] for r in rows]), span([r["evaluations"] for r in rows])
+    if doc["from_eval"]:
+        split = rows[0]["numbers"].split(" ", 1)[1]  # "eval.json val split" -> "val split"
+        numbers = f"the eval.json of each run ({split}, from python eval.py --checkpoint)"
+    elif doc["epoch"] == "protocol":
+        numbers = (f"the mean of the last {evaluations} evaluations of each run (the MTAN paper's protocol; "
+                   "--epoch last for the last one)")
+    else:
+        numbers = "the last evaluation of each run (--epoch protocol for the mean of the last 10)"
+    lines = [f"numbers: {numbers}, after {epochs} epochs, data: {rows[0]['evaluated_on']}"]
+    if doc["baselines"]:
+        against = ", ".join(f"{task} {folder}" for task, folder in doc["baselines"].items())
+        lines.append(f"Delta_m: {CONVENTION_WORDS[doc['convention']]}, against {against}")
+    else:
+        lines.append(f"Delta_m: no single-task run of {', '.join(tasks)} among the runs (add them, or pass "
+                     "--baseline)")
+    table = []
+    for r in rows:
+        cells = table_row(r["metrics"], tasks, doc["style"])
+        cells.append(("Params", format_params(r["params"])))
+        cells.append((DELTA_M_HEADER, "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"))
+        table.append((r["name"], cells))
+    lines += ["", format_table(table)]
+    for r in rows:
+        left_out = [t for t in r["tasks"] if t not in r["delta_m_tasks"]]
+        if r["delta_m"] is not None and left_out:
+            lines.append(f"{r['name']}: Delta_m without {', '.join(left_out)} (no single-task baseline)")
+    return "\n".join(lines)
+
+
+def compare_command(args):
+    """`python eval.py --compare RUN ...`: the table (Markdown, or with --json one JSON document) of finished
+    runs; returns the document."""
+    for flag, value in (("--data-root", args.data_root), ("--save-vis", args.save_vis), ("--image", args.image),
+                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench)):
+        if value is not None:
+            raise SystemExit(f"error: {flag} applies to --checkpoint, not --compare (which re-evaluates nothing)")
+    if args.from_eval and args.epoch == "protocol":
+        raise SystemExit("error: --from-eval replaces the last evaluation by eval.json's; it goes with --epoch last, "
+                         "not --epoch protocol")
+    epoch = args.epoch or ("last" if args.from_eval else "protocol")
+    rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
+                        from_eval=args.from_eval)
+    baselines = {}
+    for row in rows:
+        baselines.update(row["baselines"])
+    doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
+           "style": args.style or comparison_style(rows), "data": rows[0]["data"],
+           "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
+    print(json.dumps(doc, indent=2) if args.json else format_comparison(doc))
+    return doc
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
-                                "and optional pictures of predictions and attention masks.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
+                                "and optional pictures of predictions and attention masks; or, with --compare, "
+                                "one paper-style table of finished runs.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
+    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
+                      "from metrics.json (no re-evaluation), with parameters and delta_m against the single-task "
+                      "runs among them")
     p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
-                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score)")
+                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score; --compare: "
+                   "comma-separated run folders or metrics.json / eval.json files of single-task runs, instead of "
+                   "the single-task runs among those compared)")
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
     p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
@@ -1134,6 +1475,14 @@ def build_parser():
     p.add_argument("--subset", type=int, metavar="N", help="evaluate only the first N samples")
     p.add_argument("--bench", type=int, metavar="N", help="time N evaluations of the split (images/s, metrics "
                    "included), print one JSON line and exit (dense datasets)")
+    compare = p.add_argument_group("--compare only")
+    compare.add_argument("--epoch", choices=list(EPOCH_CHOICES), help="protocol: the mean of the last 10 "
+                         "evaluations (the MTAN paper's protocol, default); last: the last evaluation")
+    compare.add_argument("--from-eval", action="store_true", help="the numbers of each run's eval.json (written by "
+                         "--checkpoint) instead of its last evaluation during training")
+    compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
+                         "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
+    compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
     return p
 
 
@@ -1191,6 +1540,12 @@ def evaluation_loader(dataset, cfg):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.compare is not None:
+        return compare_command(args)
+    for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
+                        ("--json", args.json)):
+        if value:
+            raise SystemExit(f"error: {flag} applies to --compare, not --checkpoint")
     cfg, model, device = load_run(args)
     normalise = input_normalisation(cfg, device)
     if args.image:
