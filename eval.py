@@ -1067,8 +1067,10 @@ def write_text_atomic(text, path):
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         remove_quietly(tmp)
+        if isinstance(e, OSError) and e.errno:  # named by the file it was writing, not the temporary
+            raise OSError(e.errno, os.strerror(e.errno), path) from None
         raise
 
 
@@ -1332,6 +1334,8 @@ def evaluate_checkpoint(args):
         return predict_image(args, cfg, model, device, normalise)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
+    if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
+        os.makedirs(args.save_vis, exist_ok=True)
     if is_decathlon(cfg):
         if args.bench:
             raise SystemExit("error: --bench times the dense datasets' evaluation; not the Decathlon's")

@@ -287,8 +287,8 @@ def train_one_epoch(run, epoch):
     mean_losses = all_reduce(loss_sum) / counts.clamp_min(1)
     first_losses = all_reduce(first_losses) / world_size()
     mean_losses, first_losses = torch.stack([mean_losses, first_losses]).cpu()  # the one sync of the epoch
-    check_finite(run, dict(zip(run.loss_tasks, mean_losses.tolist())), epoch, dict(zip(run.loss_tasks,
-                                                                                        first_losses.tolist())))
+    names = run.loss_tasks
+    check_finite(run, dict(zip(names, mean_losses.tolist())), epoch, dict(zip(names, first_losses.tolist())))
     if not run.history:  # the first epoch of the run: did every task see a label? (section 6)
         check_labels_seen(run, mean_losses.tolist())
     return mean_losses
@@ -341,7 +341,7 @@ def check_finite(run, losses, epoch, first_losses=None):
     exploded = [f"{t} {v:.3g} against {reference[t]:.3g}" for t, v in losses.items()
                 if math.isfinite(v) and reference.get(t, 0) > 0 and v > EXPLOSION * reference[t]]
     if bad:
-        raise FloatingPointError(f"non-finite training loss for {', '.join(bad)} in epoch {epoch + 1}; "
+        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training); "
                                  f"{divergence_hint(run, non_finite=True)}")
     if exploded:
         raise FloatingPointError(f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its "
