@@ -1075,8 +1075,12 @@ def write_text_atomic(text, path):
 
 
 def first_line(error):
-    """An exception's message cut to its first line (torch lists every mismatched tensor of a state dict)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """An exception's message on one line. torch lists every mismatched tensor of a state dict below a heading
+    ("Error(s) in loading state_dict for MTAN:"): keep the heading, the first mismatch and how many follow."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return lines[0]
 
 
 def remove_quietly(path):

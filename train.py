@@ -11,8 +11,8 @@ Sections 1-4 are the training, to be read top to bottom:
    family, every configuration key with its default, and the `Run` that holds one run's state.
 
 Sections 5-10 are machinery you can skip on a first reading: 5. the Visual Decathlon (a classification
-benchmark with its own loop), 6. batches, 7. multi-GPU (torchrun), 8. checkpoints and logs, 9. `--bench`,
-10. the command line.
+benchmark with its own loop), 6. batches and data checks, 7. multi-GPU (torchrun), 8. the run folder (its
+lock, checkpoints, logs, what a failed run keeps), 9. `--bench`, 10. the command line and its one-line errors.
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
 enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics live
@@ -724,7 +724,7 @@ def train_decathlon_epoch(run, epoch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Batches
+# 6. Batches, and the checks of the data: the first samples before training, the labels after the first epoch
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -798,8 +798,9 @@ def check_labels_seen(run, mean_losses):
     counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
     empty = [task for task, count in zip(suspects, counts) if count == 0]
     if empty:
-        files = data.sample_files(run.train_set, 0)
-        where = f" (e.g. {', '.join(files.values())})" if files else ""
+        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
+        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
+        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
         raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
                                 f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
                                 f"0); a head without labels learns nothing: check the files, or leave the task "
@@ -1521,7 +1522,7 @@ def resolve_task_weights(cfg, given, parser):
 
 
 # What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
-RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "data_on_device", "eval_every", "peak_tflops")
+RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "eval_every", "peak_tflops")
 
 
 def resume_config(args, parser):
