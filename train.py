@@ -1377,7 +1377,8 @@ def build_parser():
                         "fine-tuning phase")
     run = p.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<data>-<time>)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its own "
+                     "settings (--epochs, --data-root, --device, --workers, --compile, --eval-every may change)")
     run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
     run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")

@@ -286,6 +286,15 @@ def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run
     assert not os.path.exists(os.path.join(copy, "lock"))
 
 
+def test_a_gpu_run_resumes_on_the_cpu_of_a_machine_without_cuda(finished_run, tmp_path, monkeypatch, capsys):
+    copy = copy_of_run(tmp_path, finished_run, monkeypatch)["copy"]
+    edit_checkpoint(copy, lambda ckpt: ckpt["config"].update(device="cuda"))
+    no_cuda(tmp_path, finished_run, monkeypatch)
+    train.main(["--resume", copy])
+    printed = capsys.readouterr().out
+    assert "no CUDA device here, so it continues on the CPU" in printed and "device cpu" in printed
+
+
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = {"out": os.path.join("runs", "mtan-synthetic-20260101-120000")}
