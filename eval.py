@@ -1235,7 +1235,6 @@ def number_type(kind, low, low_inclusive=True):
         if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if low_inclusive else '>'} {low:g}, got {text}")
         return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
 
 
