@@ -208,6 +208,15 @@ def dataset_error(name, problem, path):
     )
 
 
+def sample_files(dataset, index):
+    """{what: path} of the files that sample `index` of a dataset is read from (looking through a Subset), to
+    name them in an error; {} for the synthetic datasets, which are code."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    method = getattr(dataset, "sample_files", None)
+    return method(index) if method else {}
+
+
 def _check_root(name, root):
     """The dataset folder of dataset `name`: `root`, or data/<name> under the working directory when none is
     given. A missing folder is a DatasetError that names the folder, the layout and the download."""
@@ -297,8 +306,11 @@ class NYUv2(_CachedDataset):
         self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.FOLDERS), num_samples)
         self.cache = {} if cache else None
 
+    def sample_files(self, index):
+        return {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.FOLDERS}
+
     def load(self, index):
-        paths = {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.FOLDERS}
+        paths = self.sample_files(index)
         arrays = {folder: _read_npy(self.name, path) for folder, path in paths.items()}
         sample = {
             "image": _image_tensor(self.name, arrays["image"], paths["image"]),
@@ -340,8 +352,11 @@ class CityScapes(_CachedDataset):
         self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.folders), num_samples)
         self.cache = {} if cache else None
 
+    def sample_files(self, index):
+        return {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.folders}
+
     def load(self, index):
-        image_path, depth_path, label_path = (os.path.join(self.folder, f, f"{index}.npy") for f in self.folders)
+        image_path, depth_path, label_path = self.sample_files(index).values()
         sample = {
             "image": _image_tensor(self.name, _read_npy(self.name, image_path), image_path),
             "semantic": _label_tensor(self.name, _read_npy(self.name, label_path), label_path, self.num_classes),
@@ -386,9 +401,12 @@ class NYUD(_CachedDataset):
         self.length = len(self.ids)
         self.cache = {} if cache else None
 
+    def sample_files(self, index):
+        return {task: os.path.join(self.root, folder, self.ids[index] + ext)
+                for task, (folder, ext) in self.FILES.items()}
+
     def load(self, index):
-        paths = {task: os.path.join(self.root, folder, self.ids[index] + ext)
-                 for task, (folder, ext) in self.FILES.items()}
+        paths = self.sample_files(index)
         edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
         sample = {
             "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
@@ -473,11 +491,21 @@ def _channels_last(name, array, path, channels):
 
 
 def _image_tensor(name, array, path):
-    """(H, W, 3) in [0, 1] (or uint8 in [0, 255]) -> float (3, H, W) in [0, 1]."""
+    """(H, W, 3) in [0, 1] (or uint8 in [0, 255]) -> float (3, H, W) in [0, 1]. A float image outside [0, 1]
+    (a copy saved as 0..255, or holding NaN) is a DatasetError naming the file: the network would train on it
+    without complaint. Two passes over a sample already in memory: far cheaper than reading it."""
     array = _channels_last(name, array, path, 3)
     if array.dtype == np.uint8:
         return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
-    return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C"))  # a copy
+    image = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy
+    low, high = float(image.min()), float(image.max())
+    if not (low >= -IMAGE_TOLERANCE and high <= 1 + IMAGE_TOLERANCE):  # also true for NaN
+        raise dataset_error(name, f"image values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] (saved as "
+                            f"0..255? divide by 255)", path)
+    return torch.from_numpy(image)
+
+
+IMAGE_TOLERANCE = 1e-3  # resampled or compressed copies may overshoot [0, 1] by a rounding error
 
 
 # The conversions below work in numpy, which runs on the calling thread. (Torch would spread these
@@ -494,7 +522,9 @@ def _float_tensor(name, array, path, channels):
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):
-    """(H, W) class ids -> long (H, W); ids outside 0..num_classes-1 after `shift` become -1 (ignore)."""
+    """(H, W) class ids -> long (H, W), ids shifted by `shift`; the ignore values (-1 after the shift, or a stored
+    -1 or 255) become -1. Any other id outside 0..num_classes-1 is a DatasetError naming the file and the value:
+    labels of another class set (NYUv2's 40 classes in a 13-class run) must not silently become "ignore"."""
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim != 2:
@@ -502,7 +532,15 @@ def _label_tensor(name, array, path, num_classes, shift=0):
     if array.dtype.kind == "f":  # MTAN's files store ids as floats
         array = np.where(np.isnan(array), -1, np.rint(array))
     labels = array.astype(np.int64) + shift  # a copy out of the memory map
-    labels[(labels < 0) | (labels >= num_classes)] = -1
+    outside = (labels < 0) | (labels >= num_classes)
+    if labels.min() < -1 or labels.max() >= num_classes:  # only then can an id be neither a class nor ignore
+        stored = labels - shift
+        wrong = outside & (labels != -1) & (stored != -1) & (stored != 255)
+        if wrong.any():
+            raise dataset_error(name, f"label value {int(stored[wrong][0])} outside the expected range "
+                                f"{-shift}..{num_classes - 1 - shift} (ignore: {-1 - shift} or 255)",
+                                path)
+    labels[outside] = -1
     return torch.from_numpy(labels)
 
 
@@ -765,10 +803,13 @@ class PascalContext(_CachedDataset):
                                 f"(found: {', '.join(variables) or 'none'})", path)
         return variables[variable]
 
+    def sample_files(self, index):
+        return self.paths[self.ids[index]]
+
     def load(self, index):
         """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
         where no person is: the all-zero map becomes ignore only at the end (ignore_empty_parts)."""
-        paths = self.paths[self.ids[index]]
+        paths = self.sample_files(index)
         image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
         size = tuple(image.shape[-2:])
         label_map = np.asarray(self._mat_variable(paths["context"], "LabelMap"))

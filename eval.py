@@ -55,6 +55,8 @@ logits as predictions.
 """
 
 import argparse
+import contextlib
+import errno
 import inspect
 import json
 import math
@@ -1010,6 +1012,29 @@ def legacy_model_args(cfg):
     return {"module": "mtinet", "class": cls, "kwargs": kwargs}
 
 
+# The input sizes each model class accepts (its forward raises otherwise): SegNet's five 2x2 poolings (mtan.py),
+# MTAN-DeepLabv3's output stride 8. The HRNet models and DeepLabv3 resize their outputs to any input size.
+INPUT_MULTIPLE = {"SegNet": 32, "MTAN": 32, "DenseSegNet": 32, "CrossStitchSegNet": 32, "MTANDeepLabv3": 8}
+
+
+def check_first_samples(model, dataset, split, count=2):
+    """Read the first samples of a split of files before any training or evaluation starts, so that a damaged
+    file, a label outside the class range or an image outside [0, 1] (data.py checks them as it reads) stops the
+    run at once, and check that their size fits the model. The synthetic scenes (code, no file) are skipped."""
+    import data
+
+    if not data.sample_files(dataset, 0):
+        return
+    for index in range(min(count, len(dataset))):
+        height, width = dataset[index]["image"].shape[-2:]
+        multiple = INPUT_MULTIPLE.get(type(model).__name__)
+        if multiple and (height % multiple or width % multiple):
+            raise data.DatasetError(
+                f"{data.sample_files(dataset, index)['image']}: the {split} images are {height}x{width}, but "
+                f"{type(model).__name__} needs heights and widths that are multiples of {multiple} (the SegNet "
+                f"models: 32, MTAN-DeepLabv3: 8; the HRNet models and DeepLabv3 take any size): crop or pad them")
+
+
 def count_parameters(state_dict):
     """Parameters of a model from its state dict (BatchNorm statistics and other buffers excluded)."""
     buffers = ("running_mean", "running_var", "num_batches_tracked")
@@ -1036,11 +1061,86 @@ def dataset_options(cfg):
 
 
 def write_text_atomic(text, path):
-    """Write a text file through a temporary file and a rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a text file through a temporary file and a rename: a reader never sees half a file. The temporary
+    name carries the process id, so two processes never write into each other's; a failed write (a full disk)
+    removes it and leaves the previous file as it was."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove_quietly(tmp)
+        if isinstance(e, OSError) and e.errno:  # named by the file it was writing, not the temporary
+            raise OSError(e.errno, os.strerror(e.errno), path) from None
+        raise
+
+
+def first_line(error):
+    """An exception's message on one line. torch lists every mismatched tensor of a state dict below a heading
+    ("Error(s) in loading state_dict for MTAN:"): keep the heading, the first mismatch and how many follow."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return lines[0]
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def strict_json(obj, **options):
+    """json.dumps that writes only standard JSON: a non-finite float (NaN, inf) becomes null. Python's default
+    writes NaN and Infinity, which strict parsers (browsers, jq, most other languages) reject."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **options)
+
+
+def finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def non_finite_metrics(results):
+    """["task metric", ...] of the non-finite values of a {task: {metric: value}} dict."""
+    return [f"{task} {name}" for task, values in results.items() for name, value in values.items()
+            if isinstance(value, float) and not math.isfinite(value)]
+
+
+# ---- one-line errors, shared with train.py ------------------------------------------------------------------
+
+# OS errors a user causes (a full disk, a read-only or missing folder): one line instead of a traceback. Any
+# other exception is a bug of this repository and keeps its traceback.
+USER_OS_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "read-only file system", errno.ENOENT: "no such file or folder",
+                  errno.ENOTDIR: "not a folder", errno.EISDIR: "is a folder", errno.EEXIST: "already exists"}
+
+
+@contextlib.contextmanager
+def one_line_errors(full_disk_hint=""):
+    """Turn the errors a user can cause into `error: ...` on one line (exit status 1): this repository's own
+    (data.DatasetError, CheckpointError, FloatingPointError) and USER_OS_ERRORS. `full_disk_hint` follows a
+    full-disk error (train.py: the run folder keeps its last good checkpoint)."""
+    import data
+
+    try:
+        yield
+    except (data.DatasetError, CheckpointError, FloatingPointError) as e:  # a DatasetError's first line is the
+        raise SystemExit(f"error: {e}") from None  # error; the expected layout and the download follow it
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        hint = full_disk_hint if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise SystemExit(f"error: {USER_OS_ERRORS[e.errno]}{where}{hint}") from None
 
 
 # ---- speed settings and measurement, shared with train.py --------------------------------------------------
@@ -1450,10 +1550,38 @@ def compare_command(args):
 # ----------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `error: argument --lr: must be > 0, got 0` instead of the usage block
+    (train.py's usage alone is 20 lines) followed by the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
+
+
+def number_type(kind, low, low_inclusive=True):
+    """An argparse `type`: an int or a finite float at least (or, with low_inclusive=False, above) `low`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if low_inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_type(int, 1)
+non_negative_int = number_type(int, 0)
+positive_float = number_type(float, 0.0, low_inclusive=False)
+non_negative_float = number_type(float, 0.0)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
-                                "and optional pictures of predictions and attention masks; or, with --compare, "
-                                "one paper-style table of finished runs.")
+    p = ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
+                       "and optional pictures of predictions and attention masks; or, with --compare, "
+                       "one paper-style table of finished runs.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
     what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
@@ -1468,12 +1596,12 @@ def build_parser():
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
     p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
-    p.add_argument("--num-vis", type=int, default=4, metavar="N", help="how many samples --save-vis draws")
+    p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
     p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--batch-size", type=int, metavar="N")
-    p.add_argument("--subset", type=int, metavar="N", help="evaluate only the first N samples")
-    p.add_argument("--bench", type=int, metavar="N", help="time N evaluations of the split (images/s, metrics "
+    p.add_argument("--batch-size", type=positive_int, metavar="N")
+    p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate only the first N samples")
+    p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, metrics "
                    "included), print one JSON line and exit (dense datasets)")
     compare = p.add_argument_group("--compare only")
     compare.add_argument("--epoch", choices=list(EPOCH_CHOICES), help="protocol: the mean of the last 10 "
@@ -1495,16 +1623,23 @@ def load_run(args):
     cfg = dict(ckpt["config"])
     if args.data_root:
         cfg["data_root"] = args.data_root
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available here (drop --device, or pass "
+                         "--device cpu)")
     cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg["compile"] = False  # compiling pays off over many training steps, not one evaluation
     cfg["channels_last"] = cfg.get("channels_last", False)  # as in training: faster on CPU and GPU alike
     cfg.setdefault("deterministic", False)
-    model = model_from_checkpoint(ckpt)
+    try:
+        model = model_from_checkpoint(ckpt)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # model_args of another version, edited by hand
+        raise SystemExit(f"error: {args.checkpoint} records a model this code cannot build ({type(e).__name__}: "
+                         f"{e})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise SystemExit(f"error: the weights in {args.checkpoint} do not fit a {cfg['model']} model: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{first_line(e)}") from None
     device = torch.device(cfg["device"])
     model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
     return cfg, model.eval(), device
@@ -1540,8 +1675,13 @@ def evaluation_loader(dataset, cfg):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compare is not None:
-        return compare_command(args)
+    with one_line_errors():  # a damaged dataset file, a full disk, an unwritable folder: one line
+        if args.compare is not None:
+            return compare_command(args)
+        return evaluate_checkpoint(args)
+
+
+def evaluate_checkpoint(args):
     for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
                         ("--json", args.json)):
         if value:
@@ -1552,11 +1692,14 @@ def main(argv=None):
         return predict_image(args, cfg, model, device, normalise)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
+    if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
+        os.makedirs(args.save_vis, exist_ok=True)
     if is_decathlon(cfg):
         if args.bench:
             raise SystemExit("error: --bench times the dense datasets' evaluation; not the Decathlon's")
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
     dataset = evaluation_split(cfg, args)
+    check_first_samples(model, dataset, args.split)
     loader = evaluation_loader(dataset, cfg)
     if args.bench:
         return bench_evaluation(args, cfg, model, loader, device, normalise)
@@ -1567,7 +1710,11 @@ def main(argv=None):
     if args.baseline:
         baseline = read_baseline(args.baseline)
         rows.append(("baseline", baseline))
-        report["delta_m"] = delta_m(results, baseline, convention=args.convention)
+        try:
+            report["delta_m"] = delta_m(results, baseline, convention=args.convention)
+        except (KeyError, ValueError) as e:  # a task or a metric missing, a metric of 0
+            raise SystemExit(f"error: --baseline {args.baseline}: no delta_m ({e.args[0]}); it must be the "
+                             f"eval.json or metrics.json of a run on the same tasks") from None
         report["delta_m_convention"] = args.convention
     print(format_table(rows, cfg["tasks"]))
     if "delta_m" in report:
@@ -1597,7 +1744,7 @@ def bench_evaluation(args, cfg, model, loader, device, normalise):
     result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
               "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
               **speed_fields(cfg, device, batch["image"]), "batch_size": loader.batch_size}
-    print(json.dumps(result))
+    print(strict_json(result))
     return result
 
 
@@ -1686,8 +1833,11 @@ def read_decathlon_baseline(paths):
     for path in paths.split(","):
         try:
             with open(path) as f:
-                merged.update(json.load(f)["accuracy"])
-        except (OSError, ValueError, KeyError) as e:
+                accuracy = json.load(f)["accuracy"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
+                raise ValueError("an accuracy is not a number")
+            merged.update(accuracy)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SystemExit(f"error: --baseline {path}: not an eval.json of a Decathlon run ({e})") from None
     return merged
 
@@ -1698,23 +1848,35 @@ def run_folder(checkpoint):
 
 
 def write_report(report, checkpoint):
-    """eval.json beside the checkpoint, written atomically."""
+    """eval.json beside the checkpoint, written atomically. Non-finite metrics (a diverged model, or a split
+    without a valid target) are refused: they would replace a good eval.json with one no strict parser reads."""
     path = os.path.join(run_folder(checkpoint), "eval.json")
-    write_text_atomic(json.dumps(report, indent=2), path)
+    bad = non_finite_metrics(report["metrics"])
+    if bad:
+        raise SystemExit(f"error: non-finite metrics ({', '.join(bad)}): the model diverged or the split has no "
+                         f"valid target for them; {path} was not written")
+    write_text_atomic(strict_json(report, indent=2), path)
     print(f"wrote {path}")
 
 
 def read_baseline(path):
-    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json ("final")."""
+    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json ("final"), checked to be
+    {task: {metric: number}}."""
     try:
         with open(path) as f:
             blob = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read --baseline {path}: {e}") from None
-    for key in ("metrics", "final"):
-        if key in blob:
-            return blob[key]
-    raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor 'final' (metrics.json)")
+    metrics = next((blob[key] for key in ("metrics", "final") if isinstance(blob, dict) and key in blob), None)
+    if metrics is None:
+        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor 'final' (metrics.json)")
+    numbers = isinstance(metrics, dict) and all(
+        isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         for v in values.values()) for values in metrics.values())
+    if not numbers:
+        raise SystemExit(f"error: --baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
+                         f"'final', as eval.py and train.py write them")
+    return metrics
 
 
 
@@ -1815,21 +1977,15 @@ def save_visualisations(args, cfg, model, dataset, device, normalise):
 def predict_image(args, cfg, model, device, normalise):
     """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
     predictions resized back to the original size, one PNG per task beside the image."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        picture = Image.open(args.image).convert("RGB")
-    except OSError as e:
-        raise SystemExit(f"error: cannot read --image {args.image}: {e}") from None
-    width, height = picture.size
+    array = read_image(args.image)
+    height, width = array.shape[:2]
     if cfg["data"] == "synthetic":
         import data
 
         size = data.parse_resolution(cfg["resolution"], flag="--resolution")
     else:
         size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
-    image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(device)
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
     preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear")), False)
     stem = os.path.splitext(args.image)[0]
     written = []
@@ -1840,6 +1996,43 @@ def predict_image(args, cfg, model, device, normalise):
         written.append(path)
     print("wrote " + ", ".join(written))
     return written
+
+
+def read_image(path):
+    """(H, W, 3) float32 in [0, 1] from an image file of any bit depth. 8-bit files divide by 255; 16-bit and
+    32-bit integer files by their type's maximum; float files (mode F) are used as they are when they lie in
+    [0, 1] and rescaled from their own minimum and maximum otherwise. PIL's convert("RGB") would instead clip
+    16-bit values to 255 (an all-white picture) and float ones to 0 or 255. A rescaling is said on one line."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            mode = picture.mode
+            if mode in ("I", "F") or mode.startswith("I;16"):
+                array = np.asarray(picture, dtype=np.float64)
+            else:
+                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --image {path}: {e}") from None
+    if array.ndim == 3:
+        return array
+    if not np.isfinite(array).all():
+        raise SystemExit(f"error: --image {path} holds NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        scale, how = (0.0, 65535.0), "a 16-bit image: values divided by 65535"
+    elif mode == "I":
+        scale, how = (0.0, 2.0 ** 31 - 1), "a 32-bit image: values divided by 2^31 - 1"
+    elif low >= 0 and high <= 1:
+        scale, how = (0.0, 1.0), None
+    else:
+        scale, how = (low, max(high, low + 1e-12)), f"a float image in [{low:.4g}, {high:.4g}]: rescaled"
+    if how:
+        print(f"note: --image {path} is {how} to [0, 1] (grey, used for all three channels)")
+    grey = ((array - scale[0]) / (scale[1] - scale[0])).clip(0, 1).astype(np.float32)
+    return np.repeat(grey[..., None], 3, axis=2)
+
 
 # ---- training curves (train.py's curves.png) ----------------------------------------------------------------
 

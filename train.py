@@ -11,8 +11,8 @@ Sections 1-4 are the training, to be read top to bottom:
    family, every configuration key with its default, and the `Run` that holds one run's state.
 
 Sections 5-10 are machinery you can skip on a first reading: 5. the Visual Decathlon (a classification
-benchmark with its own loop), 6. batches, 7. multi-GPU (torchrun), 8. checkpoints and logs, 9. `--bench`,
-10. the command line.
+benchmark with its own loop), 6. batches and data checks, 7. multi-GPU (torchrun), 8. the run folder (its
+lock, checkpoints, logs, what a failed run keeps), 9. `--bench`, 10. the command line and its one-line errors.
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
 enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics live
@@ -20,10 +20,12 @@ in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
-import json
+import errno
 import math
 import os
 import random
+import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -272,15 +274,23 @@ def train_one_epoch(run, epoch):
     augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
     loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
     total_sum = torch.zeros((), device=device)
+    first_losses = torch.zeros_like(loss_sum)  # the first step's: check_finite's reference in the first epoch
     progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
     for step, batch in enumerate(batches):
         losses, total = training_step(run, prepare_batch(run, batch, augment))
         loss_sum += losses
         total_sum += total
+        if step == 0:
+            first_losses = losses
         progress.maybe_print(step, total_sum)  # reads the loss (a sync) only when it prints, every 5 s
     counts = all_reduce(torch.tensor(float(len(batches)), device=device))
-    mean_losses = (all_reduce(loss_sum) / counts.clamp_min(1)).cpu()  # the one sync of the epoch
-    check_finite(mean_losses.tolist(), run.loss_tasks, epoch, cfg["out"])
+    mean_losses = all_reduce(loss_sum) / counts.clamp_min(1)
+    first_losses = all_reduce(first_losses) / world_size()
+    mean_losses, first_losses = torch.stack([mean_losses, first_losses]).cpu()  # the one sync of the epoch
+    names = run.loss_tasks
+    check_finite(run, dict(zip(names, mean_losses.tolist())), epoch, dict(zip(names, first_losses.tolist())))
+    if not run.history:  # the first epoch of the run: did every task see a label? (section 6)
+        check_labels_seen(run, mean_losses.tolist())
     return mean_losses
 
 
@@ -317,12 +327,25 @@ def evaluation_due(cfg, epoch):
     return (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg)
 
 
-def check_finite(mean_losses, names, epoch, out):
-    """Stop a diverged run before its weights overwrite the last good checkpoint (one check per epoch)."""
-    bad = [name for name, value in zip(names, mean_losses) if not math.isfinite(value)]
+EXPLOSION = 1e4  # a training loss this many times its reference has diverged, even while it is still finite
+
+
+def check_finite(run, losses, epoch, first_losses=None):
+    """Stop a diverged run before its weights overwrite the last good checkpoint (host-side, once per epoch).
+    `losses` are the epoch means {task: value}. A loss diverged when it is non-finite, or when it exceeds
+    EXPLOSION times its reference: the task's mean over the first epoch, or in the first epoch its loss at
+    the first step (`first_losses`). The message names the likely cause (divergence_hint, section 8)."""
+    reference = run.history[0]["train_loss"] if run.history else (first_losses or {})
+    since = "the first epoch" if run.history else "the first step"
+    bad = [t for t, v in losses.items() if not math.isfinite(v)]
+    exploded = [f"{t} {v:.3g} against {reference[t]:.3g}" for t, v in losses.items()
+                if math.isfinite(v) and reference.get(t, 0) > 0 and v > EXPLOSION * reference[t]]
     if bad:
-        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1}; stopped without "
-                                 f"overwriting {out}/last.pt (the last good epoch). Try a lower --lr.")
+        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training); "
+                                 f"{divergence_hint(run, non_finite=True)}")
+    if exploded:
+        raise FloatingPointError(f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its "
+                                 f"value in {since}): {', '.join(exploded)}; {divergence_hint(run)}")
 
 
 def set_learning_rate(optimizer, lr):
@@ -545,6 +568,7 @@ def setup_run(cfg, resume_from=None):
     random.seed(cfg["seed"])
     train_set, val_set = datasets_for(cfg)
     model = build_model(cfg).to(device)
+    check_first_samples(cfg, model, train_set, val_set)  # a bad file or size stops the run now (section 6)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     normalise = nn.Identity()
@@ -563,9 +587,13 @@ def setup_run(cfg, resume_from=None):
               train_set=train_set, val_set=val_set,
               train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
     if resume_from is not None:
-        run.model.load_state_dict(resume_from["model"])
-        run.optimizer.load_state_dict(resume_from["optimizer"])
-        run.weighting.load_state_dict(resume_from["weighting"])
+        try:
+            run.model.load_state_dict(resume_from["model"])
+            run.optimizer.load_state_dict(resume_from["optimizer"])
+            run.weighting.load_state_dict(resume_from["weighting"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every mismatched tensor: keep one line
+            raise evaluation.CheckpointError(f"the weights in {cfg['out']}/last.pt do not fit its configuration "
+                                             f"({evaluation.first_line(e)})") from None
         if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
             run.scaler.load_state_dict(resume_from["scaler"])
         run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
@@ -605,10 +633,21 @@ def datasets_for(cfg):
 def load_pretrained(model, path):
     """ImageNet weights into the model's backbone, by their official key names: HRNet-Image-Classification's
     files for the HRNet models, torchvision's ResNet-50 file for the ResNet-50 ones."""
-    if isinstance(model.backbone, mtan.ResNetDilated):
-        skipped, kind = model.backbone.load_torchvision(path), "ResNet-50"
-    else:
-        skipped, kind = mtinet.load_hrnet_imagenet(model.backbone, path), "HRNet"
+    resnet = isinstance(model.backbone, mtan.ResNetDilated)
+    kind = "ResNet-50" if resnet else "HRNet"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a user's file: not a torch file, truncated, or a pickle that would run code
+        raise evaluation.CheckpointError(f"--pretrained {path}: cannot be read as a torch weights file "
+                                         f"({type(e).__name__})") from None
+    try:
+        if resnet:
+            skipped = model.backbone.load_torchvision(state)
+        else:
+            skipped = mtinet.load_hrnet_imagenet(model.backbone, state)
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:  # the loaders name the key
+        raise evaluation.CheckpointError(f"--pretrained {path}: not the ImageNet weights of this model's {kind} "
+                                         f"backbone ({evaluation.first_line(e)})") from None
     say(f"loaded ImageNet {kind} weights from {path}; skipped {len(skipped)} classifier keys")
 
 
@@ -636,7 +675,7 @@ def run_decathlon(cfg, resume_from=None):
         start = time.time()
         torch.manual_seed(cfg["seed"] * 1000 + epoch)  # the random crops and flips: the same after a resume
         stats = train_decathlon_epoch(run, epoch)
-        check_finite([v["loss"] for v in stats.values()], list(stats), epoch, cfg["out"])
+        check_finite(run, {d: v["loss"] for d, v in stats.items()}, epoch)
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
                   "train_loss": {d: v["loss"] for d, v in stats.items()},
                   "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
@@ -685,7 +724,7 @@ def train_decathlon_epoch(run, epoch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Batches
+# 6. Batches, and the checks of the data: the first samples before training, the labels after the first epoch
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -714,6 +753,58 @@ def epoch_batches(run, epoch):
     if run.train_tensors is not None:
         return DeviceBatches(run.train_tensors, run.cfg, epoch)
     return make_loader(run.train_set, run.cfg, epoch, train=True)
+
+
+def check_first_samples(cfg, model, train_set, val_set):
+    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read (data.py
+    checks their labels and image range as it reads them) and their size is checked against the model, before
+    the first step. The random state is left as it was (PASCAL's training samples draw their augmentation)."""
+    if cfg["data"] in DECATHLON_DATASETS:
+        return
+    with torch.random.fork_rng(devices=[]):
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            evaluation.check_first_samples(model, dataset, split)
+
+
+def valid_targets(task, target):
+    """How many targets of a batch the loss of `task` counts (the masks of section 1); None for tasks whose
+    every pixel is a target (edges, saliency)."""
+    if task in ("semantic", "parts"):
+        return (target != -1).sum()
+    if task == "depth":
+        return (target != 0).sum()
+    if task == "normal":
+        return normal_validity(target).sum()
+    return None
+
+
+def check_labels_seen(run, mean_losses):
+    """End of a run's first epoch: did every task see a label? A task's epoch-mean loss equals the loss of a
+    batch without any valid target (0; 1 for the cosine normal loss: 1 - 0) only when it saw (almost) none.
+    Only then are its valid targets counted, over the training split on the host, so the check costs nothing
+    per step; none at all stops the run with one line: its head would train for days on nothing."""
+    cfg, suspects = run.cfg, []
+    for task, mean in zip(run.loss_tasks, mean_losses):
+        weight = cfg["task_weights"].get(task, 1.0)
+        empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
+        if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
+            suspects.append(task)
+    if not suspects:
+        return
+    counts = torch.zeros(len(suspects), dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        for batch in make_loader(run.train_set, dict(cfg, device="cpu"), 0, train=False):
+            counts += torch.stack([valid_targets(task, batch[task]).double() for task in suspects])
+    counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
+    empty = [task for task, count in zip(suspects, counts) if count == 0]
+    if empty:
+        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
+        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
+        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
+        raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
+                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
+                                f"0); a head without labels learns nothing: check the files, or leave the task "
+                                f"out with --tasks")
 
 
 def stack_on_device(dataset, device, workers=0):
@@ -829,8 +920,101 @@ def init_distributed(cfg):
 # 8. Checkpoints and logs
 #
 # A run folder holds last.pt (written atomically after every epoch), log.jsonl (one line per epoch),
-# curves.png and, at the end, metrics.json. Reading a checkpoint is eval.py's `load_checkpoint`.
+# curves.png and, at the end, metrics.json. Reading a checkpoint is eval.py's `load_checkpoint`. While a
+# trainer writes it, the folder also holds `lock` (its process id): no second trainer writes the same folder.
+# Nothing a run writes is ever replaced by a worse file: a new run refuses a folder that holds a run, a
+# diverged epoch is not saved, a full disk leaves the previous last.pt, and the JSON files are strict JSON.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def claim_run_folder(cfg, resuming, named):
+    """Create (or, with --resume, reopen) the run folder and take its lock; returns the lock's path. A new run
+    never writes into a folder that holds a run (last.pt or a non-empty log.jsonl). A default name (`named`
+    False: no --out) is created exclusively, with a counter when a run started in the same second has it."""
+    out = cfg["out"]
+    if resuming or named:
+        os.makedirs(out, exist_ok=True)
+    else:
+        for count in range(2, 1000):
+            try:
+                os.makedirs(out, exist_ok=False)  # exclusive: of two runs started together, one gets "-2"
+                break
+            except FileExistsError:
+                out = f"{cfg['out']}-{count}"
+        cfg["out"] = out
+    lock = take_lock(out)
+    if not resuming and (os.path.exists(os.path.join(out, "last.pt")) or non_empty(os.path.join(out, "log.jsonl"))):
+        release_lock(lock)
+        raise SystemExit(f"error: --out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} to "
+                         f"continue it, or choose another folder")
+    return lock
+
+
+def non_empty(path):
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def take_lock(folder):
+    """Create folder/lock holding "pid host", atomically (a hard link of a complete file: a reader never sees
+    it half written). A lock whose process is gone (a killed run) is stale and taken over; one of a live
+    process stops this run with one line."""
+    path = os.path.join(folder, "lock")
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, path)  # fails if the lock exists
+                return path
+            except FileExistsError:
+                holder = lock_holder(path)
+                if holder:
+                    raise SystemExit(f"error: {folder} is in use by {holder} (another trainer is writing it); "
+                                     f"wait for it to end, or choose another folder (if no trainer runs, delete "
+                                     f"{path})") from None
+                evaluation.remove_quietly(path)  # stale: its process was killed
+        raise SystemExit(f"error: cannot take the lock {path}: other processes keep taking it")
+    finally:
+        evaluation.remove_quietly(mine)
+
+
+def lock_holder(path):
+    """"process P on HOST" for a lock held by a live process other than this one, else None (stale)."""
+    try:
+        with open(path) as f:
+            pid, host = f.read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None  # unreadable: no process can be told to own it
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"  # cannot be checked from here: assume it runs
+    if pid == os.getpid():
+        return None  # this process holds no run folder twice: left over from a run in it that raised
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return f"process {pid}"  # exists, owned by another user
+    try:  # a killed child not yet reaped by its parent (a zombie) still answers signal 0
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return None
+    except (OSError, IndexError):
+        pass
+    return f"process {pid}"
+
+
+def release_lock(path):
+    """Remove the lock taken by take_lock, if it is still this process's."""
+    try:
+        with open(path) as f:
+            ours = int(f.read().split()[0]) == os.getpid()
+    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
+        return
+    if ours:
+        evaluation.remove_quietly(path)
 
 
 def open_run_folder(run):
@@ -838,21 +1022,65 @@ def open_run_folder(run):
     (a run can die after writing the log line of an epoch whose checkpoint it never finished)."""
     if is_main():
         os.makedirs(run.cfg["out"], exist_ok=True)
-        evaluation.write_text_atomic("".join(json.dumps(r) + "\n" for r in run.history),
+        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
                                      os.path.join(run.cfg["out"], "log.jsonl"))
     say(describe(run))
 
 
 def save_epoch(run, record):
-    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png."""
+    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png. An epoch
+    whose val metrics are not finite is not saved: the run stops, and last.pt keeps the last good epoch."""
     say(summary_line(record))
+    bad = evaluation.non_finite_metrics(record.get("val", {}))
+    if bad:
+        raise FloatingPointError(f"non-finite val metrics ({', '.join(bad)}) in epoch {record['epoch']}: the model "
+                                 f"diverged, or the val split has no valid target for them; {kept(run)}")
     run.history.append(record)
     if is_main():
         out = run.cfg["out"]
         save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
         with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(evaluation.strict_json(record) + "\n")
         draw_curves(run.history, os.path.join(out, "curves.png"))
+
+
+def kept(run):
+    """What a run stopped by an error leaves: the checkpoint of its last good epoch, if any."""
+    if not run.history:
+        return "stopped before writing a checkpoint"
+    return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
+
+
+def divergence_hint(run, non_finite=False):
+    """The end of check_finite's message: what was kept, and the likely cause. A non-finite loss comes from the
+    data or from the optimisation: the training split is then scanned on the host for non-finite values (only
+    after the failure: nothing is checked per step), and the files of the first bad samples are named."""
+    cfg = run.cfg
+    cause = "the model diverged"
+    if non_finite and cfg["data"] not in DECATHLON_DATASETS:
+        bad, checked = non_finite_samples(run)
+        if bad:
+            return f"{kept(run)}. The training data hold non-finite values: {'; '.join(bad)}"
+        cause = f"the {checked} training samples are finite, so the model diverged"
+    amp = " or --amp off" if cfg["amp"] == "fp16" else ""
+    return f"{kept(run)}. {cause[0].upper() + cause[1:]}: try a lower --lr (this run: {cfg['lr']:g}){amp}"
+
+
+def non_finite_samples(run, limit=3):
+    """(up to `limit` descriptions of training samples holding NaN or inf, with their files; samples checked)."""
+    found, index = [], 0
+    with torch.random.fork_rng(devices=[]):  # PASCAL's samples draw their augmentation
+        for batch in make_loader(run.train_set, dict(run.cfg, device="cpu"), 0, train=False):
+            size = len(batch["image"])
+            for i in range(size):
+                keys = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v[i]).all()]
+                if keys and len(found) < limit:
+                    files = data.sample_files(run.train_set, index + i)
+                    paths = [files[k] for k in keys if k in files] or list(files.values())
+                    found.append(f"{', '.join(keys)} of training sample {index + i}"
+                                 + (f" ({', '.join(paths)})" if paths else ""))
+            index += size
+    return found, index
 
 
 def checkpoint_state(run):
@@ -866,10 +1094,20 @@ def checkpoint_state(run):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a run killed at any moment leaves either the previous
-    complete file or the new complete file, never a truncated one (os.replace is atomic on POSIX)."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    complete file or the new complete file, never a truncated one (os.replace is atomic on POSIX). The
+    temporary name carries the process id; a failed write (a full disk) removes it and names `path`."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        # torch's file writer reports a full disk as a RuntimeError ("unexpected pos ..."): ask the disk
+        full = isinstance(e, RuntimeError) and shutil.disk_usage(os.path.dirname(path) or ".").free < 2**20
+        evaluation.remove_quietly(tmp)
+        if full or (isinstance(e, OSError) and e.errno):  # named by the file it was writing, not the temporary
+            code = errno.ENOSPC if full else e.errno
+            raise OSError(code, os.strerror(code), path) from None
+        raise
 
 
 def finish(run, format_rows, yardstick=None):
@@ -888,7 +1126,7 @@ def finish(run, format_rows, yardstick=None):
     if yardstick is not None and world_size() == 1:
         result["trivial"] = yardstick(run)
         rows.append(("trivial predictor", result["trivial"]))
-    evaluation.write_text_atomic(json.dumps(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
+    evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
     print("\nfinal evaluation (val split):")
     print(format_rows(rows))
     return result
@@ -1061,13 +1299,40 @@ EPILOG = """the two papers:
 datasets are read from data/<name> unless --data-root says otherwise (README, "Datasets")."""
 
 
+# argparse `type`s: a bad number is a one-line error at parse time that names the flag and the allowed range.
+positive_int, non_negative_int = evaluation.positive_int, evaluation.non_negative_int
+positive_float, non_negative_float = evaluation.positive_float, evaluation.non_negative_float
+
+
+def wrn_depth(text):
+    """--wrn-depth: 6n + 4 (n >= 1 blocks per group), the only depths a wide ResNet has."""
+    depth = positive_int(text)
+    if depth < 10 or (depth - 4) % 6:
+        raise argparse.ArgumentTypeError(f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+    return depth
+
+
+def task_weight_pairs(text):
+    """--task-weights "semantic=1,depth=2" -> {"semantic": 1.0, "depth": 2.0}: finite weights >= 0 (0 turns a
+    task's loss off). Whether the names are tasks of the run is checked once the tasks are known."""
+    weights = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = non_negative_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"expected name=weight pairs with finite weights >= 0, got {item!r} "
+                                             f"({e})") from None
+    return weights
+
+
 def build_parser():
     """Every flag defaults to "not given" (argparse.SUPPRESS): resolve_config fills in the rest from DEFAULTS,
     the model family's recipe and the synthetic preset, so a flag only appears in the namespace if typed."""
-    p = argparse.ArgumentParser(description="Train MTAN, MTI-Net and their baselines. With no argument: the "
+    p = evaluation.ArgumentParser(description="Train MTAN, MTI-Net and their baselines. With no argument: the "
                                 "quickstart (MTAN + DWA on the embedded synthetic scenes).", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   argument_default=argparse.SUPPRESS)
     what = p.add_argument_group("what to train")
     what.add_argument("--model", choices=list(MODELS), help="MTAN paper: single stan split split-wide split-deep "
                       "dense cross-stitch mtan (Table 2), wrn-mtan (Decathlon); MTI-Net paper: mtinet padnet "
@@ -1082,11 +1347,11 @@ def build_parser():
                       "dataset's (default: its primary tasks), e.g. semantic,depth as in MTI-Net's NYUD setting")
     what.add_argument("--aux-tasks", metavar="TASKS", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, "
                       "e.g. normal,edge")
-    what.add_argument("--task-weights", metavar="T=W,...", help="fixed loss weights, e.g. "
+    what.add_argument("--task-weights", type=task_weight_pairs, metavar="T=W,...", help="fixed loss weights, e.g. "
                       "semantic=1,depth=1,normal=10,edge=50 (default: MTI-Net's for the HRNet family, else 1)")
     what.add_argument("--weighting", choices=["equal", "uncertainty", "dwa"], help="how the main task losses "
                       "combine (default: equal; dwa for the quickstart)")
-    what.add_argument("--temperature", type=float, metavar="T", help="DWA temperature (default 2)")
+    what.add_argument("--temperature", type=positive_float, metavar="T", help="DWA temperature (default 2)")
     what.add_argument("--augment", action="store_true", help="the official augmentation (MTAN: scale-crop and "
                       "flip; PASCAL: MTI-Net's)")
     what.add_argument("--backbone", choices=list(mtinet.HRNET_CONFIGS), help="the HRNet of mtinet, padnet and "
@@ -1096,28 +1361,31 @@ def build_parser():
                       "...) or torchvision's ResNet-50 file; switches on ImageNet input normalisation")
     what.add_argument("--fpm-softmax", choices=["tasks", "official"], help="MTI-Net's FPM softmax: across tasks "
                       "per channel (the paper, default) or the official code's grouping of adjacent channels")
-    what.add_argument("--width", type=float, metavar="X", help="channel width multiplier of SegNet models "
+    what.add_argument("--width", type=positive_float, metavar="X", help="channel width multiplier of SegNet models "
                       "(1.0 = the paper; default 0.25 on synthetic data)")
-    what.add_argument("--wrn-depth", type=int, metavar="N", help="wrn-mtan: depth of the wide ResNet, 6n + 4 "
+    what.add_argument("--wrn-depth", type=wrn_depth, metavar="N", help="wrn-mtan: depth of the wide ResNet, 6n + 4 "
                       "(28 = the paper)")
-    what.add_argument("--num-classes", type=int, metavar="N", help="CityScapes classes: 2, 7 or 19 (default 7)")
+    what.add_argument("--num-classes", type=int, choices=[2, 7, 19], metavar="N", help="CityScapes classes: 2, 7 "
+                      "or 19 (default 7)")
     recipe = p.add_argument_group("recipe overrides (default: the model family's recipe, see README 'Training'; "
                                   "on synthetic data a smaller preset)")
-    recipe.add_argument("--epochs", type=int, metavar="N", help="epochs (resume: train for longer)")
-    recipe.add_argument("--batch-size", type=int, metavar="N", help="batch size (per GPU under torchrun)")
-    recipe.add_argument("--lr", type=float, metavar="X", help="initial learning rate")
-    recipe.add_argument("--weight-decay", type=float, metavar="X", help="L2 weight decay")
-    recipe.add_argument("--finetune-epochs", type=int, metavar="N", help="wrn-mtan: epochs of the second, "
+    recipe.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (resume: train for longer)")
+    recipe.add_argument("--batch-size", type=positive_int, metavar="N", help="batch size (per GPU under torchrun)")
+    recipe.add_argument("--lr", type=positive_float, metavar="X", help="initial learning rate")
+    recipe.add_argument("--weight-decay", type=non_negative_float, metavar="X", help="L2 weight decay")
+    recipe.add_argument("--finetune-epochs", type=non_negative_int, metavar="N", help="wrn-mtan: epochs of the second, "
                         "fine-tuning phase")
     run = p.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<data>-<time>)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    run.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N epochs and after the last "
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its own "
+                     "settings (--epochs, --data-root, --device, --workers, --compile, --eval-every may change)")
+    run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
-    run.add_argument("--subset", type=int, metavar="N", help="use only the first N samples of each split")
+    run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")
     run.add_argument("--resolution", metavar="HxW", help="size of the synthetic scenes, multiples of 32 (default "
                      "96x128)")
-    run.add_argument("--seed", type=int, metavar="N", help="model init, batch order, augmentation (default 0)")
+    run.add_argument("--seed", type=non_negative_int, metavar="N", help="model init, batch order, augmentation "
+                     "(default 0)")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -1127,12 +1395,13 @@ def build_parser():
                        "format (default on: it is faster on CPU and GPU)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
                        "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
-    speed.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default 0)")
+    speed.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes (default 0)")
     speed.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the "
                        "device (no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")
-    speed.add_argument("--bench", type=int, metavar="N", help="time N training steps, print one JSON line, exit")
-    speed.add_argument("--peak-tflops", type=float, metavar="X", help="the device's peak TFLOP/s for the MFU of "
-                       "--bench (default: a table of common GPUs)")
+    speed.add_argument("--bench", type=positive_int, metavar="N", help="time N training steps, print one JSON "
+                       "line, exit")
+    speed.add_argument("--peak-tflops", type=positive_float, metavar="X", help="the device's peak TFLOP/s for the "
+                       "MFU of --bench (default: a table of common GPUs)")
     # The baseline of the benchmark, not a training option: read every loss and wait for the device after each
     # step, as the official training loops do (.item() per loss), to measure what removing those syncs gains.
     speed.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)
@@ -1168,6 +1437,11 @@ def resolve_config(args, parser):
         parser.error(f"--backbone chooses the HRNet of mtinet, padnet and hrnet-mtl; --model {model} has no HRNet")
     if "resolution" in given and dataset != "synthetic":
         parser.error("--resolution applies to --data synthetic only (real datasets have a fixed size)")
+    if "pretrained" in given and family not in ("hrnet", "resnet"):
+        parser.error(f"--pretrained loads the ImageNet backbone of the HRNet and ResNet-50 models; --model {model} "
+                     f"has none")
+    if "pretrained" in given and not os.path.isfile(given["pretrained"]):
+        parser.error(f"--pretrained {given['pretrained']}: no such file")
     if cfg["resolution"] is not None:
         parse_resolution(cfg["resolution"])
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
@@ -1235,33 +1509,64 @@ def resolve_tasks(cfg, flags, parser):
     return dict(primary), aux
 
 
-def resolve_task_weights(cfg, text, parser):
+def resolve_task_weights(cfg, given, parser):
+    """The fixed loss weight of every task: MTI-Net's for the HRNet family, then --task-weights (parsed by
+    task_weight_pairs) on top."""
     weights = {}
     if MODELS[cfg["model"]].family == "hrnet":
         weights = {t: MTINET_TASK_WEIGHTS.get(t, 1.0) for t in list(cfg["tasks"]) + list(cfg["aux_tasks"])}
-    for item in filter(None, (text or "").split(",")):
-        name, _, value = item.partition("=")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            parser.error(f"--task-weights expects name=value pairs, got {item!r}")
-    return weights
+    tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
+    for name in given or {}:
+        if name not in tasks:
+            parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
+    return {**weights, **(given or {})}
+
+
+# What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
+RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "eval_every", "peak_tflops")
 
 
 def resume_config(args, parser):
-    """(configuration, checkpoint) of `--resume DIR`: the run's own configuration; --epochs may extend it and
-    --device move it."""
+    """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
+    honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
     try:
         resume = evaluation.load_checkpoint(args.resume)
     except evaluation.CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
-    cfg["out"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
-    if getattr(args, "epochs", None):
-        cfg["epochs"] = args.epochs  # the one setting a resumed run may change: train for longer
-    if getattr(args, "device", None):
-        cfg["device"] = args.device
+    out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}
+    for key, value in given.items():
+        if key in RESUMABLE:
+            cfg[key] = value
+        elif value != recorded_flag(cfg, key, value, out):
+            flag, allowed = "--" + key.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
+            raise SystemExit(f"error: {flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
+                             f"which cannot change when it resumes ({allowed} can); start a new run with --out for "
+                             f"another setting")
+    cfg["out"] = out
+    if total_epochs(cfg) < resume["epoch"]:
+        raise SystemExit(f"error: --epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
+                         f"already; pass more to train longer")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        if "device" in given:
+            parser.error("--device cuda: no CUDA device is available here")
+        print(f"note: {out} was trained on a GPU; no CUDA device here, so it continues on the CPU")
+        cfg["device"] = "cpu"
     return cfg, resume
+
+
+def recorded_flag(cfg, key, value, out):
+    """What a flag typed on --resume must equal: the checkpoint's setting, written as the flag writes it."""
+    if key == "task":
+        return value if list(cfg["tasks"]) == [value] else ",".join(cfg["tasks"])
+    if key in ("tasks", "aux_tasks"):
+        return ",".join(cfg[key] or {})
+    if key == "task_weights":
+        return {name: cfg["task_weights"].get(name, 1.0) for name in value}
+    if key == "out":
+        return value if os.path.abspath(value) == os.path.abspath(out) else out
+    return cfg.get(key)
 
 
 def main(argv=None):
@@ -1278,15 +1583,22 @@ def main(argv=None):
                   f"(override any of them with flags)")
     evaluation.configure_torch(cfg)
     if getattr(args, "bench", None):
-        result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
-        say(json.dumps(result))  # under torchrun: rank 0's figures (images/s per rank)
+        with evaluation.one_line_errors():
+            result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
+        say(evaluation.strict_json(result))  # under torchrun: rank 0's figures (images/s per rank)
         return result
+    # Only the first process writes the run folder (under torchrun: rank 0, before the process group exists).
+    first_process = int(os.environ.get("RANK", "0")) == 0
+    with evaluation.one_line_errors():  # an unwritable --out: one line
+        lock = claim_run_folder(cfg, resume is not None, "out" in vars(args)) if first_process else None
     try:
-        if cfg["data"] in DECATHLON_DATASETS:
-            return run_decathlon(cfg, resume)
-        return run_training(cfg, resume)
-    except (FloatingPointError, data.DatasetError) as e:  # a DatasetError: a split or an image file met late
-        raise SystemExit(f"error: {e}") from None
+        with evaluation.one_line_errors(f" ({cfg['out']} keeps its last good checkpoint: free some space, then "
+                                        f"pass --resume {cfg['out']})"):
+            if cfg["data"] in DECATHLON_DATASETS:
+                return run_decathlon(cfg, resume)
+            return run_training(cfg, resume)
+    finally:
+        release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock, which is ignored
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""Bad inputs to train.py and eval.py: each gets one `error: ...` line naming the flag, file or value and what
+was expected (exit status 2 for a flag argparse rejects, 1 otherwise), never a traceback, and never changes a
+run folder that exists. A data.py DatasetError is the one error that continues after its first line: the
+expected layout of the dataset and where to download it (README, "Datasets").
+
+Every case runs in this process on one tiny finished run, made once for the module: a few are command lines
+argparse rejects, the others reach a run folder, a checkpoint or a small fake dataset made by their `setup`."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import train
+from test_data import write_nyuv2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.125",
+        "--epochs", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bad_inputs") / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(TINY + ["--out", out])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def hashes(folder):
+    """{relative path: sha256} of every file under `folder` ({} if it does not exist)."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+# ---- setups: what a case needs besides the finished run; each returns the placeholders of its command ----------
+
+
+def copy_of_run(tmp, run, monkeypatch):
+    copy = str(tmp / "copy")
+    shutil.copytree(run, copy)
+    return {"copy": copy}
+
+
+def edit_checkpoint(copy, change):
+    path = os.path.join(copy, "last.pt")
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+
+
+def live_lock(tmp, run, monkeypatch):
+    """A copy whose lock is held by a live process: this test's parent."""
+    places = copy_of_run(tmp, run, monkeypatch)
+    with open(os.path.join(places["copy"], "lock"), "w") as f:
+        f.write(f"{os.getppid()} {train.socket.gethostname()}\n")
+    return places
+
+
+def corrupt_checkpoint(tmp, run, monkeypatch):
+    (tmp / "last.pt").write_bytes(b"not a checkpoint")
+    return {}
+
+
+def wider_config(tmp, run, monkeypatch):
+    """A checkpoint whose configuration (and model_args) say width 0.25 but whose weights are width 0.125."""
+    places = copy_of_run(tmp, run, monkeypatch)
+
+    def widen(ckpt):
+        ckpt["config"]["width"] = 0.25
+        ckpt["model_args"]["kwargs"]["width"] = 0.25
+    edit_checkpoint(places["copy"], widen)
+    return places
+
+
+def nan_weights(tmp, run, monkeypatch):
+    """A copy with a good eval.json and NaN weights: eval.py must not replace the good file."""
+    places = copy_of_run(tmp, run, monkeypatch)
+    (tmp / "copy" / "eval.json").write_text(json.dumps({"metrics": {"depth": {"abs_err": 1.0}}}))
+    edit_checkpoint(places["copy"], lambda ckpt: [v.fill_(float("nan")) for v in ckpt["model"].values()
+                                                  if v.is_floating_point()])
+    return places
+
+
+def no_cuda(tmp, run, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return {}
+
+
+def full_disk(tmp, run, monkeypatch):
+    """Every checkpoint write fails with ENOSPC, after the temporary file was begun."""
+    def save(obj, path, *args, **kwargs):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", save)
+    return copy_of_run(tmp, run, monkeypatch)
+
+
+def baseline(blob):
+    def setup(tmp, run, monkeypatch):
+        (tmp / "baseline.json").write_text(json.dumps(blob))
+        return {}
+    return setup
+
+
+def nyuv2_tree(change=None, size=(32, 32)):
+    """A fake NYUv2 tree (2 train, 2 val samples), `change(root)` applied to it."""
+    def setup(tmp, run, monkeypatch):
+        root = write_nyuv2(str(tmp / "nyuv2"), counts=(("train", 2), ("val", 2)), size=size)
+        if change:
+            change(root)
+        return {"nyu": root}
+    return setup
+
+
+def save_array(relative, make):
+    def change(root):
+        path = os.path.join(root, relative)
+        np.save(path, make(np.load(path)))
+    return change
+
+
+def corrupt_npy(root):
+    with open(os.path.join(root, "val", "image", "0.npy"), "wb") as f:
+        f.write(b"\x93NUMPY garbage")
+
+
+def nyuv2_checkpoint(change=None, size=(32, 32)):
+    """A copy of the run whose checkpoint says it was trained on NYUv2, and a fake NYUv2 tree."""
+    def setup(tmp, run, monkeypatch):
+        places = {**copy_of_run(tmp, run, monkeypatch), **nyuv2_tree(change, size)(tmp, run, monkeypatch)}
+
+        def to_nyuv2(ckpt):
+            ckpt["config"].update(data="nyuv2", data_root=places["nyu"], resolution=None)
+        edit_checkpoint(places["copy"], to_nyuv2)
+        return places
+    return setup
+
+
+NYU = ["--data", "nyuv2", "--data-root", "{nyu}", "--model", "split", "--width", "0.125", "--batch-size", "2",
+       "--epochs", "1", "--device", "cpu", "--out", "{tmp}/new"]
+EVAL = ["--checkpoint", "{run}", "--device", "cpu"]
+
+# (tool, command, exit status, a word the error line must contain, setup)
+CASES = [
+    # numeric flags, rejected by argparse before anything runs
+    ("train", TINY + ["--batch-size", "0"], 2, "--batch-size", None),
+    ("train", TINY + ["--batch-size", "two"], 2, "--batch-size", None),
+    ("train", TINY + ["--epochs", "0"], 2, "--epochs", None),
+    ("train", TINY + ["--lr", "0"], 2, "--lr", None),
+    ("train", TINY + ["--lr", "nan"], 2, "--lr", None),
+    ("train", TINY + ["--lr", "-0.001"], 2, "--lr", None),
+    ("train", TINY + ["--weight-decay", "-1"], 2, "--weight-decay", None),
+    ("train", TINY + ["--eval-every", "0"], 2, "--eval-every", None),
+    ("train", TINY + ["--workers", "-1"], 2, "--workers", None),
+    ("train", TINY + ["--subset", "0"], 2, "--subset", None),
+    ("train", TINY + ["--subset", "-1"], 2, "--subset", None),
+    ("train", TINY + ["--width", "0"], 2, "--width", None),
+    ("train", ["--model", "wrn-mtan", "--data", "synthetic-decathlon", "--wrn-depth", "12"], 2, "6n + 4", None),
+    ("train", TINY + ["--temperature", "0"], 2, "--temperature", None),
+    ("train", TINY + ["--temperature", "inf"], 2, "--temperature", None),
+    ("train", TINY + ["--bench", "0"], 2, "--bench", None),
+    ("train", ["--model", "wrn-mtan", "--data", "synthetic-decathlon", "--finetune-epochs", "-1"], 2,
+     "--finetune-epochs", None),
+    ("train", TINY + ["--task-weights", "depth=nan"], 2, "--task-weights", None),
+    ("train", TINY + ["--task-weights", "depth"], 2, "--task-weights", None),
+    ("train", TINY + ["--task-weights", "dept=1"], 2, "dept", None),
+    ("train", ["--data", "cityscapes", "--num-classes", "5"], 2, "--num-classes", None),
+    ("train", TINY + ["--seed", "-1"], 2, "--seed", None),
+    ("train", TINY + ["--peak-tflops", "0"], 2, "--peak-tflops", None),
+    ("train", TINY + ["--device", "cuda"], 2, "CUDA", no_cuda),
+    ("train", TINY + ["--pretrained", "{run}/last.pt"], 2, "--pretrained", None),  # mtan has no backbone
+    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{tmp}/missing.pth"], 2, "no such file", None),
+    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{run}/log.jsonl", "--out", "{tmp}/new"], 1,
+     "--pretrained", None),
+    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{run}/last.pt", "--out", "{tmp}/new"], 1,
+     "not the ImageNet weights", None),
+    # run folders: never overwritten, never shared
+    ("train", TINY + ["--out", "{run}"], 1, "--resume", None),
+    ("train", TINY + ["--out", "/dev/null/run"], 1, "not a folder", None),
+    ("train", ["--resume", "{copy}"], 1, "in use by process", live_lock),
+    # --resume: what cannot change mid-run is refused, what can is checked
+    ("train", ["--resume", "{run}", "--batch-size", "4"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--model", "split"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--tasks", "semantic"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--resolution", "96x128"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--augment"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--out", "{tmp}/elsewhere"], 1, "cannot change", None),
+    ("train", ["--resume", "{run}", "--epochs", "0"], 2, "--epochs", None),
+    ("train", ["--resume", "{run}", "--device", "cuda"], 2, "CUDA", no_cuda),
+    ("train", ["--resume", "{tmp}"], 1, "no checkpoint", None),
+    ("train", ["--resume", "{tmp}"], 1, "corrupt", corrupt_checkpoint),
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "do not fit", wider_config),
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "no space left on device", full_disk),
+    # divergence
+    ("train", TINY + ["--lr", "1e6", "--epochs", "2", "--out", "{tmp}/new"], 1, "--lr", None),
+    # data: missing, damaged, out of range, the wrong size, no label at all
+    ("train", [a.replace("{nyu}", "{tmp}/nowhere") for a in NYU], 1, "dataset folder not found", None),
+    ("train", NYU, 1, "label value 40", nyuv2_tree(save_array("train/label/1.npy", lambda a: a * 0 + 40))),
+    ("train", NYU, 1, "expected floats in [0, 1]", nyuv2_tree(save_array("val/image/1.npy", lambda a: a * 255))),
+    ("train", NYU, 1, "nan", nyuv2_tree(save_array("train/image/0.npy", lambda a: a * np.nan))),
+    ("train", NYU, 1, "multiples of 32", nyuv2_tree(size=(32, 48 + 8))),
+    ("train", NYU, 1, "cannot read this .npy", nyuv2_tree(corrupt_npy)),
+    ("train", NYU, 1, "no valid depth", nyuv2_tree(lambda root: [
+        save_array(f"train/depth/{i}.npy", lambda a: a * 0)(root) for i in range(2)])),
+    # eval.py
+    ("eval", EVAL + ["--subset", "0"], 2, "--subset", None),
+    ("eval", EVAL + ["--subset", "-1"], 2, "--subset", None),
+    ("eval", EVAL + ["--batch-size", "0"], 2, "--batch-size", None),
+    ("eval", EVAL + ["--num-vis", "0"], 2, "--num-vis", None),
+    ("eval", EVAL + ["--bench", "-2"], 2, "--bench", None),
+    ("eval", ["--checkpoint", "{run}", "--device", "cuda"], 1, "CUDA", no_cuda),
+    ("eval", EVAL + ["--baseline", "{tmp}/missing.json"], 1, "--baseline", None),
+    ("eval", EVAL + ["--baseline", "{tmp}/baseline.json"], 1, "--baseline", baseline(3)),
+    ("eval", EVAL + ["--baseline", "{tmp}/baseline.json"], 1, "--baseline", baseline("metrics")),
+    ("eval", EVAL + ["--baseline", "{tmp}/baseline.json"], 1, "--baseline",
+     baseline({"metrics": {"semantic": {"miou": "high"}}})),
+    ("eval", EVAL + ["--baseline", "{tmp}/baseline.json"], 1, "depth", baseline({"metrics": {"semantic": {
+        "miou": 0.5}}})),
+    ("eval", EVAL + ["--baseline", "{tmp}/baseline.json"], 1, "is 0", baseline({"metrics": {
+        "semantic": {"miou": 0.0}, "depth": {"rmse": 1.0}, "normal": {"mean": 30.0}}})),
+    ("eval", EVAL + ["--save-vis", "/dev/null/vis"], 1, "not a folder", None),
+    ("eval", EVAL + ["--image", "{run}/log.jsonl"], 1, "--image", None),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "non-finite metrics", nan_weights),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "do not fit", wider_config),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "cannot read this .npy", nyuv2_checkpoint(corrupt_npy)),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "multiples of 32", nyuv2_checkpoint(size=(40, 32))),
+]
+MAINS = {"train": train.main, "eval": evaluation.main}
+
+
+def case_id(case):
+    tool, argv, _, word, setup = case
+    return f"{tool}-{word}-{getattr(setup, '__name__', '')}"
+
+
+@pytest.mark.parametrize("tool,argv,status,word,setup", CASES, ids=[case_id(c) for c in CASES])
+def test_bad_input_gets_one_line(tool, argv, status, word, setup, finished_run, tmp_path, monkeypatch, capsys):
+    places = {"run": finished_run, "tmp": str(tmp_path)}
+    places.update(setup(tmp_path, finished_run, monkeypatch) if setup else {})
+    folders = [finished_run] + [places[k] for k in ("copy",) if k in places]
+    before = [hashes(folder) for folder in folders]
+    with pytest.raises(SystemExit) as info:
+        MAINS[tool]([arg.format(**places) for arg in argv])
+    code, printed = info.value.code, capsys.readouterr()
+    message = code if isinstance(code, str) else printed.err
+    lines = message.strip().splitlines()
+    assert (1 if isinstance(code, str) else code) == status, message
+    assert lines[0].startswith("error: ") and word in lines[0], message
+    if "Expected layout" not in message:  # data.py's errors add the layout and the download below the line
+        assert len(lines) == 1, message
+    assert "Traceback" not in printed.out + printed.err + message
+    assert [hashes(folder) for folder in folders] == before  # nothing written, replaced or left behind
+    assert not os.path.exists(os.path.join(str(tmp_path), "new", "last.pt"))
+    assert not any(name == "lock" for folder in folders for name in os.listdir(folder)) or setup is live_lock
+
+
+# ---- the right behaviour ----------------------------------------------------------------------------------------
+
+
+def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run, tmp_path, capsys):
+    copy = copy_of_run(tmp_path, finished_run, None)["copy"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid belongs to no process now
+    with open(os.path.join(copy, "lock"), "w") as f:
+        f.write(f"{dead.pid} {train.socket.gethostname()}\n")
+    train.main(["--resume", copy])  # already finished: rebuilds the table only
+    assert not os.path.exists(os.path.join(copy, "lock"))
+
+
+def test_a_gpu_run_resumes_on_the_cpu_of_a_machine_without_cuda(finished_run, tmp_path, monkeypatch, capsys):
+    copy = copy_of_run(tmp_path, finished_run, monkeypatch)["copy"]
+    edit_checkpoint(copy, lambda ckpt: ckpt["config"].update(device="cuda"))
+    no_cuda(tmp_path, finished_run, monkeypatch)
+    train.main(["--resume", copy])
+    printed = capsys.readouterr().out
+    assert "no CUDA device here, so it continues on the CPU" in printed and "device cpu" in printed
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"out": os.path.join("runs", "mtan-synthetic-20260101-120000")}
+    first, second = dict(cfg), dict(cfg)
+    locks = [train.claim_run_folder(c, resuming=False, named=False) for c in (first, second)]
+    assert first["out"] != second["out"] and second["out"].endswith("-2")
+    assert all(os.path.isfile(lock) for lock in locks)
+    for lock in locks:
+        train.release_lock(lock)
+    assert not any(os.path.exists(lock) for lock in locks)
+
+
+def test_the_divergence_rule(finished_run):
+    """Non-finite, or above 1e4 times the reference: the first epoch's mean, or in the first epoch the first
+    step's loss. The message says what was kept and, the data being finite, to lower --lr."""
+    args = train.build_parser().parse_args(TINY + ["--out", finished_run])
+    run = train.setup_run(train.resolve_config(args, train.build_parser()))
+    train.check_finite(run, {"depth": 5e4}, 0, {"depth": 10.0})  # 5e3 times the first step: fine
+    with pytest.raises(FloatingPointError, match=r"exploded in epoch 1 .*depth 2e\+05 against 10.*--lr"):
+        train.check_finite(run, {"depth": 2e5}, 0, {"depth": 10.0})
+    run.history = [{"train_loss": {"depth": 1.0}}]
+    with pytest.raises(FloatingPointError, match=r"first epoch.*without overwriting .*last.pt \(epoch 1"):
+        train.check_finite(run, {"depth": 2e4}, 1)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss for depth.*training samples are finite"):
+        train.check_finite(run, {"depth": float("nan")}, 1)
+
+
+def test_json_files_are_strict():
+    text = evaluation.strict_json({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": 2})
+    assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}, "d": 2}
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_image_of_16_bits_or_floats_is_rescaled(finished_run, tmp_path, mode, capsys):
+    values = np.linspace(0, 1, 48 * 40).reshape(40, 48)
+    path = str(tmp_path / ("photo.png" if mode == "I;16" else "photo.tiff"))
+    if mode == "I;16":
+        Image.fromarray((values * 65535).astype(np.uint16)).save(path)
+    else:
+        Image.fromarray((values * 300).astype(np.float32)).save(path)
+    array = evaluation.read_image(path)
+    assert array.shape == (40, 48, 3) and array.min() == 0 and abs(array.max() - 1) < 1e-6
+    assert "rescaled" in capsys.readouterr().out or mode == "I;16"
+    written = evaluation.main(["--checkpoint", finished_run, "--device", "cpu", "--image", path])
+    assert len(written) == 3 and "to [0, 1]" in capsys.readouterr().out
