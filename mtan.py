@@ -110,6 +110,63 @@ def init_official(model: nn.Module, uniform: bool = False) -> None:
             nn.init.zeros_(m.bias)
 
 
+# Deterministic stand-ins, for train.py --deterministic. torch has no deterministic CUDA kernel for three ops
+# these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
+# average pooling (atomic adds, whose order changes from run to run); torch.use_deterministic_algorithms can only
+# warn about them. When that mode is on, the models call the equivalents below, made of gathers, matrix products
+# and sums, whose kernels are deterministic. When it is off (every normal run) they call torch's own kernels.
+
+
+def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """F.max_unpool2d(x, indices, 2, 2). In deterministic mode, on any device (torch flags its CPU kernel too),
+    the same values as a gather: a 2x2 pool with stride 2 sends each value back into its own 2x2 window, so every
+    output position either holds the one value whose index names it or is zero, and no two writes meet."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.max_unpool2d(x, indices, 2, 2)
+    B, C, h, w = x.shape
+
+    def spread(t):  # (B, C, h, w) -> (B, C, 2h, 2w): each value copied to its 2x2 window
+        return t[:, :, :, None, :, None].expand(B, C, h, 2, w, 2).reshape(B, C, 2 * h, 2 * w)
+
+    position = torch.arange(4 * h * w, device=x.device).view(2 * h, 2 * w)  # the flat index max_pool2d records
+    return torch.where(spread(indices) == position, spread(x), 0)
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners). On a GPU in deterministic mode, the
+    same interpolation as products with (out, in) weight matrices, rows then columns, in float32 as torch's
+    kernel computes: their backward is a product too, not torch's atomic adds into the input gradient."""
+    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    rows = interpolation_weights(x.shape[-2], size[0], align_corners, x.device)    # (H_out, H_in)
+    cols = interpolation_weights(x.shape[-1], size[1], align_corners, x.device)    # (W_out, W_in)
+    with torch.autocast(x.device.type, enabled=False):
+        return (rows @ x.float() @ cols.T).to(x.dtype)
+
+
+def interpolation_weights(n_in: int, n_out: int, align_corners: bool, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of linear interpolation along one axis, with torch's source positions: i * (n_in - 1)
+    / (n_out - 1) with align_corners, else (i + 0.5) * n_in / n_out - 0.5 clamped at 0; two neighbours each."""
+    i = torch.arange(n_out, device=device, dtype=torch.float32)
+    if align_corners:
+        source = i * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    first = source.floor().clamp(max=n_in - 1)
+    weight = (source - first)[:, None]                                  # the second neighbour's share
+    j = torch.arange(n_in, device=device, dtype=torch.float32)
+    return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
+
+
+class GlobalAveragePool(nn.Module):
+    """nn.AdaptiveAvgPool2d(1); on a GPU in deterministic mode a mean, whose backward spreads without atomics."""
+
+    def forward(self, x):
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
+        return F.adaptive_avg_pool2d(x, 1)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 1. Building blocks
 
@@ -277,7 +334,7 @@ class SegNetDecoder(nn.Module):
     def forward(self, z, indices: List[torch.Tensor], side: Optional[List[torch.Tensor]] = None) -> Decoded:
         out = Decoded([], [])
         for j, (stage, idx) in enumerate(zip(self.stages, reversed(indices))):
-            up = F.max_unpool2d(z, idx, 2, 2)                           # (B, C, 2h, 2w)
+            up = max_unpool(z, idx)                                     # (B, C, 2h, 2w)
             _, z = stage(up if side is None else torch.cat([up, side[j]], dim=1))
             out.unpooled.append(up)
             out.last.append(z)
@@ -383,7 +440,7 @@ class MTAN(nn.Module):
         # Decoder: upsample and f first, then the mask from [up_j; f output], gating p_j.
         for j in range(5):
             up, p = dec.unpooled[j], dec.last[j]    # (B, C_in, H_j, W_j), (B, C_out, ...); H_j = H/2^(4-j)
-            y = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)   # (T*B, C_in, H_j, W_j)
+            y = resize_bilinear(h, up.shape[-2:], align_corners=True)   # x2: (T*B, C_in, H_j, W_j)
             y = self.dec_f[j](y, T)                 # (T*B, C_out, H_j, W_j)
             a = [chain.decoder[j](torch.cat([up, y_t], dim=1))                   # T x (B, C_out, H_j, W_j)
                  for chain, y_t in zip(chains, y.chunk(T))]
@@ -429,7 +486,7 @@ class DenseSegNet(nn.Module):
         check_input(x)
         enc, dec = self.shared(x)
         # the shared input of the last decoder stage (the official dead block's input), unpooled as usual
-        unpooled = dec.unpooled + [F.max_unpool2d(dec.last[-1], enc.indices[0], 2, 2)]   # 5 x (B, C, H_j, W_j)
+        unpooled = dec.unpooled + [max_unpool(dec.last[-1], enc.indices[0])]   # 5 x (B, C, H_j, W_j)
         feats = {}
         for name, net in self.task_nets.items():
             _, own = net(x, enc_side=enc.pooled, dec_side=unpooled)
@@ -474,7 +531,7 @@ class CrossStitchSegNet(nn.Module):
                 idx.append(i)
             mixed = stitch(self.alpha[j] if j < 4 else self.beta[0], pooled)
         for j in range(5):
-            outs = [net.decoder.stages[j](F.max_unpool2d(mixed, idx[4 - j], 2, 2))[1]
+            outs = [net.decoder.stages[j](max_unpool(mixed, idx[4 - j]))[1]
                     for net, idx in zip(nets, indices)]                 # T x (B, C_out, H/2^(4-j), W/2^(4-j))
             if j < 4:
                 mixed = stitch(self.beta[j + 1], outs)
@@ -713,7 +770,7 @@ class ASPPPooling(nn.Sequential):
     Its BN sees one value per channel and image, so training needs batches of 2 or more (official too)."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        super().__init__(GlobalAveragePool(), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU())
 
     def forward(self, x):
@@ -752,7 +809,7 @@ class DeepLabHead(nn.Sequential):
 
 def upsample(task: str, y: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
     """A head's stride-8 output to the image size, bilinear, then the task's output convention (activate)."""
-    return activate(task, F.interpolate(y, size=size, mode="bilinear", align_corners=align_corners))
+    return activate(task, resize_bilinear(y, size, align_corners))
 
 
 class DeepLabv3(nn.Module):

@@ -215,8 +215,28 @@ def two_blocks(block, in_channels, out_channels, bn_momentum=HEAD_BN_MOMENTUM):
 
 
 def upsample_to(x, size):
-    """Bilinear resize to `size` (align_corners=False, as in the official code)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    """Bilinear resize to `size` (align_corners=False, as in the official code).
+
+    Under torch.use_deterministic_algorithms on a GPU (train.py --deterministic): torch's CUDA backward of
+    bilinear interpolation adds into the input gradient atomically, in an order that changes from run to run,
+    so the same interpolation is computed as products with (out, in) weight matrices, rows then columns, in
+    float32 as torch's kernel computes; their backward is a product too. (mtan.resize_bilinear, repeated here so
+    that this file stays usable on its own.)"""
+    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    rows, cols = (interpolation_weights(n_in, n_out, x.device) for n_in, n_out in zip(x.shape[-2:], size))
+    with torch.autocast(x.device.type, enabled=False):
+        return (rows @ x.float() @ cols.T).to(x.dtype)
+
+
+def interpolation_weights(n_in, n_out, device=None):
+    """(n_out, n_in) weights of linear interpolation along one axis (align_corners=False): source position
+    (i + 0.5) * n_in / n_out - 0.5 clamped at 0, as torch computes it; two neighbours each."""
+    source = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    first = source.floor().clamp(max=n_in - 1)
+    weight = (source - first)[:, None]  # the second neighbour's share
+    j = torch.arange(n_in, device=device, dtype=torch.float32)
+    return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
 
 
 # -----------------------------------------------------------------------------
