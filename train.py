@@ -584,7 +584,8 @@ def wrap_for_training(model, cfg, device):
         if cfg["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and classifier);
-        # telling DDP so costs a graph traversal per step, so no other model does (tests/test_speed.py checks).
+        # telling DDP so costs a graph traversal per step, so no other model does (tests/test_speed.py checks that
+        # every dense model trains every parameter).
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg["model"] == "wrn-mtan" and len(cfg["tasks"]) > 1)
