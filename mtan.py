@@ -113,8 +113,8 @@ def init_official(model: nn.Module, uniform: bool = False) -> None:
 # Deterministic stand-ins, for train.py --deterministic. torch has no deterministic CUDA kernel for three ops
 # these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
 # average pooling (atomic adds, whose order changes from run to run); torch.use_deterministic_algorithms can only
-# warn about them. When that mode is on, the models call the equivalents below, made of gathers, matrix products
-# and sums, whose kernels are deterministic. When it is off (every normal run) they call torch's own kernels.
+# warn about them. When that mode is on, the models call the equivalents below, made of gathers and sums in a
+# fixed order. When it is off (every normal run) they call torch's own kernels.
 
 
 def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -133,28 +133,69 @@ def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners). On a GPU in deterministic mode, the
-    same interpolation as products with (out, in) weight matrices, rows then columns, in float32 as torch's
-    kernel computes: their backward is a product too, not torch's atomic adds into the input gradient."""
-    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
-    rows = interpolation_weights(x.shape[-2], size[0], align_corners, x.device)    # (H_out, H_in)
-    cols = interpolation_weights(x.shape[-1], size[1], align_corners, x.device)    # (W_out, W_in)
-    with torch.autocast(x.device.type, enabled=False):
-        return (rows @ x.float() @ cols.T).to(x.dtype)
+    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners); on a GPU in deterministic mode with
+    a backward without atomic adds (DeterministicBilinear)."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return DeterministicBilinear.apply(x, tuple(size), align_corners)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-def interpolation_weights(n_in: int, n_out: int, align_corners: bool, device=None) -> torch.Tensor:
+class DeterministicBilinear(torch.autograd.Function):
+    """torch's bilinear forward (the same values), and a backward in which each input row, then column, gathers
+    the output rows that read it, weighted as they read it, and sums them in a fixed order. Per axis that reads
+    about twice the output's size: the cost of torch's own backward, without its atomic adds."""
+
+    @staticmethod
+    def forward(ctx, x, size, align_corners):
+        ctx.resize = (x.shape[-2:], size, align_corners)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h, w), (out_h, out_w), align_corners = ctx.resize
+        rows = transposed_interpolation(grad.float(), 2, h, out_h, align_corners)     # (B, C, h, W_out)
+        return transposed_interpolation(rows, 3, w, out_w, align_corners).to(grad.dtype), None, None
+
+
+def transposed_interpolation(grad: torch.Tensor, dim: int, n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
+    """sum_j A[j, i] * grad[j] along `dim` (n_out -> n_in) for the interpolation weights A of that axis, reading
+    for each i only the K output rows j of its band (A is zero outside it)."""
+    rows, weights = interpolation_band(n_in, n_out, align_corners, grad.device)   # (n_in, K) each
+    picked = grad.index_select(dim, rows.flatten()).unflatten(dim, rows.shape)    # (..., n_in, K, ...)
+    return (picked * weights.view(rows.shape + (1,) * (grad.dim() - dim - 1))).sum(dim + 1)
+
+
+_BANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def interpolation_band(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every input index i, the K output indices that read it and their weights (0 past its band): built on
+    the CPU from interpolation_weights, once per size and device (no copy, so no wait, in later steps)."""
+    key = (n_in, n_out, align_corners, str(device))
+    if key not in _BANDS:
+        a = interpolation_weights(n_in, n_out, align_corners)                     # (n_out, n_in)
+        reads = a.T != 0                                                          # (n_in, n_out)
+        j = torch.arange(n_out)
+        first = torch.where(reads, j, n_out).min(1).values.clamp(max=n_out - 1)
+        last = torch.where(reads, j, -1).max(1).values
+        k = torch.arange(max(int((last - first).max()) + 1, 1))
+        rows = (first[:, None] + k).clamp(max=n_out - 1)                          # (n_in, K)
+        weights = a.T.gather(1, rows) * (first[:, None] + k <= last[:, None])
+        _BANDS[key] = rows.to(device), weights.to(device)
+    return _BANDS[key]
+
+
+def interpolation_weights(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
     """(n_out, n_in) weights of linear interpolation along one axis, with torch's source positions: i * (n_in - 1)
     / (n_out - 1) with align_corners, else (i + 0.5) * n_in / n_out - 0.5 clamped at 0; two neighbours each."""
-    i = torch.arange(n_out, device=device, dtype=torch.float32)
+    i = torch.arange(n_out, dtype=torch.float32)
     if align_corners:
         source = i * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
     else:
         source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     first = source.floor().clamp(max=n_in - 1)
     weight = (source - first)[:, None]                                  # the second neighbour's share
-    j = torch.arange(n_in, device=device, dtype=torch.float32)
+    j = torch.arange(n_in, dtype=torch.float32)
     return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
 
 

@@ -5,7 +5,8 @@ nothing to download). pytest does not collect this file (its name does not start
    augmentation equal the CPU's, --deterministic resumes to the bit, --bench's MFU).
 2. train.py --bench for MTAN at 288x384 (NYUv2's size) with batch 2 (the paper's) and 16, and MTI-Net with edges
    as auxiliary task at 480x640 (NYUD's size) with batch 8: each with the defaults and against the plain eager
-   fp32 baseline of the official loops (--amp off --no-channels-last --sync-every-step --no-fused).
+   fp32 baseline of the official loops (--amp off --no-channels-last --sync-every-step --no-fused), and for
+   batch 2 and MTI-Net with --deterministic, to measure what the flag costs.
 3. eval.py --bench: the quickstart MTAN (one short epoch of training first) over 200 val scenes.
 4. One markdown table of it all, for the README's performance section, and gpu_check.json in --out.
 
@@ -28,18 +29,24 @@ import torch  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 
-# The official training loops: fp32 in NCHW, the per-parameter optimiser loop, every loss read every step.
-BASELINE = ["--amp", "off", "--no-channels-last", "--sync-every-step", "--no-fused"]
+SETTINGS = {
+    "default": [],
+    # the official training loops: fp32 in NCHW, the per-parameter optimiser loop, every loss read every step
+    "baseline": ["--amp", "off", "--no-channels-last", "--sync-every-step", "--no-fused"],
+    # the price of --deterministic: deterministic kernels and the stand-ins of mtan.py, mtinet.py, eval.py
+    "deterministic": ["--deterministic"],
+}
 MTAN = ["--model", "mtan", "--width", "1"]
 MTINET = ["--model", "mtinet", "--aux-tasks", "edge"]
-# (name, flags, --bench steps): the sizes of the README's GPU rows, and the same steps at tiny sizes
+ALL, FAST = ("default", "baseline", "deterministic"), ("default", "baseline")
+# (name, flags, --bench steps, settings): the sizes of the README's GPU rows, and the same steps at tiny sizes
 BENCHES = {
-    "full": [("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "2"], 20),
-             ("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "16"], 10),
-             ("MTI-Net + edge aux", MTINET + ["--resolution", "480x640", "--batch-size", "8"], 10)],
-    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2),
-             ("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "4"], 2),
-             ("MTI-Net + edge aux", MTINET + ["--resolution", "64x64", "--batch-size", "2"], 2)],
+    "full": [("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "2"], 20, ALL),
+             ("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "16"], 10, FAST),
+             ("MTI-Net + edge aux", MTINET + ["--resolution", "480x640", "--batch-size", "8"], 10, ALL)],
+    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2, ALL),
+             ("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "4"], 2, FAST),
+             ("MTI-Net + edge aux", MTINET + ["--resolution", "64x64", "--batch-size", "2"], 2, ALL)],
 }
 # the quickstart (MTAN, width 0.25, 96x128, batch 8) trained for one short epoch, then its val split timed
 EVALUATION = {"full": (["--subset", "16"], ["--subset", "200", "--bench", "3"]),
@@ -64,6 +71,7 @@ def cuda_tests(device):
 
 
 def released(device):
+    torch.use_deterministic_algorithms(False)  # a --deterministic row turned it on for the whole process
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -71,9 +79,10 @@ def released(device):
 
 def bench_rows(device, size):
     rows, ok = [], True
-    for name, flags, steps in BENCHES[size]:
-        for settings, extra in (("default", []), ("baseline", BASELINE)):
-            argv = ["--data", "synthetic", "--subset", "64", "--device", device] + flags + extra + ["--bench", str(steps)]
+    for name, flags, steps, settings_of_size in BENCHES[size]:
+        for settings in settings_of_size:
+            argv = ["--data", "synthetic", "--subset", "64", "--device", device, "--bench", str(steps)] + flags + \
+                SETTINGS[settings]
             try:
                 result = train.main(argv)
             except Exception as e:  # noqa: BLE001 (an out-of-memory batch must not hide the other rows)
@@ -115,7 +124,7 @@ def table(rows):
                      f"{row['images_per_s']} | {ms} | {row['peak_mem_mb']} | {mfu} | |")
     for i, row in enumerate(rows):  # the defaults' speed-up, once both rows of a size are in
         key = (row["name"], row.get("batch_size"), row.get("resolution"))
-        if row["settings"] == "default" and key in baseline and "error" not in row:
+        if row["settings"] != "baseline" and key in baseline and "error" not in row:
             lines[2 + i] = lines[2 + i][:-1] + f"{row['images_per_s'] / baseline[key]:.2f}x |"
     return "\n".join(lines)
 
@@ -140,7 +149,7 @@ def main(argv=None):
         json.dump(rows, f, indent=1)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{name}, torch {torch.__version__}, {time.time() - start:.0f} s (synthetic data; baseline: "
-          f"{' '.join(BASELINE)}; the evaluation row: one pass over the split with its metrics)\n")
+          f"{' '.join(SETTINGS['baseline'])}; the evaluation row: one pass over the split with its metrics)\n")
     print(table(rows))
     if not (tests_ok and benches_ok and eval_ok):
         raise SystemExit(1)

@@ -140,27 +140,31 @@ def test_unpooling_stand_in_gives_torchs_values_and_gradients():
         assert torch.equal(out, reference) and torch.equal(grad, reference_grad)
 
 
-@pytest.mark.parametrize("weights", [mtan.interpolation_weights,
-                                     lambda n_in, n_out, align_corners: mtinet.interpolation_weights(n_in, n_out)])
-def test_bilinear_stand_in_is_torchs_interpolation(weights):
-    """The weight matrices of mtan.resize_bilinear / mtinet.upsample_to's GPU stand-in (the products run here on
-    the CPU) against F.interpolate, value and gradient: x2 with align_corners (MTAN's decoder), MTI-Net's and
-    DeepLab's upsampling without, odd sizes and a downsampling. Differences are float32 rounding (measured
-    below 1e-6)."""
+@pytest.mark.parametrize("resize", [mtan.DeterministicBilinear.apply,
+                                    lambda x, size, align_corners: mtinet.DeterministicBilinear.apply(x, size)])
+def test_bilinear_stand_in_is_torchs_interpolation(resize):
+    """The GPU stand-in of mtan.resize_bilinear and mtinet.upsample_to (device-agnostic, so run here on the CPU)
+    against F.interpolate: the same forward bits, and the gradient up to float32 rounding (measured: 2e-6 of its
+    largest value), for MTAN's x2 with align_corners, MTI-Net's and DeepLab's upsampling without it (up to x32,
+    deep supervision's coarsest scale), odd sizes and a downsampling, in float32 and bfloat16."""
     torch.manual_seed(0)
-    mtinet_only = weights is not mtan.interpolation_weights
-    for (h, w), (out_h, out_w), align_corners in [((6, 8), (12, 16), True), ((9, 12), (18, 24), True),
-                                                   ((6, 8), (24, 32), False), ((7, 5), (15, 11), False),
-                                                   ((12, 16), (5, 7), False), ((1, 3), (4, 4), True)]:
+    mtinet_only = resize is not mtan.DeterministicBilinear.apply
+    for (h, w), size, align_corners in [((6, 8), (12, 16), True), ((9, 12), (18, 24), True), ((6, 8), (24, 32), False),
+                                        ((7, 5), (15, 11), False), ((12, 16), (5, 7), False), ((1, 3), (4, 4), True),
+                                        ((3, 4), (96, 128), False)]:
         if mtinet_only and align_corners:
             continue
-        x = torch.randn(2, 3, h, w, requires_grad=True)
-        reference = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=align_corners)
-        out = weights(h, out_h, align_corners) @ x @ weights(w, out_w, align_corners).T
-        weight = torch.randn_like(reference)
-        (reference_grad,) = torch.autograd.grad((reference * weight).sum(), x)
-        (grad,) = torch.autograd.grad((out * weight).sum(), x)
-        assert (out - reference).abs().max() < 1e-5 and (grad - reference_grad).abs().max() < 1e-5
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 3, h, w, dtype=dtype, requires_grad=True)
+            reference = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+            out = resize(x, size, align_corners)
+            assert torch.equal(out, reference)
+            weight = torch.randn_like(reference)
+            (expected,) = torch.autograd.grad((reference * weight).sum(), x)
+            (grad,) = torch.autograd.grad((out * weight).sum(), x)
+            assert grad.dtype == dtype
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: torch's own sums round to bf16 too
+            assert (grad.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
 
 
 def test_cross_entropy_stand_in_is_torchs():
@@ -208,10 +212,10 @@ def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("| model | settings"))):]
-    assert len(table) == 2 + 7  # header, rule, 3 x (default, baseline) training rows, the evaluation row
+    assert len(table) == 2 + 9  # header, rule, 8 training rows (3 sizes x default, baseline; 2 deterministic), eval
     assert "requires_cuda tests:" in done.stdout
     rows = json.loads(open(os.path.join(tmp_path, "gpu_check.json")).read())
-    assert [r["settings"] for r in rows[:2]] == ["default", "baseline"] and rows[-1]["kind"] == "eval"
+    assert [r["settings"] for r in rows[:3]] == ["default", "baseline", "deterministic"] and rows[-1]["kind"] == "eval"
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
