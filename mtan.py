@@ -110,19 +110,26 @@ def init_official(model: nn.Module, uniform: bool = False) -> None:
             nn.init.zeros_(m.bias)
 
 
-# Deterministic stand-ins, for train.py --deterministic. torch has no deterministic CUDA kernel for three ops
-# these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
+# Deterministic stand-ins, for train.py --deterministic on a GPU. torch has no deterministic CUDA kernel for
+# three ops these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
 # average pooling (atomic adds, whose order changes from run to run); torch.use_deterministic_algorithms can only
-# warn about them. When that mode is on, the models call the equivalents below, made of gathers and sums in a
-# fixed order. When it is off (every normal run) they call torch's own kernels.
+# warn about them. When that mode is on and the tensor is on a GPU, the models call the equivalents below, made
+# of gathers and sums in a fixed order. Otherwise (every normal run, and every CPU run, whose kernels are
+# deterministic) they call torch's own kernels.
 
 
 def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """F.max_unpool2d(x, indices, 2, 2). In deterministic mode, on any device (torch flags its CPU kernel too),
-    the same values as a gather: a 2x2 pool with stride 2 sends each value back into its own 2x2 window, so every
-    output position either holds the one value whose index names it or is zero, and no two writes meet."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return F.max_unpool2d(x, indices, 2, 2)
+    """F.max_unpool2d(x, indices, 2, 2); on a GPU in deterministic mode unpool_by_gather, the same values. (torch
+    flags its CPU kernel too, but there each value is written by one thread: with windows that never collide,
+    the result cannot depend on their order.)"""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return unpool_by_gather(x, indices)
+    return F.max_unpool2d(x, indices, 2, 2)
+
+
+def unpool_by_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """max_unpool2d without a scatter: a 2x2 pool with stride 2 sends each value back into its own 2x2 window,
+    so every output position either holds the one value whose index names it or is zero."""
     B, C, h, w = x.shape
 
     def spread(t):  # (B, C, h, w) -> (B, C, 2h, 2w): each value copied to its 2x2 window

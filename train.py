@@ -942,7 +942,8 @@ def describe(run):
 
 # What --deterministic delivers, printed under the start line (README, "Determinism").
 DETERMINISM = {
-    "cpu": "deterministic: a resumed run ends with the bits of an uninterrupted one (same machine and threads)",
+    "cpu": "deterministic: a resumed run ends with the bits of an uninterrupted one (same machine and threads; "
+           "torch warns about max_unpool2d, whose CPU kernel is deterministic with SegNet's disjoint windows)",
     "cuda": "deterministic: torch's deterministic kernels, and stand-ins for the ops that have none on CUDA "
             "(max-unpooling, the backward of bilinear resizing and of global pooling, the 2-D cross entropy); a "
             "resumed run ends with the bits of an uninterrupted one on the same GPU model and software (under "
