@@ -91,15 +91,18 @@ def test_peak_tflops_reads_whole_words_of_the_device_name():
 # ---- a checkpoint on another device ---------------------------------------------------------------------
 
 
-def test_eval_rederives_amp_for_the_device_it_runs_on(tmp_path, capsys):
-    cfg = resolve()
-    path = str(tmp_path / "last.pt")
+def save_untrained_run(cfg, folder):
+    """A checkpoint as train.py writes it, without training (eval.py only needs the configuration and weights)."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"config": cfg, "model": train.build_model(cfg).state_dict(), "model_args": train.model_args(cfg)},
+               os.path.join(folder, "last.pt"))
+    return folder
 
+
+def test_eval_rederives_amp_for_the_device_it_runs_on(tmp_path, capsys):
     def evaluated(device, amp, *flags):
-        saved = dict(cfg, device=device, amp=amp)
-        torch.save({"config": saved, "model": train.build_model(saved).state_dict(),
-                    "model_args": train.model_args(saved)}, path)
-        return evaluation.load_run(evaluation.build_parser().parse_args(["--checkpoint", path, *flags]))[0]
+        run = save_untrained_run(dict(resolve(), device=device, amp=amp), str(tmp_path / "run"))
+        return evaluation.load_run(evaluation.build_parser().parse_args(["--checkpoint", run, *flags]))[0]
 
     # A GPU run's bf16 on this machine (no CUDA: the CPU): off, as a CPU run's default, and said so.
     assert evaluated("cuda", "bf16")["amp"] == "off"
@@ -111,11 +114,10 @@ def test_eval_rederives_amp_for_the_device_it_runs_on(tmp_path, capsys):
 
 def test_eval_applies_the_training_settings_of_torch(tmp_path, monkeypatch):
     """Standalone eval.py configures torch as train.py does (on a GPU: the cuDNN autotuner and TF32)."""
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--out", out])
+    run = save_untrained_run(resolve(), str(tmp_path / "run"))
     seen = []
     monkeypatch.setattr(evaluation, "configure_torch", seen.append)
-    evaluation.main(["--checkpoint", out, "--bench", "1"])
+    evaluation.main(["--checkpoint", run, "--bench", "1"])
     assert len(seen) == 1 and seen[0]["device"] == "cpu" and seen[0]["deterministic"] is False
 
 
