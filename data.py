@@ -645,7 +645,7 @@ def scale_crop_flip(batch, scale, top, left, flip):
 def _nearest_source(out_size, in_sizes):
     """(B, out_size) source index of each output index, for per-sample input sizes (B,), computed as
     F.interpolate(mode="nearest") does: floor(i * (in / out)) in float32."""
-    scale = in_sizes.float() / out_size  # (B,)
+    scale = in_sizes.float() / _as_divisor(out_size, in_sizes)  # (B,)
     index = torch.floor(torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]).long()
     return torch.minimum(index, (in_sizes - 1)[:, None])
 
@@ -653,12 +653,19 @@ def _nearest_source(out_size, in_sizes):
 def _linear_source(out_size, in_sizes):
     """The two source indices (B, out_size) and the weight of the second, as bilinear interpolation with
     align_corners=True computes them: position i * (in - 1) / (out - 1) in float32."""
-    scale = (in_sizes - 1).float() / max(out_size - 1, 1)  # (B,)
+    scale = (in_sizes - 1).float() / _as_divisor(max(out_size - 1, 1), in_sizes)  # (B,)
     position = torch.arange(out_size, device=in_sizes.device).float() * scale[:, None]
     last = (in_sizes - 1)[:, None]
     first = torch.minimum(torch.floor(position).long(), last)
     weight = (position - first.float()).clamp(0, 1)
     return first, torch.minimum(first + 1, last), weight
+
+
+def _as_divisor(number, like):
+    """`number` as a float32 tensor on `like`'s device, to divide by. CUDA divides a tensor by a Python number as a
+    multiplication by its reciprocal, which can round differently from the CPU's true division (and so pick
+    another source pixel); by a tensor it divides truly, as the CPU does either way."""
+    return torch.full_like(like, number, dtype=torch.float32)
 
 
 def _take(x, rows, cols):

@@ -1146,6 +1146,15 @@ def one_line_errors(full_disk_hint=""):
 # ---- speed settings and measurement, shared with train.py --------------------------------------------------
 
 
+def default_amp(device):
+    """The precision a device gets unless --amp says otherwise: bf16 autocast on a GPU (fp16 on GPUs without bf16
+    units, such as the V100 and T4), fp32 on a CPU (bf16 is slower on CPUs without bf16 units, and fp32 keeps
+    CPU results identical across machines)."""
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "off"
+
+
 def configure_torch(cfg):
     """--deterministic, or on a GPU the fast settings: the cuDNN autotuner (fixed input sizes) and TF32."""
     if cfg["deterministic"]:
@@ -1156,6 +1165,16 @@ def configure_torch(cfg):
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def deterministic_cross_entropy_sum(logits, target):
+    """F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") for (B, C, H, W) logits, from kernels that
+    are deterministic on a GPU (train.py's loss under --deterministic there): torch's CUDA 2-D nll_loss sums with
+    atomic adds, in an order that changes from run to run; a one-hot selection and a plain sum do not. It costs a
+    (B, C, H, W) mask."""
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    chosen = target.unsqueeze(1) == classes  # the label's class; label -1 (ignored) chooses none
+    return -torch.where(chosen, F.log_softmax(logits, dim=1), 0).sum()
 
 
 def synchronize(device):
@@ -1599,6 +1618,9 @@ def build_parser():
     p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
     p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: the training's on "
+                   "the device it trained on; on another device that device's default: bf16 on a GPU, fp16 on "
+                   "GPUs without bf16, off on a CPU)")
     p.add_argument("--batch-size", type=positive_int, metavar="N")
     p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate only the first N samples")
     p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, metrics "
@@ -1626,7 +1648,15 @@ def load_run(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is available here (drop --device, or pass "
                          "--device cpu)")
+    trained_on, trained_amp = cfg.get("device"), cfg.get("amp", "off")
     cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "amp", None):
+        cfg["amp"] = args.amp
+    elif cfg["device"] != trained_on:  # a GPU run's bf16 autocast would run silently (and slowly) on a CPU
+        cfg["amp"] = default_amp(cfg["device"])
+        if cfg["amp"] != trained_amp:
+            print(f"amp {cfg['amp']} on {cfg['device']} (the run trained with amp {trained_amp} on {trained_on}; "
+                  f"--amp chooses)")
     cfg["compile"] = False  # compiling pays off over many training steps, not one evaluation
     cfg["channels_last"] = cfg.get("channels_last", False)  # as in training: faster on CPU and GPU alike
     cfg.setdefault("deterministic", False)
@@ -1687,6 +1717,7 @@ def evaluate_checkpoint(args):
         if value:
             raise SystemExit(f"error: {flag} applies to --compare, not --checkpoint")
     cfg, model, device = load_run(args)
+    configure_torch(cfg)  # on a GPU the cuDNN autotuner and TF32 of training; the checkpoint's --deterministic
     normalise = input_normalisation(cfg, device)
     if args.image:
         return predict_image(args, cfg, model, device, normalise)
@@ -1729,7 +1760,6 @@ def bench_evaluation(args, cfg, model, loader, device, normalise):
     """--bench N: the speed of evaluating the split as training evaluates it (`evaluate`: loading, forward,
     metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
     Prints one JSON line and returns it as a dict; writes no file."""
-    configure_torch(cfg)  # the cuDNN autotuner and TF32 of training, on a GPU
     batch = next(iter(loader))
     run_split = lambda batches: evaluate(model, batches, cfg["tasks"], device, cfg["amp"], cfg["channels_last"],
                                          normalise)  # ends by reading the metrics

@@ -110,6 +110,111 @@ def init_official(model: nn.Module, uniform: bool = False) -> None:
             nn.init.zeros_(m.bias)
 
 
+# Deterministic stand-ins, for train.py --deterministic on a GPU. torch has no deterministic CUDA kernel for
+# three ops these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
+# average pooling (atomic adds, whose order changes from run to run); torch.use_deterministic_algorithms can only
+# warn about them. When that mode is on and the tensor is on a GPU, the models call the equivalents below, made
+# of gathers and sums in a fixed order. Otherwise (every normal run, and every CPU run, whose kernels are
+# deterministic) they call torch's own kernels.
+
+
+def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """F.max_unpool2d(x, indices, 2, 2); on a GPU in deterministic mode unpool_by_gather, the same values. (torch
+    flags its CPU kernel too, but there each value is written by one thread: with windows that never collide,
+    the result cannot depend on their order.)"""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return unpool_by_gather(x, indices)
+    return F.max_unpool2d(x, indices, 2, 2)
+
+
+def unpool_by_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """max_unpool2d without a scatter: a 2x2 pool with stride 2 sends each value back into its own 2x2 window,
+    so every output position either holds the one value whose index names it or is zero."""
+    B, C, h, w = x.shape
+
+    def spread(t):  # (B, C, h, w) -> (B, C, 2h, 2w): each value copied to its 2x2 window
+        return t[:, :, :, None, :, None].expand(B, C, h, 2, w, 2).reshape(B, C, 2 * h, 2 * w)
+
+    position = torch.arange(4 * h * w, device=x.device).view(2 * h, 2 * w)  # the flat index max_pool2d records
+    return torch.where(spread(indices) == position, spread(x), 0)
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners); on a GPU in deterministic mode with
+    a backward without atomic adds (DeterministicBilinear)."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return DeterministicBilinear.apply(x, tuple(size), align_corners)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+class DeterministicBilinear(torch.autograd.Function):
+    """torch's bilinear forward (the same values), and a backward in which each input row, then column, gathers
+    the output rows that read it, weighted as they read it, and sums them in a fixed order. Per axis that reads
+    about twice the output's size: the cost of torch's own backward, without its atomic adds."""
+
+    @staticmethod
+    def forward(ctx, x, size, align_corners):
+        ctx.resize = (x.shape[-2:], size, align_corners)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h, w), (out_h, out_w), align_corners = ctx.resize
+        rows = transposed_interpolation(grad.float(), 2, h, out_h, align_corners)     # (B, C, h, W_out)
+        return transposed_interpolation(rows, 3, w, out_w, align_corners).to(grad.dtype), None, None
+
+
+def transposed_interpolation(grad: torch.Tensor, dim: int, n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
+    """sum_j A[j, i] * grad[j] along `dim` (n_out -> n_in) for the interpolation weights A of that axis, reading
+    for each i only the K output rows j of its band (A is zero outside it)."""
+    rows, weights = interpolation_band(n_in, n_out, align_corners, grad.device)   # (n_in, K) each
+    picked = grad.index_select(dim, rows.flatten()).unflatten(dim, rows.shape)    # (..., n_in, K, ...)
+    return (picked * weights.view(rows.shape + (1,) * (grad.dim() - dim - 1))).sum(dim + 1)
+
+
+_BANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def interpolation_band(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every input index i, the K output indices that read it and their weights (0 past its band): built on
+    the CPU from interpolation_weights, once per size and device (no copy, so no wait, in later steps)."""
+    key = (n_in, n_out, align_corners, str(device))
+    if key not in _BANDS:
+        a = interpolation_weights(n_in, n_out, align_corners)                     # (n_out, n_in)
+        reads = a.T != 0                                                          # (n_in, n_out)
+        j = torch.arange(n_out)
+        first = torch.where(reads, j, n_out).min(1).values.clamp(max=n_out - 1)
+        last = torch.where(reads, j, -1).max(1).values
+        k = torch.arange(max(int((last - first).max()) + 1, 1))
+        rows = (first[:, None] + k).clamp(max=n_out - 1)                          # (n_in, K)
+        weights = a.T.gather(1, rows) * (first[:, None] + k <= last[:, None])
+        _BANDS[key] = rows.to(device), weights.to(device)
+    return _BANDS[key]
+
+
+def interpolation_weights(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
+    """(n_out, n_in) weights of linear interpolation along one axis, with torch's source positions: i * (n_in - 1)
+    / (n_out - 1) with align_corners, else (i + 0.5) * n_in / n_out - 0.5 clamped at 0; two neighbours each."""
+    i = torch.arange(n_out, dtype=torch.float32)
+    if align_corners:
+        source = i * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    first = source.floor().clamp(max=n_in - 1)
+    weight = (source - first)[:, None]                                  # the second neighbour's share
+    j = torch.arange(n_in, dtype=torch.float32)
+    return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
+
+
+class GlobalAveragePool(nn.Module):
+    """nn.AdaptiveAvgPool2d(1); on a GPU in deterministic mode a mean, whose backward spreads without atomics."""
+
+    def forward(self, x):
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
+        return F.adaptive_avg_pool2d(x, 1)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 1. Building blocks
 
@@ -277,7 +382,7 @@ class SegNetDecoder(nn.Module):
     def forward(self, z, indices: List[torch.Tensor], side: Optional[List[torch.Tensor]] = None) -> Decoded:
         out = Decoded([], [])
         for j, (stage, idx) in enumerate(zip(self.stages, reversed(indices))):
-            up = F.max_unpool2d(z, idx, 2, 2)                           # (B, C, 2h, 2w)
+            up = max_unpool(z, idx)                                     # (B, C, 2h, 2w)
             _, z = stage(up if side is None else torch.cat([up, side[j]], dim=1))
             out.unpooled.append(up)
             out.last.append(z)
@@ -383,7 +488,7 @@ class MTAN(nn.Module):
         # Decoder: upsample and f first, then the mask from [up_j; f output], gating p_j.
         for j in range(5):
             up, p = dec.unpooled[j], dec.last[j]    # (B, C_in, H_j, W_j), (B, C_out, ...); H_j = H/2^(4-j)
-            y = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)   # (T*B, C_in, H_j, W_j)
+            y = resize_bilinear(h, up.shape[-2:], align_corners=True)   # x2: (T*B, C_in, H_j, W_j)
             y = self.dec_f[j](y, T)                 # (T*B, C_out, H_j, W_j)
             a = [chain.decoder[j](torch.cat([up, y_t], dim=1))                   # T x (B, C_out, H_j, W_j)
                  for chain, y_t in zip(chains, y.chunk(T))]
@@ -429,7 +534,7 @@ class DenseSegNet(nn.Module):
         check_input(x)
         enc, dec = self.shared(x)
         # the shared input of the last decoder stage (the official dead block's input), unpooled as usual
-        unpooled = dec.unpooled + [F.max_unpool2d(dec.last[-1], enc.indices[0], 2, 2)]   # 5 x (B, C, H_j, W_j)
+        unpooled = dec.unpooled + [max_unpool(dec.last[-1], enc.indices[0])]   # 5 x (B, C, H_j, W_j)
         feats = {}
         for name, net in self.task_nets.items():
             _, own = net(x, enc_side=enc.pooled, dec_side=unpooled)
@@ -474,7 +579,7 @@ class CrossStitchSegNet(nn.Module):
                 idx.append(i)
             mixed = stitch(self.alpha[j] if j < 4 else self.beta[0], pooled)
         for j in range(5):
-            outs = [net.decoder.stages[j](F.max_unpool2d(mixed, idx[4 - j], 2, 2))[1]
+            outs = [net.decoder.stages[j](max_unpool(mixed, idx[4 - j]))[1]
                     for net, idx in zip(nets, indices)]                 # T x (B, C_out, H/2^(4-j), W/2^(4-j))
             if j < 4:
                 mixed = stitch(self.beta[j + 1], outs)
@@ -713,7 +818,7 @@ class ASPPPooling(nn.Sequential):
     Its BN sees one value per channel and image, so training needs batches of 2 or more (official too)."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        super().__init__(GlobalAveragePool(), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU())
 
     def forward(self, x):
@@ -752,7 +857,7 @@ class DeepLabHead(nn.Sequential):
 
 def upsample(task: str, y: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
     """A head's stride-8 output to the image size, bilinear, then the task's output convention (activate)."""
-    return activate(task, F.interpolate(y, size=size, mode="bilinear", align_corners=align_corners))
+    return activate(task, resize_bilinear(y, size, align_corners))
 
 
 class DeepLabv3(nn.Module):

@@ -215,8 +215,62 @@ def two_blocks(block, in_channels, out_channels, bn_momentum=HEAD_BN_MOMENTUM):
 
 
 def upsample_to(x, size):
-    """Bilinear resize to `size` (align_corners=False, as in the official code)."""
+    """Bilinear resize to `size` (align_corners=False, as in the official code).
+
+    Under torch.use_deterministic_algorithms on a GPU (train.py --deterministic), DeterministicBilinear: torch's
+    CUDA backward of bilinear interpolation adds into the input gradient atomically, in an order that changes
+    from run to run."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return DeterministicBilinear.apply(x, tuple(size))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DeterministicBilinear(torch.autograd.Function):
+    """torch's bilinear forward (the same values), and a backward in which each input row, then column, gathers
+    the output rows that read it, weighted as they read it, and sums them in a fixed order (mtan.py's
+    DeterministicBilinear for align_corners=False, repeated so that this file stays usable on its own)."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.resize = (x.shape[-2:], size)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h, w), (out_h, out_w) = ctx.resize
+        rows = transposed_interpolation(grad.float(), 2, h, out_h)  # (B, C, h, W_out)
+        return transposed_interpolation(rows, 3, w, out_w).to(grad.dtype), None
+
+
+def transposed_interpolation(grad, dim, n_in, n_out):
+    """sum_j A[j, i] * grad[j] along `dim` (n_out -> n_in) for the interpolation weights A of that axis, reading
+    for each i only the K output rows j of its band (A is zero outside it)."""
+    rows, weights = interpolation_band(n_in, n_out, grad.device)  # (n_in, K) each
+    picked = grad.index_select(dim, rows.flatten()).unflatten(dim, rows.shape)  # (..., n_in, K, ...)
+    return (picked * weights.view(rows.shape + (1,) * (grad.dim() - dim - 1))).sum(dim + 1)
+
+
+_BANDS = {}
+
+
+def interpolation_band(n_in, n_out, device):
+    """For every input index i, the K output indices that read it and their weights (0 past its band), built on
+    the CPU once per size and device. The weights: source position (i + 0.5) * n_in / n_out - 0.5 clamped at 0,
+    as torch computes it (align_corners=False), two neighbours each."""
+    key = (n_in, n_out, str(device))
+    if key not in _BANDS:
+        source = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+        low = source.floor().clamp(max=n_in - 1)
+        share = (source - low)[:, None]  # the second neighbour's share
+        j = torch.arange(n_in, dtype=torch.float32)
+        a = (j == low[:, None]) * (1 - share) + (j == (low + 1).clamp(max=n_in - 1)[:, None]) * share  # (n_out, n_in)
+        reads, out = a.T != 0, torch.arange(n_out)
+        first = torch.where(reads, out, n_out).min(1).values.clamp(max=n_out - 1)
+        last = torch.where(reads, out, -1).max(1).values
+        k = torch.arange(max(int((last - first).max()) + 1, 1))
+        rows = (first[:, None] + k).clamp(max=n_out - 1)  # (n_in, K)
+        _BANDS[key] = rows.to(device), (a.T.gather(1, rows) * (first[:, None] + k <= last[:, None])).to(device)
+    return _BANDS[key]
 
 
 # -----------------------------------------------------------------------------

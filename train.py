@@ -50,7 +50,10 @@ import mtinet
 
 def cross_entropy_loss(logits, target):
     """Semantic segmentation and human parts: pixel-wise cross entropy, label -1 ignored (MTAN Eq. 5)."""
-    total = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
+    if logits.is_cuda and torch.are_deterministic_algorithms_enabled():  # --deterministic on a GPU (eval.py)
+        total = evaluation.deterministic_cross_entropy_sum(logits.float(), target)
+    else:
+        total = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
     return total / (target != -1).sum().clamp_min(1)
 
 
@@ -116,7 +119,7 @@ def upsample_to_label(pred, target):
     size = target.shape[-2:]
     if pred.shape[-2:] == size:
         return pred
-    return F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    return mtinet.upsample_to(pred, size)  # F.interpolate(bilinear), deterministic under --deterministic
 
 
 def multitask_losses(outputs, batch, loss_tasks, normal_loss):
@@ -318,7 +321,8 @@ def prepare_batch(run, batch, augment):
     cfg = run.cfg
     batch = evaluation.to_device(batch, run.device, cfg["channels_last"])
     if cfg["augment"] and cfg["data"] != "pascal":  # PASCAL augments each sample in its loader instead
-        batch = data.augment_batch(batch, generator=augment)
+        batch = data.augment_batch(batch, generator=augment)  # its gathers return NCHW: channels_last again
+        batch = evaluation.to_device(batch, run.device, cfg["channels_last"])
     return data.add_derived_targets(batch, run.loss_tasks)
 
 
@@ -607,10 +611,18 @@ def wrap_for_training(model, cfg, device):
     if world_size() > 1:
         if cfg["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Dense's dead decoder block and the other domains' chains of wrn-mtan get no gradient: tell DDP.
+        # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and classifier);
+        # telling DDP so costs a graph traversal per step, so no other model does (tests/test_speed.py checks that
+        # every dense model trains every parameter).
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg["model"] in ("dense", "wrn-mtan"))
+            find_unused_parameters=cfg["model"] == "wrn-mtan" and len(cfg["tasks"]) > 1)
+    if cfg["compile"] and cfg["data"] in DECATHLON_DATASETS:
+        # dynamo specialises on the domain index (it picks the chain and the classifier): one graph per domain,
+        # and one more when a smaller last batch makes the batch size dynamic. Past its recompile limit (8) it
+        # would run the remaining domains eagerly without a word, so the limit is raised to what they need.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 2 * len(cfg["tasks"]))
     return torch.compile(model) if cfg["compile"] else model
 
 
@@ -906,14 +918,21 @@ def init_distributed(cfg):
     """Join the process group when started by torchrun; returns the device of this rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return torch.device(cfg["device"])
-    cuda = cfg["device"] == "cuda"
+    if cfg["device"] != "cuda":
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)  # first: NCCL binds each rank's communicator to the current GPU
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        torch.distributed.init_process_group("nccl", device_id=device)
+    return device
+
+
+def leave_distributed():
+    """The end of a torchrun run: release the process group (NCCL warns about a group left to the exit)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1155,7 +1174,19 @@ def describe(run):
     return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
             f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
             + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}")
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
+            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+
+
+# What --deterministic delivers, printed under the start line (README, "Determinism").
+DETERMINISM = {
+    "cpu": "deterministic: a resumed run ends with the bits of an uninterrupted one (same machine and threads; "
+           "torch warns about max_unpool2d, whose CPU kernel is deterministic with SegNet's disjoint windows)",
+    "cuda": "deterministic: torch's deterministic kernels, and stand-ins for the ops that have none on CUDA "
+            "(max-unpooling, the backward of bilinear resizing and of global pooling, the 2-D cross entropy); a "
+            "resumed run ends with the bits of an uninterrupted one on the same GPU model and software (under "
+            "torchrun only as far as NCCL repeats its all-reduce order, which it does not promise)",
+}
 
 
 @torch.no_grad()
@@ -1217,10 +1248,11 @@ def draw_curves(history, path):
 # ----------------------------------------------------------------------------------------------------------
 
 # Dense peak throughput in TFLOP/s of common GPUs, for the MFU figure (vendor datasheets, without sparsity).
-# Keys are matched against torch.cuda.get_device_name(); `--peak-tflops` overrides.
+# Keys are whole words of torch.cuda.get_device_name() (peak_of_device); `--peak-tflops` overrides.
 PEAK_TFLOPS = {  # name: (bf16/fp16 tensor cores, tf32 tensor cores)
     "H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
-    "L4": (121.0, 60.0), "A10": (125.0, 62.5), "4090": (165.0, 82.6), "3090": (71.0, 35.6), "V100": (125.0, 15.7),
+    "L40": (181.0, 90.5), "L4": (121.0, 60.0), "A10": (125.0, 62.5), "4090": (165.0, 82.6), "3090": (71.0, 35.6),
+    "V100": (125.0, 15.7),
 }
 
 
@@ -1241,11 +1273,17 @@ def peak_tflops(cfg, device):
         return cfg["peak_tflops"]
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return half if cfg["amp"] in ("bf16", "fp16") else tf32
-    return None
+    peaks = peak_of_device(torch.cuda.get_device_name(device))
+    if peaks is None:
+        return None
+    return peaks[0] if cfg["amp"] in ("bf16", "fp16") else peaks[1]
+
+
+def peak_of_device(name):
+    """The PEAK_TFLOPS entry whose key is a whole word of the device name ("NVIDIA A100-SXM4-80GB": A100), else
+    None. A substring test would read an "NVIDIA L40" as an L4 and an "NVIDIA A10G" as an A10."""
+    words = name.replace("-", " ").split()
+    return next((PEAK_TFLOPS[key] for key in PEAK_TFLOPS if key in words), None)
 
 
 def benchmark(cfg, steps, warmup=None, sync_every_step=False):
@@ -1428,8 +1466,7 @@ def resolve_config(args, parser):
     cfg = {**DEFAULTS, **RECIPES[family], **PRESETS.get(dataset, {}), **quickstart, **given}
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
-        cuda = cfg["device"] == "cuda"
-        cfg["amp"] = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "off"
+        cfg["amp"] = evaluation.default_amp(cfg["device"])
     if cfg["data_on_device"] and (dataset == "pascal" or dataset in DECATHLON_DATASETS):
         parser.error(f"--data-on-device: the {dataset} training samples are augmented one by one (PASCAL) or "
                      f"kept per domain (Decathlon); it applies to the other dense datasets")
@@ -1582,23 +1619,26 @@ def main(argv=None):
                   f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
                   f"(override any of them with flags)")
     evaluation.configure_torch(cfg)
-    if getattr(args, "bench", None):
-        with evaluation.one_line_errors():
-            result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
-        say(evaluation.strict_json(result))  # under torchrun: rank 0's figures (images/s per rank)
-        return result
-    # Only the first process writes the run folder (under torchrun: rank 0, before the process group exists).
-    first_process = int(os.environ.get("RANK", "0")) == 0
-    with evaluation.one_line_errors():  # an unwritable --out: one line
-        lock = claim_run_folder(cfg, resume is not None, "out" in vars(args)) if first_process else None
     try:
-        with evaluation.one_line_errors(f" ({cfg['out']} keeps its last good checkpoint: free some space, then "
-                                        f"pass --resume {cfg['out']})"):
-            if cfg["data"] in DECATHLON_DATASETS:
-                return run_decathlon(cfg, resume)
-            return run_training(cfg, resume)
+        if getattr(args, "bench", None):
+            with evaluation.one_line_errors():
+                result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
+            say(evaluation.strict_json(result))  # under torchrun: rank 0's figures (images/s per rank)
+            return result
+        # Only the first process writes the run folder (under torchrun: rank 0, before the process group exists).
+        first_process = int(os.environ.get("RANK", "0")) == 0
+        with evaluation.one_line_errors():  # an unwritable --out: one line
+            lock = claim_run_folder(cfg, resume is not None, "out" in vars(args)) if first_process else None
+        try:
+            with evaluation.one_line_errors(f" ({cfg['out']} keeps its last good checkpoint: free some space, "
+                                            f"then pass --resume {cfg['out']})"):
+                if cfg["data"] in DECATHLON_DATASETS:
+                    return run_decathlon(cfg, resume)
+                return run_training(cfg, resume)
+        finally:
+            release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (ignored)
     finally:
-        release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock, which is ignored
+        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
 """Shared pytest configuration.
 
 The project root goes on sys.path so tests import `mtan`, `data`, ... as a
-user would after `cd` into the repository. `requires_cuda` marks GPU-only
-tests: they are skipped on a machine without CUDA (CI has none). Every test
-starts with torch's process-wide deterministic mode off, whatever the test
-before it (a run with --deterministic) left behind.
+user would after `cd` into the repository.
+
+Devices. Every test runs on the CPU unless it is marked `requires_cuda`: an
+autouse fixture makes torch.cuda.is_available() answer False for it, so on a
+machine with a GPU the CPU tests see the machine they were written for (train.py
+and eval.py default to the CPU and amp off there) instead of silently training
+on the GPU. `requires_cuda` tests (`python -m pytest -m requires_cuda` runs
+them all, as tests/gpu_check.py does) are skipped without CUDA (CI has none).
+
+Every test starts with torch's process-wide deterministic mode off, whatever
+the test before it (a run with --deterministic) left behind.
 """
 import os
 import sys
@@ -16,7 +23,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.cuda.is_available()  # read once, before any test pins the CPU
+requires_cuda = pytest.mark.requires_cuda
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_cuda: a GPU test, skipped without CUDA")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not CUDA:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "requires_cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A CPU test sees a machine without CUDA (see the module docstring), from the setup of its fixtures
+    (module-scoped ones too, such as a shared trained run) to their teardown. Subprocesses it starts pass
+    `--device cpu` or build their tensors on the CPU themselves."""
+    with pytest.MonkeyPatch.context() as patch:
+        if "requires_cuda" not in item.keywords:
+            patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture

@@ -572,6 +572,10 @@ def test_format_metrics():
 
 @requires_cuda
 def test_all_accumulators_on_cuda_match_cpu():
+    """The same batch through CPU and CUDA accumulators: the state stays on the GPU; counts and histograms are
+    integers (exact), and the float64 sums of per-pixel errors agree to their rounding (1e-6). A pixel whose
+    value lies within an ulp of a histogram bin or threshold edge could land on the other side on the other
+    device; with these random values that is too improbable to allow for."""
     gen = torch.Generator().manual_seed(2)
     for task in TASKS:
         pred, target = random_batch(task, 3, gen)
@@ -586,6 +590,7 @@ def test_all_accumulators_on_cuda_match_cpu():
 
 @requires_cuda
 def test_update_does_not_sync_with_host():
+    """Every accumulator's update under set_sync_debug_mode("error"): a blocking host-device call raises."""
     gen = torch.Generator().manual_seed(3)
     batches = {task: [x.cuda() for x in random_batch(task, 2, gen)] for task in TASKS}
     metrics = ev.metrics_for(TASKS)
