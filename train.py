@@ -24,6 +24,7 @@ import errno
 import math
 import os
 import random
+import sys
 import shutil
 import socket
 import time
@@ -932,6 +933,8 @@ def init_distributed(cfg):
 def leave_distributed():
     """The end of a torchrun run: release the process group (NCCL warns about a group left to the exit)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+        if sys.exc_info()[0] is None:  # a normal end: no rank tears its communicator down while another still
+            torch.distributed.barrier()  # talks to it (after an error the other ranks may never get here)
         torch.distributed.destroy_process_group()
 
 
