@@ -24,9 +24,9 @@ import errno
 import math
 import os
 import random
-import sys
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
