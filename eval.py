@@ -61,6 +61,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -1060,20 +1061,30 @@ def dataset_options(cfg):
     return options
 
 
-def write_text_atomic(text, path):
-    """Write a text file through a temporary file and a rename: a reader never sees half a file. The temporary
-    name carries the process id, so two processes never write into each other's; a failed write (a full disk)
-    removes it and leaves the previous file as it was."""
+def write_atomic(path, write):
+    """`write(tmp)` writes a temporary file, then a rename puts it at `path` (os.replace is atomic on POSIX):
+    a reader, or a run killed at any moment, sees the previous complete file or the new one, never half a
+    file. The temporary name carries the process id, so two processes never write into each other's; a failed
+    write (a full disk) removes it, leaves the previous file as it was, and is reported under `path`."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         remove_quietly(tmp)
-        if isinstance(e, OSError) and e.errno:  # named by the file it was writing, not the temporary
-            raise OSError(e.errno, os.strerror(e.errno), path) from None
+        # torch's file writer reports a full disk as a RuntimeError ("unexpected pos ..."): ask the disk
+        full = isinstance(e, RuntimeError) and shutil.disk_usage(os.path.dirname(path) or ".").free < 2**20
+        if full or (isinstance(e, OSError) and e.errno):
+            code = errno.ENOSPC if full else e.errno
+            raise OSError(code, os.strerror(code), path) from None
         raise
+
+
+def write_text_atomic(text, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
 def first_line(error):
@@ -1388,16 +1399,8 @@ def read_baseline_source(path, epoch, from_eval):
     if os.path.isdir(path):
         run = read_finished_run(path)
         return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
-    try:
-        with open(path) as f:
-            blob = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
-                         f"({type(e).__name__}: {e})") from None
-    key = "metrics" if "metrics" in blob else EPOCH_CHOICES[epoch]
-    if not isinstance(blob.get(key), dict):
-        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
-    return {"folder": path, "data": blob.get("data"), "numbers": blob[key]}
+    numbers, dataset = read_baseline_file(path, EPOCH_CHOICES[epoch])
+    return {"folder": path, "data": dataset, "numbers": numbers}
 
 
 def find_baselines(runs, named=None):
@@ -1889,24 +1892,30 @@ def write_report(report, checkpoint):
     print(f"wrote {path}")
 
 
-def read_baseline(path):
-    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json ("final"), checked to be
-    {task: {metric: number}}."""
+def read_baseline(path, key="final"):
+    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json (`key`: "final", or
+    "mean_last_10" for --compare's protocol), checked to be {task: {metric: number}}."""
+    return read_baseline_file(path, key)[0]
+
+
+def read_baseline_file(path, key="final"):
+    """(metrics, the dataset the file names or None) of a baseline's eval.json or metrics.json."""
     try:
         with open(path) as f:
             blob = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --baseline {path}: {e}") from None
-    metrics = next((blob[key] for key in ("metrics", "final") if isinstance(blob, dict) and key in blob), None)
+        raise SystemExit(f"error: cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
+                         f"({type(e).__name__}: {e})") from None
+    metrics = next((blob[k] for k in ("metrics", key) if isinstance(blob, dict) and k in blob), None)
     if metrics is None:
-        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor 'final' (metrics.json)")
+        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
     numbers = isinstance(metrics, dict) and all(
         isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                          for v in values.values()) for values in metrics.values())
     if not numbers:
         raise SystemExit(f"error: --baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
-                         f"'final', as eval.py and train.py write them")
-    return metrics
+                         f"'{key}', as eval.py and train.py write them")
+    return metrics, blob.get("data")
 
 
 

@@ -20,11 +20,9 @@ in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
-import errno
 import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -1115,21 +1113,9 @@ def checkpoint_state(run):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a run killed at any moment leaves either the previous
-    complete file or the new complete file, never a truncated one (os.replace is atomic on POSIX). The
-    temporary name carries the process id; a failed write (a full disk) removes it and names `path`."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        # torch's file writer reports a full disk as a RuntimeError ("unexpected pos ..."): ask the disk
-        full = isinstance(e, RuntimeError) and shutil.disk_usage(os.path.dirname(path) or ".").free < 2**20
-        evaluation.remove_quietly(tmp)
-        if full or (isinstance(e, OSError) and e.errno):  # named by the file it was writing, not the temporary
-            code = errno.ENOSPC if full else e.errno
-            raise OSError(code, os.strerror(code), path) from None
-        raise
+    """torch.save through a temporary file and a rename (eval.write_atomic): a run killed at any moment
+    leaves either the previous complete checkpoint or the new one, never a truncated one."""
+    evaluation.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def finish(run, format_rows, yardstick=None):

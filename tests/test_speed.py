@@ -222,14 +222,12 @@ def test_data_on_device_refuses_per_sample_augmented_data(capsys):
     assert "--data-on-device" in capsys.readouterr().err
 
 
-def test_compile_compiles_once_per_batch_shape_not_per_step(tmp_path, monkeypatch):
-    """torch.compile with a counting backend (eager execution, so no C++ compiler is needed): 5 samples in
-    batches of 2, 2, 1 compile one graph for batch 2 and one more when the smaller last batch arrives; the
-    second epoch compiles nothing new. The loop is what matters here, so the model is the plain multi-task
-    SegNet ("split"), which dynamo traces in half the time of MTAN (same result: 2 graphs, then none)."""
+def count_graphs_per_epoch(monkeypatch, epoch_function):
+    """Compile with dynamo's counting backend and return a list that receives, after each call of
+    train.<epoch_function>, the number of graphs compiled so far."""
     from torch._dynamo.testing import CompileCounter
 
-    counter, real_compile, real_epoch, frames = CompileCounter(), torch.compile, train.train_one_epoch, []
+    counter, real_compile, real_epoch, frames = CompileCounter(), torch.compile, getattr(train, epoch_function), []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
 
     def epoch_then_count(run, epoch):
@@ -237,7 +235,16 @@ def test_compile_compiles_once_per_batch_shape_not_per_step(tmp_path, monkeypatc
         frames.append(counter.frame_count)
         return result
 
-    monkeypatch.setattr(train, "train_one_epoch", epoch_then_count)
+    monkeypatch.setattr(train, epoch_function, epoch_then_count)
+    return frames
+
+
+def test_compile_compiles_once_per_batch_shape_not_per_step(tmp_path, monkeypatch):
+    """torch.compile with a counting backend (eager execution, so no C++ compiler is needed): 5 samples in
+    batches of 2, 2, 1 compile one graph for batch 2 and one more when the smaller last batch arrives; the
+    second epoch compiles nothing new. The loop is what matters here, so the model is the plain multi-task
+    SegNet ("split"), which dynamo traces in half the time of MTAN (same result: 2 graphs, then none)."""
+    frames = count_graphs_per_epoch(monkeypatch, "train_one_epoch")
     torch._dynamo.reset()
     try:
         train.main(TINY + ["--model", "split", "--subset", "5", "--epochs", "2", "--compile", "--out",
@@ -253,18 +260,8 @@ def test_compile_keeps_every_decathlon_domain_compiled(tmp_path, monkeypatch, on
     of 8, 8, 4, and 11 for the 10 official domains, past dynamo's default limit of 8, beyond which it runs the
     model eagerly without a word. The limit is lowered to 1 here to stand for that; wrap_for_training raises it
     to what the domains need, so all 3 graphs compile in the first epoch and the second compiles nothing new."""
-    from torch._dynamo.testing import CompileCounter
-
-    counter, real_compile, real_epoch, frames = CompileCounter(), torch.compile, train.train_decathlon_epoch, []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-
-    def epoch_then_count(run, epoch):
-        result = real_epoch(run, epoch)
-        frames.append(counter.frame_count)
-        return result
-
-    monkeypatch.setattr(train, "train_decathlon_epoch", epoch_then_count)
+    frames = count_graphs_per_epoch(monkeypatch, "train_decathlon_epoch")
     torch._dynamo.reset()
     try:
         train.main(["--model", "wrn-mtan", "--data", "synthetic-decathlon", "--tasks", "floor,walls", "--subset",
