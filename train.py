@@ -118,7 +118,9 @@ def upsample_to_label(pred, target):
     size = target.shape[-2:]
     if pred.shape[-2:] == size:
         return pred
-    return mtinet.upsample_to(pred, size)  # F.interpolate(bilinear), deterministic under --deterministic
+    # In fp32: under --amp bf16 the prediction is bf16, and the backward of a bf16 bilinear upsampling to the
+    # label size accumulates with bf16 atomics, many times slower (README, Performance). A no-op in fp32.
+    return mtinet.upsample_to(pred.float(), size)  # F.interpolate(bilinear), deterministic under --deterministic
 
 
 def multitask_losses(outputs, batch, loss_tasks, normal_loss):
@@ -279,7 +281,7 @@ def train_one_epoch(run, epoch):
     first_losses = torch.zeros_like(loss_sum)  # the first step's: check_finite's reference in the first epoch
     progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
     for step, batch in enumerate(batches):
-        losses, total = training_step(run, prepare_batch(run, batch, augment))
+        losses, total = run.step(prepare_batch(run, batch, augment))  # training_step, or its CUDA graph
         loss_sum += losses
         total_sum += total
         if step == 0:
@@ -325,6 +327,50 @@ def prepare_batch(run, batch, augment):
     return data.add_derived_targets(batch, run.loss_tasks)
 
 
+class CudaGraphStep:
+    """`training_step` recorded once as a CUDA graph and replayed for every batch of the same shape (the
+    default on a GPU; `--no-cuda-graph` turns it off).
+
+    Why: at the papers' batch sizes one step is a few thousand small kernels (MTAN, batch 2: about 2,800), and
+    Python launches them more slowly than the GPU runs them, so the GPU waits on the host most of the step. A
+    CUDA graph is the recorded sequence of those kernels with their arguments and memory addresses; one
+    `replay()` launches all of them (PyTorch docs, "CUDA Graphs", whole-network capture). What it asks for:
+    * fixed addresses: each batch is copied into `self.batch`, the tensors the graph reads, and the losses are
+      returned in the same output tensors every step (the loop adds them up before the next replay);
+    * nothing on the host inside the step: the optimiser is built with `capturable=True` and reads its
+      learning rate from a device tensor (set_learning_rate fills it in place), DWA's weights are a device buffer;
+    * static shapes: a smaller last batch runs eagerly instead.
+    The first steps run eagerly on a side stream, so that lazy initialisations and the optimiser's state exist
+    before the recording; recording runs nothing, so every batch is trained exactly once."""
+
+    def __init__(self, run, warmup=3):
+        self.run, self.warmup, self.graph, self.shapes = run, warmup, None, None
+
+    def __call__(self, batch):
+        shapes = {key: value.shape for key, value in batch.items()}
+        if self.graph is None and self.warmup > 0:  # eager warm-up steps, on a side stream
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = training_step(self.run, batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:  # record once
+            for group in self.run.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.run.device)
+            self.batch, self.shapes = {key: value.clone() for key, value in batch.items()}, shapes
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = training_step(self.run, self.batch)  # (K,) losses and the total, static
+        if shapes != self.shapes:  # a smaller last batch
+            return training_step(self.run, batch)
+        for key, value in batch.items():
+            self.batch[key].copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
 def evaluation_due(cfg, epoch):
     """Evaluate every `eval_every` epochs, and always after the last one."""
     return (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg)
@@ -353,7 +399,10 @@ def check_finite(run, losses, epoch, first_losses=None):
 
 def set_learning_rate(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):  # read by a CUDA graph (CudaGraphStep): the same tensor, a new value
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,6 +540,7 @@ DEFAULTS = dict(
     amp=None,  # None: bf16 (fp16 without bf16) on a GPU, off on a CPU
     channels_last=True,  # NHWC memory format: faster on CPU and GPU
     compile=False,  # torch.compile the model
+    cuda_graph=None,  # None: the training step as one CUDA graph wherever it applies (CudaGraphStep)
     fused=True,  # fused optimiser step (off only for the benchmark's baseline)
     workers=0,  # DataLoader worker processes
     data_on_device=False,  # hold the training split on the device
@@ -539,6 +589,8 @@ def build_optimizer(cfg, params, device, lr=None):
         # path handles that and is still one multi-tensor update.
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
                                foreach=True)
+    if cfg.get("cuda_graph") and device.type == "cuda":  # its step counters on the device (CudaGraphStep)
+        fused["capturable"] = True
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
 
 
@@ -559,6 +611,7 @@ class Run:
     train_set: object  # a dataset (the Decathlon: {domain: dataset})
     val_set: object
     train_tensors: dict = None  # --data-on-device: the training split stacked on the device
+    step: Callable = None  # training_step on a batch, or its CudaGraphStep
     start_epoch: int = 0  # epochs already done (a resumed run)
     history: list = field(default_factory=list)  # one log record per finished epoch
 
@@ -589,6 +642,8 @@ def setup_run(cfg, resume_from=None):
               scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
               train_set=train_set, val_set=val_set,
               train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
+    graph = cfg.get("cuda_graph") and device.type == "cuda"  # a GPU run resumed on a CPU continues eagerly
+    run.step = CudaGraphStep(run) if graph else lambda batch: training_step(run, batch)
     if resume_from is not None:
         try:
             run.model.load_state_dict(resume_from["model"])
@@ -1106,7 +1161,10 @@ def non_finite_samples(run, limit=3):
 def checkpoint_state(run):
     """Everything needed to continue exactly, in types `torch.load(weights_only=True)` accepts; `model_args`
     lets eval.py rebuild the model without train.py."""
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+    optimizer = run.optimizer.state_dict()
+    for group in optimizer["param_groups"]:  # a CUDA graph's device tensor -> a plain number
+        group["lr"] = float(group["lr"])
+    return {"model": run.model.state_dict(), "optimizer": optimizer,
             "weighting": run.weighting.state_dict(), "epoch": len(run.history), "config": run.cfg,
             "model_args": model_args(run.cfg), "history": run.history, "rng": {"torch": torch.get_rng_state()},
             "scaler": run.scaler.state_dict()}
@@ -1293,10 +1351,10 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     flops = forward_flops_per_image(run, batches[0])
     clock = evaluation.DeviceClock(device)
     for i in range(warmup):
-        training_step(run, batches[i % len(batches)])
+        run.step(batches[i % len(batches)])
     clock.start()
     for i in range(steps):
-        losses, _ = training_step(run, batches[(warmup + i) % len(batches)])
+        losses, _ = run.step(batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
@@ -1306,7 +1364,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     result = {"model": cfg["model"], "data": cfg["data"], "images_per_s": round(batch_size / median, 2),
               "ms_per_step": round(1000 * median, 2),
               **evaluation.speed_fields(cfg, device, batches[0]["image"]),
-              "compile": cfg["compile"], "gflops_per_image": round(flops / 1e9, 3),
+              "compile": cfg["compile"], "cuda_graph": isinstance(run.step, CudaGraphStep), "gflops_per_image": round(flops / 1e9, 3),
               "sync_every_step": sync_every_step, "fused_optimizer": cfg.get("fused", True),
               "world_size": world_size()}
     peak = peak_tflops(cfg, device)
@@ -1422,6 +1480,8 @@ def build_parser():
                        "format (default on: it is faster on CPU and GPU)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
                        "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
+    speed.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay the training step as one "
+                       "CUDA graph (default: on a GPU, without --compile, fp16 or torchrun)")
     speed.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes (default 0)")
     speed.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the "
                        "device (no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")
@@ -1456,6 +1516,11 @@ def resolve_config(args, parser):
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
         cfg["amp"] = evaluation.default_amp(cfg["device"])
+    graphable = (cfg["device"] == "cuda" and not cfg["compile"] and cfg["amp"] != "fp16" and family != "wrn"
+                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)  # fp16's loss scale is read on the host
+    if cfg["cuda_graph"] and not graphable:
+        parser.error("--cuda-graph needs --device cuda, a dense model, no --compile, no --amp fp16 and one process")
+    cfg["cuda_graph"] = graphable if cfg["cuda_graph"] is None else cfg["cuda_graph"]
     if cfg["data_on_device"] and (dataset == "pascal" or dataset in DECATHLON_DATASETS):
         parser.error(f"--data-on-device: the {dataset} training samples are augmented one by one (PASCAL) or "
                      f"kept per domain (Decathlon); it applies to the other dense datasets")
@@ -1549,7 +1614,7 @@ def resolve_task_weights(cfg, given, parser):
 
 
 # What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
-RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "eval_every", "peak_tflops")
+RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "cuda_graph", "eval_every", "peak_tflops")
 
 
 def resume_config(args, parser):

@@ -52,14 +52,17 @@ def test_a_gpu_user_gets_the_documented_configuration(monkeypatch, torch_flags):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     cfg = resolve()
-    assert (cfg["device"], cfg["amp"], cfg["channels_last"], cfg["fused"], cfg["compile"]) == \
-        ("cuda", "bf16", True, True, False)
-    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    assert (cfg["device"], cfg["amp"], cfg["channels_last"], cfg["fused"], cfg["compile"], cfg["cuda_graph"]) == \
+        ("cuda", "bf16", True, True, False, True)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     evaluation.configure_torch(cfg)
-    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert not torch.backends.cudnn.benchmark  # no autotuner: its trial workspaces would raise the peak memory
     assert not torch.are_deterministic_algorithms_enabled()
     adam = train.build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cuda"))
-    assert adam.defaults["fused"] is True
+    assert adam.defaults["fused"] is True and adam.defaults["capturable"] is True  # replayable by a CUDA graph
+    assert not resolve("--compile")["cuda_graph"] and not resolve("--amp", "fp16")["cuda_graph"]
     assert train.make_loader(range(4), cfg, 0, train=True).pin_memory  # host-to-GPU copies that do not block
     assert train.peak_tflops(cfg, torch.device("cuda")) == 989.0  # bf16 tensor cores: the MFU of --bench
     assert train.peak_tflops(resolve("--amp", "off"), torch.device("cuda")) == 494.0  # TF32
@@ -229,7 +232,8 @@ def test_deterministic_resume_is_exact_on_cuda(model, extra, tmp_path):
     log to the last bit. This holds only if every kernel of the run is deterministic, so the test also fails when
     torch warns that an op has no deterministic implementation (the stand-ins of max-unpooling, bilinear resizing
     and the 2-D cross entropy exist to avoid exactly that). It compares two runs on the same GPU, nothing else."""
-    flags = TINY + ["--model", model, "--device", "cuda", "--deterministic", "--seed", "3"] + extra
+    # --eval-every 1: the straight run evaluates epoch 1 as the 1-epoch run does, so the two logs can be compared
+    flags = TINY + ["--model", model, "--device", "cuda", "--deterministic", "--seed", "3", "--eval-every", "1"] + extra
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -247,3 +251,31 @@ def test_deterministic_resume_is_exact_on_cuda(model, extra, tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(f"{folder}/log.jsonl")]
 
     assert untimed(straight) == untimed(split)
+
+
+@requires_cuda
+@pytest.mark.parametrize("model,extra", [("mtan", ["--weighting", "dwa"]),
+                                         ("mtinet", ["--aux-tasks", "edge", "--weighting", "uncertainty"])])
+def test_cuda_graph_step_equals_the_eager_step(model, extra, torch_flags):
+    """train.CudaGraphStep replays the recorded step: the same batches through it and through eager steps, with a
+    learning-rate change and a smaller batch between the replays, give the same losses and weights to the bit
+    (deterministic kernels, so both sides run the same arithmetic in the same order)."""
+    outcomes = []
+    for graph in ("--cuda-graph", "--no-cuda-graph"):
+        cfg = resolve("--model", model, "--device", "cuda", "--deterministic", "--amp", "off", "--subset", "8",
+                      graph, *extra)
+        evaluation.configure_torch(cfg)
+        run = train.setup_run(cfg)
+        batches = [train.prepare_batch(run, b, None) for b in train.make_loader(run.train_set, cfg, 0, train=True)]
+        losses = []
+        for i in range(9):
+            if i == 6:
+                train.set_learning_rate(run.optimizer, 3e-3)
+            batch = {k: v[:1] for k, v in batches[0].items()} if i == 7 else batches[i % len(batches)]
+            losses.append(run.step(batch)[0].clone())
+        outcomes.append((torch.stack(losses), run.model.state_dict(), isinstance(run.step, train.CudaGraphStep)))
+    (graph_losses, graph_weights, graphed), (eager_losses, eager_weights, eager_graphed) = outcomes
+    assert graphed and not eager_graphed
+    assert torch.equal(graph_losses, eager_losses)
+    for key in eager_weights:
+        assert torch.equal(graph_weights[key], eager_weights[key]), key
