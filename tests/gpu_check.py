@@ -1,17 +1,20 @@
-"""The first session on a GPU, prepared: `python tests/gpu_check.py` (a few minutes on one GPU; synthetic data,
-nothing to download). pytest does not collect this file (its name does not start with test_).
+"""The GPU session, prepared: `python tests/gpu_check.py --profile --out DIR` (one GPU, synthetic data, nothing to
+download). pytest does not collect this file (its name does not start with test_).
 
-1. The CUDA tests: `python -m pytest -m requires_cuda tests` (no host sync in the training step, CUDA metrics and
-   augmentation equal the CPU's, --deterministic resumes to the bit, --bench's MFU).
-2. train.py --bench for MTAN at 288x384 (NYUv2's size) with batch 2 (the paper's) and 16, and MTI-Net with edges
-   as auxiliary task at 480x640 (NYUD's size) with batch 8: each with the defaults and against the plain eager
-   fp32 baseline of the official loops (--amp off --no-channels-last --sync-every-step --no-fused), and for
-   batch 2 and MTI-Net with --deterministic, to measure what the flag costs.
-3. eval.py --bench: the quickstart MTAN (one short epoch of training first) over 200 val scenes.
-4. One markdown table of it all, for the README's performance section, and gpu_check.json in --out.
-
-`python tests/gpu_check.py --device cpu --tiny` runs every step at tiny sizes on the CPU (tests/test_devices.py
-does, so the script cannot rot before a GPU arrives). The exit status is non-zero when a step failed."""
+1. The CUDA tests: `python -m pytest -m requires_cuda tests`, pytest's whole output kept in DIR/pytest.txt.
+2. train.py --bench for the README's GPU rows: MTAN at 288x384 (NYUv2's size) with batch 2 (the paper's) and 16,
+   MTI-Net at 480x640 (NYUD's size) with batch 8 and NYUD's tasks (semantic, depth), each with the defaults, in
+   fp32 NCHW, without the CUDA graph (`--no-cuda-graph`) and as the official loops run (the baseline: fp32 NCHW,
+   per-parameter Adam, every loss read every step, no graph); batch 2 also with --deterministic.
+3. --profile: the defaults of each row under torch.profiler (a schedule: 2 steps skipped, 5 recorded), the GPU's
+   busy time per step (the sum of its kernels) against the step's time, and the top kernels.
+4. --official BENCH_DIR: the official models of the same rows, timed by BENCH_DIR/bench.py (REF_MTAN_DIR and
+   REF_MTL_DIR name the official snapshots, see that folder's README).
+5. eval.py --bench: the quickstart MTAN (one short epoch of training first) over 200 val scenes.
+Every row goes to DIR/gpu_check.jsonl as soon as it is measured, so a cut run keeps what it had; the end prints
+one markdown table. `python tests/gpu_check.py --device cpu --tiny` runs every step at tiny sizes on the CPU
+(tests/test_devices.py does, so the script cannot rot between GPU sessions). The exit status is non-zero when
+a step failed."""
 import argparse
 import gc
 import json
@@ -31,22 +34,25 @@ import train  # noqa: E402
 
 SETTINGS = {
     "default": [],
+    "fp32": ["--amp", "off", "--no-channels-last"],  # the official precision and layout, with our step
+    "eager": ["--no-cuda-graph"],  # what the CUDA graph of the step buys
     # the official training loops: fp32 in NCHW, the per-parameter optimiser loop, every loss read every step
-    "baseline": ["--amp", "off", "--no-channels-last", "--sync-every-step", "--no-fused"],
+    "baseline": ["--amp", "off", "--no-channels-last", "--sync-every-step", "--no-fused", "--no-cuda-graph"],
     # the price of --deterministic: deterministic kernels and the stand-ins of mtan.py, mtinet.py, eval.py
     "deterministic": ["--deterministic"],
 }
-MTAN = ["--model", "mtan", "--width", "1"]
-MTINET = ["--model", "mtinet", "--aux-tasks", "edge"]
-ALL, FAST = ("default", "baseline", "deterministic"), ("default", "baseline")
-# (name, flags, --bench steps, settings): the sizes of the README's GPU rows, and the same steps at tiny sizes
+MTAN = ["--model", "mtan", "--width", "1", "--weighting", "equal"]  # the official script's equal weighting
+MTINET = ["--model", "mtinet", "--tasks", "semantic,depth"]  # NYUD's tasks, as the official NYUD config
+ALL, FAST = ("default", "fp32", "eager", "baseline", "deterministic"), ("default", "fp32", "eager", "baseline")
+# (name, flags, --bench steps, settings, the official bench.py case): the README's GPU rows, and tiny sizes
 BENCHES = {
-    "full": [("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "2"], 20, ALL),
-             ("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "16"], 10, FAST),
-             ("MTI-Net + edge aux", MTINET + ["--resolution", "480x640", "--batch-size", "8"], 10, ALL)],
-    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2, ALL),
-             ("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "4"], 2, FAST),
-             ("MTI-Net + edge aux", MTINET + ["--resolution", "64x64", "--batch-size", "2"], 2, ALL)],
+    "full": [("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "2"], 20, ALL, "mtan_b2_288x384_train"),
+             ("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "16"], 20, FAST, "mtan_b16_288x384_train"),
+             ("MTI-Net", MTINET + ["--resolution", "480x640", "--batch-size", "8"], 20, FAST,
+              "mtinet_b8_480x640_train")],
+    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2, ALL,
+              None),
+             ("MTI-Net", MTINET + ["--resolution", "64x64", "--batch-size", "2"], 2, FAST, None)],
 }
 # the quickstart (MTAN, width 0.25, 96x128, batch 8) trained for one short epoch, then its val split timed
 EVALUATION = {"full": (["--subset", "16"], ["--subset", "200", "--bench", "3"]),
@@ -54,20 +60,25 @@ EVALUATION = {"full": (["--subset", "16"], ["--subset", "200", "--bench", "3"]),
                        ["--subset", "4", "--bench", "2"])}
 
 
-def cuda_tests(device):
-    """Step 1 in a fresh process. On a CPU every selected test is skipped: what is checked is that the selection
-    still finds them."""
+def cuda_tests(device, out):
+    """Step 1 in a fresh process, its whole output in out/pytest.txt. On a CPU every selected test is skipped:
+    what is checked is that the selection still finds them."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "requires_cuda", "tests"], cwd=ROOT,
                           capture_output=True, text=True)
+    with open(os.path.join(out, "pytest.txt"), "w") as f:
+        f.write(done.stdout + done.stderr)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    print(f"requires_cuda tests: {summary}", flush=True)
+    print(f"requires_cuda tests: {summary} (the whole output: {out}/pytest.txt)", flush=True)
     if device == "cpu":
-        ok = done.returncode == 0 and " skipped" in summary and "passed" not in summary
-    else:
-        ok = done.returncode == 0 and " passed" in summary
-    if not ok:
-        print(done.stdout[-5000:] + done.stderr[-2000:])
-    return ok
+        return done.returncode == 0 and " skipped" in summary and "passed" not in summary
+    return done.returncode == 0 and " passed" in summary
+
+
+def record(out, row):
+    """Append one measured row to out/gpu_check.jsonl at once: a run cut short keeps every finished row."""
+    with open(os.path.join(out, "gpu_check.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def released(device):
@@ -77,20 +88,65 @@ def released(device):
         torch.cuda.empty_cache()
 
 
-def bench_rows(device, size):
+def bench_rows(device, size, out, profile, official):
     rows, ok = [], True
-    for name, flags, steps, settings_of_size in BENCHES[size]:
+    for name, flags, steps, settings_of_size, case in BENCHES[size]:
+        if official and case:
+            rows.append(record(out, official_row(name, case, official)))
         for settings in settings_of_size:
-            argv = ["--data", "synthetic", "--subset", "64", "--device", device, "--bench", str(steps)] + flags + \
-                SETTINGS[settings]
+            run_flags = ["--data", "synthetic", "--subset", "64", "--device", device] + flags + SETTINGS[settings]
+            argv = run_flags + ["--bench", str(steps)]
             try:
                 result = train.main(argv)
+                if profile and settings == "default":
+                    result.update(profiled(run_flags))
             except Exception as e:  # noqa: BLE001 (an out-of-memory batch must not hide the other rows)
                 print(f"FAILED: train.py {' '.join(argv)}: {type(e).__name__}: {e}", flush=True)
                 result, ok = {"error": f"{type(e).__name__}"}, False
-            rows.append({"kind": "train", "name": name, "settings": settings, "argv": argv, **result})
+            rows.append(record(out, {"kind": "train", "name": name, "settings": settings, "argv": argv, **result}))
             released(device)
     return rows, ok
+
+
+def profiled(run_flags, skipped=2, recorded=5):
+    """The GPU's busy time per step (the sum of its kernels' times) and the top kernels of `recorded` training
+    steps, under torch.profiler with a schedule (a few steps only: key_averages over many steps is slow)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    parser = train.build_parser()
+    cfg = train.resolve_config(parser.parse_args(run_flags + ["--out", tempfile.mkdtemp()]), parser)
+    run = train.setup_run(cfg)
+    loader = train.make_loader(run.train_set, cfg, 0, train=True)
+    batches = [train.prepare_batch(run, batch, None) for batch, _ in zip(loader, range(4))]
+    for i in range(5):  # warm-up (and the CUDA graph's recording)
+        run.step(batches[i % len(batches)])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=skipped, active=recorded)) as prof:
+        for i in range(skipped + recorded):
+            run.step(batches[i % len(batches)])
+            prof.step()
+    train.evaluation.synchronize(run.device)
+    device_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and
+               not e.key.startswith("ProfilerStep")]  # the step's own marker spans the whole step: not a kernel
+    kernels.sort(key=device_time, reverse=True)
+    return {"gpu_busy_ms_per_step": round(sum(map(device_time, kernels)) / 1000 / recorded, 2),
+            "kernels_per_step": sum(e.count for e in kernels) // recorded,
+            "top_kernels": [(e.key[:80], round(device_time(e) / 1000 / recorded, 2)) for e in kernels[:8]]}
+
+
+def official_row(name, case, folder):
+    """The official model of a row, timed by the official-code bench (BENCH_DEVICE=cuda, its RESULT line)."""
+    done = subprocess.run([sys.executable, os.path.join(folder, "bench.py"), case], cwd=folder, text=True,
+                          capture_output=True, env=dict(os.environ, BENCH_DEVICE="cuda"))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"kind": "official", "name": name, "settings": "official", "error": done.stderr[-300:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    return {"kind": "official", "name": name, "settings": "official", "batch_size": result["batch"],
+            "resolution": "x".join(map(str, result["input"][1:])), "ms_per_step": result["ms_per_step_median"],
+            "images_per_s": result["images_per_s"], "peak_mem_mb": result["peak_cuda_mb"]}
 
 
 def eval_row(device, size, out):
@@ -108,24 +164,23 @@ def eval_row(device, size, out):
 
 
 def table(rows):
-    lines = ["| model | settings | batch | resolution | images/s | ms/step | peak memory (MB) | MFU | vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    baseline = {}
+    """One markdown table; "speed-up" against the official code's row of the same size, else the baseline's."""
+    lines = ["| model | settings | batch | resolution | images/s | ms/step | GPU busy | peak memory (MB) | MFU | "
+             "speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    reference = {}
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | {row['settings']} | | | failed: {row['error']} | | | | |")
+            lines.append(f"| {row['name']} | {row['settings']} | | | failed: {row['error']} | | | | | |")
             continue
         key = (row["name"], row["batch_size"], row["resolution"])
-        if row["settings"] == "baseline":
-            baseline[key] = row["images_per_s"]
+        if row["settings"] == "official" or (row["settings"] == "baseline" and key not in reference):
+            reference[key] = row["images_per_s"]
         ms = row.get("ms_per_step", "-")  # the evaluation row times whole passes (images/s says it all)
         mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-"
+        busy = f"{100 * row['gpu_busy_ms_per_step'] / ms:.0f} %" if row.get("gpu_busy_ms_per_step") else "-"
+        speed_up = f"{row['images_per_s'] / reference[key]:.2f}x" if key in reference else ""
         lines.append(f"| {row['name']} | {row['settings']} | {row['batch_size']} | {row['resolution']} | "
-                     f"{row['images_per_s']} | {ms} | {row['peak_mem_mb']} | {mfu} | |")
-    for i, row in enumerate(rows):  # the defaults' speed-up, once both rows of a size are in
-        key = (row["name"], row.get("batch_size"), row.get("resolution"))
-        if row["settings"] != "baseline" and key in baseline and "error" not in row:
-            lines[2 + i] = lines[2 + i][:-1] + f"{row['images_per_s'] / baseline[key]:.2f}x |"
+                     f"{row['images_per_s']} | {ms} | {busy} | {row['peak_mem_mb']} | {mfu} | {speed_up} |")
     return "\n".join(lines)
 
 
@@ -133,7 +188,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: check the steps, not the speed")
-    parser.add_argument("--out", help="folder for the evaluation's run and gpu_check.json (default: a temporary one)")
+    parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
+                        "temporary one)")
+    parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
+    parser.add_argument("--official", metavar="BENCH_DIR", help="also time the official models with BENCH_DIR/bench.py")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (`--device cpu --tiny` checks the steps on the CPU)")
@@ -141,12 +199,10 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     size = "tiny" if args.tiny else "full"
     start = time.time()
-    tests_ok = cuda_tests(args.device)
-    rows, benches_ok = bench_rows(args.device, size)
+    tests_ok = cuda_tests(args.device, out)
+    rows, benches_ok = bench_rows(args.device, size, out, args.profile, args.official)
     row, eval_ok = eval_row(args.device, size, out)
-    rows.append(row)
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    rows.append(record(out, row))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{name}, torch {torch.__version__}, {time.time() - start:.0f} s (synthetic data; baseline: "
           f"{' '.join(SETTINGS['baseline'])}; the evaluation row: one pass over the split with its metrics)\n")

@@ -207,18 +207,19 @@ def test_augmented_batches_stay_channels_last(tmp_path):
 
 def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     """tests/gpu_check.py's every step (the CUDA tests' selection, the training and evaluation benchmarks, the
-    table), at tiny sizes on the CPU, so that the script works when a GPU arrives."""
+    profile, the table), at tiny sizes on the CPU, so that the script works when a GPU arrives."""
     done = subprocess.run([sys.executable, os.path.join("tests", "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                           "--profile", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("| model | settings"))):]
-    assert len(table) == 2 + 9  # header, rule, 8 training rows (3 sizes x default, baseline; 2 deterministic), eval
-    assert "requires_cuda tests:" in done.stdout
-    rows = json.loads(open(os.path.join(tmp_path, "gpu_check.json")).read())
-    assert [r["settings"] for r in rows[:3]] == ["default", "baseline", "deterministic"] and rows[-1]["kind"] == "eval"
-    assert all(r["images_per_s"] > 0 for r in rows)
+    assert len(table) == 2 + 10  # header, rule, 9 training rows (MTAN: 5 settings, MTI-Net: 4), the evaluation
+    assert "requires_cuda tests:" in done.stdout and "deselected" in open(tmp_path / "pytest.txt").read()
+    rows = [json.loads(line) for line in open(tmp_path / "gpu_check.jsonl")]  # written row by row
+    assert [r["settings"] for r in rows[:5]] == ["default", "fp32", "eager", "baseline", "deterministic"]
+    assert rows[-1]["kind"] == "eval" and all(r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["kernels_per_step"] == 0 and not rows[1].get("top_kernels")  # profiled: the defaults only (CPU: no kernels)
 
 
 # ---- CUDA -------------------------------------------------------------------------------------------------
