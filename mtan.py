@@ -1,7 +1,7 @@
 """
 MTAN: "End-to-End Multi-Task Learning with Attention" (Liu, Johns, Davison, CVPR 2019), in plain PyTorch.
 
-Every network of the paper's experiments, in the order a reader needs them:
+Every network of the paper's experiments, in the order a reader needs them, then an appendix:
 
     1. building blocks   ConvLayer, Stage, PredictionHead, TaskHeads, AttentionMask, SharedConv
     2. SegNetBackbone    VGG-16 encoder + mirrored decoder, max-pool with indices / max-unpool
@@ -10,11 +10,12 @@ Every network of the paper's experiments, in the order a reader needs them:
     5. DenseSegNet, CrossStitchSegNet      the remaining baselines of the paper's Tables 2 and 3
     6. WideResNetMTAN    WRN-28-4 + attention for the Visual Decathlon (Table 4)
     7. ResNetDilated, DeepLabHead, MTANDeepLabv3, DeepLabv3      dilated ResNet-50 + DeepLabv3 heads
+    Appendix             unpool_by_gather, DeterministicBilinear: stand-ins for --deterministic on a GPU
 
-Every model is `Model(tasks, ...)`, `tasks` an ordered dict name -> output channels, e.g.
-{"semantic": 13, "depth": 1, "normal": 3}, and `forward(x)` returns a dict name -> (B, C, H, W) prediction
-at the input resolution: "semantic" gives logits, "normal" unit vectors, anything else raw values.
-`width` multiplies every channel count: 1.0 is the paper (and its parameter counts), 0.25 a quick CPU toy.
+Every model is `Model(tasks, ...)`, `tasks` an ordered dict name -> output channels, e.g. {"semantic": 13,
+"depth": 1, "normal": 3}, and `forward(x)` returns a dict name -> (B, C, H, W) prediction at the input
+resolution: "semantic" gives logits, "normal" unit vectors, anything else raw values. `width` multiplies every
+channel count: 1.0 is the paper (and its parameter counts), 0.25 a quick CPU toy.
 
 The idea (paper Fig. 2). A shared network learns features useful to all tasks. Each task i owns a chain of
 small attention modules that, at every stage j, softly selects the shared features it wants:
@@ -45,7 +46,7 @@ official code only loosely; the exact wiring, which this file follows, is asymme
     Decoder: bilinear x2 upsampling (align_corners=True) and f come *first*, and the mask reads the unpooled
     tensor up_j entering the shared stage, not a conv output. Both multiply the stage's last conv output p_j.
 
-Section 7 is not in the paper. The official repository later added MTAN on a dilated ResNet-50 with DeepLabv3
+Section 7 is not in the paper. The official repository also holds MTAN on a dilated ResNet-50 with DeepLabv3
 heads (lorenmt/mtan, im2im_pred/model_resnet_mtan/resnet_mtan.py, class MTANDeepLabv3), and MTI-Net's code
 (SimonVandenhende/Multi-Task-Learning-PyTorch, models/models.py) uses the same backbone and head for its
 single-task and multi-task baselines (DeepLabv3 here). The ResNet-50 is written out with torchvision's module
@@ -54,8 +55,8 @@ stages trade stride for dilation (output stride 8: 1/8 resolution features, same
 task reads them through its own DeepLabv3 head (atrous spatial pyramid pooling, Chen et al. 2017).
 
 Deviations from the official code (lorenmt/mtan), each repeated where it happens:
-  * heads return logits for "semantic" (official: log_softmax; here the loss does it) and normalise
-    normals with an epsilon (official: none);
+  * heads return logits for "semantic" (official: log_softmax; here the loss does it) and normalise normals
+    with an epsilon (official: none);
   * no `logsigma` uncertainty parameters: they belong to the loss weighting (train.py), so parameter counts
     are the official ones minus 3;
   * any task names and channel counts instead of three hard-coded tasks, and a `width` multiplier;
@@ -63,8 +64,8 @@ Deviations from the official code (lorenmt/mtan), each repeated where it happens
   * DenseSegNet drops a decoder block whose output the official code never uses;
   * WideResNetMTAN returns logits (official: softmax probabilities, then log(p + 1e-20) in the loss);
   * the ResNet models start from random weights (official: ImageNet weights downloaded in the constructor);
-    load them with `model.backbone.load_torchvision(path)`. The official MTANDeepLabv3 has no logsigma, so
-    its count, 92,347,921 for the three NYUv2 tasks, is matched exactly.
+    load them with `model.backbone.load_torchvision(path)`. The official MTANDeepLabv3 has no logsigma, so its
+    count, 92,347,921 for the three NYUv2 tasks, is matched exactly.
 """
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -92,14 +93,14 @@ def check_tasks(tasks: Dict[str, int]) -> Dict[str, int]:
 
 
 def check_input(x: torch.Tensor, multiple: int = 32, why: str = "five 2x2 poolings") -> None:
-    """SegNet pools five times by 2 and unpools back, so H and W must be multiples of 32 (MTAN-DeepLabv3: 8)."""
+    """SegNet pools five times by 2 and unpools back: H and W must be multiples of 32 (MTAN-DeepLabv3: 8)."""
     if x.dim() != 4 or x.shape[-2] % multiple or x.shape[-1] % multiple:
         raise ValueError(f"expected a (B, 3, H, W) input with H and W divisible by {multiple} ({why}), "
                          f"got shape {tuple(x.shape)}")
 
 
 def init_official(model: nn.Module, uniform: bool = False) -> None:
-    """Official init: xavier_normal_ convs (xavier_uniform_ for Dense and Cross-stitch), zero biases, BN 1/0."""
+    """Official init: xavier_normal_ convs (Dense and Cross-stitch: xavier_uniform_), zero biases, BN 1/0."""
     xavier = nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -110,112 +111,7 @@ def init_official(model: nn.Module, uniform: bool = False) -> None:
             nn.init.zeros_(m.bias)
 
 
-# Deterministic stand-ins, for train.py --deterministic on a GPU. torch has no deterministic CUDA kernel for
-# three ops these models use: max_unpool2d (a scatter), and the backward of bilinear interpolation and of adaptive
-# average pooling (atomic adds, whose order changes from run to run); torch.use_deterministic_algorithms can only
-# warn about them. When that mode is on and the tensor is on a GPU, the models call the equivalents below, made
-# of gathers and sums in a fixed order. Otherwise (every normal run, and every CPU run, whose kernels are
-# deterministic) they call torch's own kernels.
-
-
-def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """F.max_unpool2d(x, indices, 2, 2); on a GPU in deterministic mode unpool_by_gather, the same values. (torch
-    flags its CPU kernel too, but there each value is written by one thread: with windows that never collide,
-    the result cannot depend on their order.)"""
-    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return unpool_by_gather(x, indices)
-    return F.max_unpool2d(x, indices, 2, 2)
-
-
-def unpool_by_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """max_unpool2d without a scatter: a 2x2 pool with stride 2 sends each value back into its own 2x2 window,
-    so every output position either holds the one value whose index names it or is zero."""
-    B, C, h, w = x.shape
-
-    def spread(t):  # (B, C, h, w) -> (B, C, 2h, 2w): each value copied to its 2x2 window
-        return t[:, :, :, None, :, None].expand(B, C, h, 2, w, 2).reshape(B, C, 2 * h, 2 * w)
-
-    position = torch.arange(4 * h * w, device=x.device).view(2 * h, 2 * w)  # the flat index max_pool2d records
-    return torch.where(spread(indices) == position, spread(x), 0)
-
-
-def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners); on a GPU in deterministic mode with
-    a backward without atomic adds (DeterministicBilinear)."""
-    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return DeterministicBilinear.apply(x, tuple(size), align_corners)
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
-class DeterministicBilinear(torch.autograd.Function):
-    """torch's bilinear forward (the same values), and a backward in which each input row, then column, gathers
-    the output rows that read it, weighted as they read it, and sums them in a fixed order. Per axis that reads
-    about twice the output's size: the cost of torch's own backward, without its atomic adds."""
-
-    @staticmethod
-    def forward(ctx, x, size, align_corners):
-        ctx.resize = (x.shape[-2:], size, align_corners)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h, w), (out_h, out_w), align_corners = ctx.resize
-        rows = transposed_interpolation(grad.float(), 2, h, out_h, align_corners)     # (B, C, h, W_out)
-        return transposed_interpolation(rows, 3, w, out_w, align_corners).to(grad.dtype), None, None
-
-
-def transposed_interpolation(grad: torch.Tensor, dim: int, n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
-    """sum_j A[j, i] * grad[j] along `dim` (n_out -> n_in) for the interpolation weights A of that axis, reading
-    for each i only the K output rows j of its band (A is zero outside it)."""
-    rows, weights = interpolation_band(n_in, n_out, align_corners, grad.device)   # (n_in, K) each
-    picked = grad.index_select(dim, rows.flatten()).unflatten(dim, rows.shape)    # (..., n_in, K, ...)
-    return (picked * weights.view(rows.shape + (1,) * (grad.dim() - dim - 1))).sum(dim + 1)
-
-
-_BANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def interpolation_band(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For every input index i, the K output indices that read it and their weights (0 past its band): built on
-    the CPU from interpolation_weights, once per size and device (no copy, so no wait, in later steps)."""
-    key = (n_in, n_out, align_corners, str(device))
-    if key not in _BANDS:
-        a = interpolation_weights(n_in, n_out, align_corners)                     # (n_out, n_in)
-        reads = a.T != 0                                                          # (n_in, n_out)
-        j = torch.arange(n_out)
-        first = torch.where(reads, j, n_out).min(1).values.clamp(max=n_out - 1)
-        last = torch.where(reads, j, -1).max(1).values
-        k = torch.arange(max(int((last - first).max()) + 1, 1))
-        rows = (first[:, None] + k).clamp(max=n_out - 1)                          # (n_in, K)
-        weights = a.T.gather(1, rows) * (first[:, None] + k <= last[:, None])
-        _BANDS[key] = rows.to(device), weights.to(device)
-    return _BANDS[key]
-
-
-def interpolation_weights(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
-    """(n_out, n_in) weights of linear interpolation along one axis, with torch's source positions: i * (n_in - 1)
-    / (n_out - 1) with align_corners, else (i + 0.5) * n_in / n_out - 0.5 clamped at 0; two neighbours each."""
-    i = torch.arange(n_out, dtype=torch.float32)
-    if align_corners:
-        source = i * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-    else:
-        source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    first = source.floor().clamp(max=n_in - 1)
-    weight = (source - first)[:, None]                                  # the second neighbour's share
-    j = torch.arange(n_in, dtype=torch.float32)
-    return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
-
-
-class GlobalAveragePool(nn.Module):
-    """nn.AdaptiveAvgPool2d(1); on a GPU in deterministic mode a mean, whose backward spreads without atomics."""
-
-    def forward(self, x):
-        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-            return x.mean((2, 3), keepdim=True)
-        return F.adaptive_avg_pool2d(x, 1)
-
-
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. Building blocks
 
 
@@ -234,7 +130,7 @@ class ConvLayer(nn.Module):
 
 
 def conv_layers(channels: Sequence[int], deep: bool = False) -> nn.Sequential:
-    """ConvLayers through `channels`: [3, 64, 64] gives 3->64, 64->64. `deep` doubles each one (Split Deep)."""
+    """ConvLayers through `channels`, [3, 64, 64]: 3->64, 64->64. `deep` doubles each one (Split Deep)."""
     layers = []
     for cin, cout in zip(channels[:-1], channels[1:]):
         layers.append(ConvLayer(cin, cout))
@@ -246,8 +142,8 @@ def conv_layers(channels: Sequence[int], deep: bool = False) -> nn.Sequential:
 class Stage(nn.Module):
     """One SegNet stage, e.g. channels [128, 256, 256, 256]: three ConvLayers at one resolution.
 
-    Returns the first layer's output u (MTAN's mask input in the encoder) and the last one's p (the
-    feature the mask multiplies). With `deep` (Split Deep) every layer is doubled, `first` included."""
+    Returns the first layer's output u (MTAN's mask input in the encoder) and the last one's p (the feature
+    the mask multiplies). With `deep` (Split Deep) every layer is doubled, `first` included."""
 
     def __init__(self, channels: Sequence[int], deep: bool = False):
         super().__init__()
@@ -267,8 +163,8 @@ class PredictionHead(nn.Sequential):
 
 
 def activate(task: str, y: torch.Tensor) -> torch.Tensor:
-    """Output convention by task name. "semantic" stays logits: the official code returns log_softmax, we leave
-    that to the loss (cross_entropy = log_softmax + nll, identical maths). "normal" becomes unit vectors; the
+    """Output convention by task name. "semantic" stays logits: the official code returns log_softmax, the
+    loss does it here (cross_entropy = log_softmax + nll, identical maths). "normal" becomes unit vectors; the
     official code divides by the norm with no epsilon (NaN on a zero vector), F.normalize clamps it."""
     if task == "normal":
         return F.normalize(y, p=2, dim=1, eps=1e-12)
@@ -306,8 +202,8 @@ class SharedConv(ConvLayer):
     independently, so this is the same maths with T times fewer kernel launches. BatchNorm is the catch: in
     train mode it normalises with the statistics of its batch, and the stacked batch would mix the tasks'
     statistics and update the running averages once instead of T times. So in train mode BN runs per task
-    chunk, exactly as the official loop does (same batch statistics, same sequential running-stat updates);
-    in eval mode BN is a fixed per-channel affine map and runs on the whole stack."""
+    chunk, exactly as the official loop does (same batch statistics, same sequential running-stat updates); in
+    eval mode BN is a fixed per-channel affine map and runs on the whole stack."""
 
     def forward(self, x, num_tasks: int = 1):
         y = self.conv(x)                                                # (T*B, C_out, H, W)
@@ -318,7 +214,7 @@ class SharedConv(ConvLayer):
         return F.relu(y, inplace=True)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. SegNet: the shared encoder-decoder (paper Sec. 3.1; Badrinarayanan et al. 2017)
 
 
@@ -345,7 +241,7 @@ class Encoded(NamedTuple):
 
 class Decoded(NamedTuple):
     unpooled: List[torch.Tensor]  # up_j: unpooled tensor entering stage j   (B, C_in, H/2^(4-j), W/2^(4-j))
-    last: List[torch.Tensor]      # p_j: output of its last conv               (B, C_out, H/2^(4-j), W/2^(4-j))
+    last: List[torch.Tensor]      # p_j: output of its last conv             (B, C_out, H/2^(4-j), W/2^(4-j))
 
 
 class SegNetEncoder(nn.Module):
@@ -367,6 +263,15 @@ class SegNetEncoder(nn.Module):
             for lst, t in zip(out, (u, p, x, idx)):                     # out.first.append(u), ...
                 lst.append(t)
         return out
+
+
+def max_unpool(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """F.max_unpool2d(x, indices, 2, 2); on a GPU in deterministic mode unpool_by_gather (appendix), the same
+    values. (torch flags its CPU kernel too, but there each value is written by one thread: with windows that
+    never collide, the result cannot depend on their order.)"""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return unpool_by_gather(x, indices)
+    return F.max_unpool2d(x, indices, 2, 2)
 
 
 class SegNetDecoder(nn.Module):
@@ -403,7 +308,7 @@ class SegNetBackbone(nn.Module):
         return enc, self.decoder(enc.pooled[-1], enc.indices, dec_side)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. One Task and Split (paper Sec. 4.1, baselines)
 
 
@@ -430,8 +335,16 @@ class SegNet(nn.Module):
         return self.heads(dec.last[-1])                                 # heads read (B, 64, H, W)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. MTAN (paper Sec. 3, Fig. 2)
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """F.interpolate(x, size, mode="bilinear", align_corners=align_corners); on a GPU in deterministic mode
+    with a backward without atomic adds (DeterministicBilinear, appendix)."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return DeterministicBilinear.apply(x, tuple(size), align_corners)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 class TaskAttention(nn.Module):
@@ -452,8 +365,8 @@ class MTAN(nn.Module):
     44,229,076 with logsigma). One task gives STAN, the paper's single-task attention baseline.
 
     forward(x, return_attention=True) also returns dict task -> its ten masks in order encoder stages 0-4
-    (full resolution first), then decoder stages 0-4 (coarsest first); attention[task][0] is the
-    (B, 64, H, W) first encoder mask shown in the paper's Fig. 5."""
+    (full resolution first), then decoder stages 0-4 (coarsest first); attention[task][0] is the (B, 64, H, W)
+    first encoder mask shown in the paper's Fig. 5."""
 
     def __init__(self, tasks: Dict[str, int], width: float = 1.0):
         super().__init__()
@@ -478,9 +391,9 @@ class MTAN(nn.Module):
         prev = [None] * T                           # x_(j-1) per task; stage 0's mask sees u_0 alone
         for j in range(5):
             u, p = enc.first[j], enc.last[j]        # (B, C_j, H/2^j, W/2^j)
-            a = [chain.encoder[j](u if x_ is None else torch.cat([u, x_], dim=1))   # Eq. (2), per task:
-                 for chain, x_ in zip(chains, prev)]                                # T x (B, C_j, H/2^j, W/2^j)
-            h = torch.cat([a_t * p for a_t in a])   # Eq. (1), tasks stacked on the batch: (T*B, C_j, H/2^j, W/2^j)
+            a = [chain.encoder[j](u if x_ is None else torch.cat([u, x_], dim=1))
+                 for chain, x_ in zip(chains, prev)]    # Eq. (2), per task: T x (B, C_j, H/2^j, W/2^j)
+            h = torch.cat([a_t * p for a_t in a])   # Eq. (1), task-stacked batch: (T*B, C_j, H/2^j, W/2^j)
             h = F.max_pool2d(self.enc_f[j](h, T), 2, 2)                 # (T*B, C_(j+1), H/2^(j+1), W/2^(j+1))
             prev = h.chunk(T)
             self._record(masks, a)
@@ -503,7 +416,7 @@ class MTAN(nn.Module):
             masks[name].append(a_t)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 5. Dense and Cross-stitch (paper Sec. 4.1, baselines)
 
 
@@ -525,7 +438,8 @@ class DenseSegNet(nn.Module):
         self.shared = SegNetBackbone(encoder_plan(w), decoder_plan(w)[:-1])   # without the dead last block
         # task networks: every stage input is doubled by the shared features, except the image input
         enc = [p if j == 0 else [2 * p[0]] + p[1:] for j, p in enumerate(encoder_plan(w))]
-        dec = [[2 * p[0]] + p[1:] for p in decoder_plan(w)[:-1]] + [[2 * w[0], 2 * w[0], w[0]]]   # 128->128->64
+        dec = [[2 * p[0]] + p[1:] for p in decoder_plan(w)[:-1]]
+        dec += [[2 * w[0], 2 * w[0], w[0]]]                             # the last stage: 128->128->64
         self.task_nets = nn.ModuleDict({name: SegNetBackbone(enc, dec) for name in self.tasks})
         self.heads = TaskHeads(self.tasks, w[0])
         init_official(self, uniform=True)
@@ -550,16 +464,17 @@ def stitch(weights: torch.Tensor, tensors: List[torch.Tensor]) -> torch.Tensor:
 class CrossStitchSegNet(nn.Module):
     """Cross-stitch network (Misra et al. 2016) on SegNet: one full SegNet per task, mixed between stages.
 
-    As the official code (not the original paper): one weight vector per layer, shared by all receiving tasks,
-    so every task receives the *same* mix sum_t w_t * x_t; weights start at 1 (a sum, not an average) and are
-    unconstrained. alpha (4, T) mixes the pooled outputs of encoder stages 0-3, beta (5, T) the inputs of
-    decoder stages 0-4, which each task then unpools with its *own* indices (official cs_unit_encoder/decoder)."""
+    As the official code (cs_unit_encoder/decoder; not the original paper): one weight vector per layer,
+    shared by all receiving tasks, so every task receives the *same* mix sum_t w_t * x_t; weights start at 1
+    (a sum, not an average) and are unconstrained. alpha (4, T) mixes the pooled outputs of encoder stages
+    0-3, beta (5, T) the inputs of decoder stages 0-4, which each task unpools with its *own* indices."""
 
     def __init__(self, tasks: Dict[str, int], width: float = 1.0):
         super().__init__()
         self.tasks = check_tasks(tasks)
         w = scaled_widths(width)
-        self.nets = nn.ModuleDict({name: SegNetBackbone(encoder_plan(w), decoder_plan(w)) for name in self.tasks})
+        self.nets = nn.ModuleDict({name: SegNetBackbone(encoder_plan(w), decoder_plan(w))
+                                   for name in self.tasks})
         self.alpha = nn.Parameter(torch.ones(4, len(self.tasks)))
         self.beta = nn.Parameter(torch.ones(5, len(self.tasks)))
         self.heads = TaskHeads(self.tasks, w[0])
@@ -569,7 +484,7 @@ class CrossStitchSegNet(nn.Module):
         check_input(x)
         nets = list(self.nets.values())
         indices = [[] for _ in nets]
-        mixed = x                                                       # stage 0 of every network sees the image
+        mixed = x                                                       # all networks' stage 0 sees the image
         for j in range(5):
             pooled = []
             for net, idx in zip(nets, indices):
@@ -586,10 +501,10 @@ class CrossStitchSegNet(nn.Module):
         return self.heads(dict(zip(self.tasks, outs)))
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. Visual Decathlon: WRN-28-4 with MTAN (paper Sec. 4.2, Table 4)
 
-# Domains and class counts in the official order, for `WideResNetMTAN(list(DECATHLON.values()), list(DECATHLON))`.
+# Domains and class counts, official order: `WideResNetMTAN(list(DECATHLON.values()), list(DECATHLON))`.
 DECATHLON = {"imagenet12": 1000, "aircraft": 100, "cifar100": 100, "daimlerpedcls": 2, "dtd": 47, "gtsrb": 43,
              "omniglot": 1623, "svhn": 10, "ucf101": 101, "vgg-flowers": 102}
 
@@ -611,8 +526,9 @@ class WideBasic(nn.Module):
 
 
 def wide_group(cin: int, cout: int, num_blocks: int) -> nn.Sequential:
-    """num_blocks WideBasic blocks; the first changes the width and, in all three groups, halves the resolution."""
-    blocks = [WideBasic(cin, cout, stride=2)] + [WideBasic(cout, cout, stride=1) for _ in range(num_blocks - 1)]
+    """num_blocks WideBasic blocks; the first changes the width and (in all three groups) halves the size."""
+    blocks = [WideBasic(cin, cout, stride=2)]
+    blocks += [WideBasic(cout, cout, stride=1) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
 
 
@@ -621,9 +537,9 @@ class WideResNetMTAN(nn.Module):
     10,237,656 parameters. forward(x, domain) runs the backbone and *only* that domain's chain.
 
     Attention as in the SegNet encoder with one difference: the mask input and the gated feature are the same
-    tensor (a group's output). Official quirks kept: stride 2 in all three groups (layer1 too), so a 72x72 image
-    gives 36, 18, 9 pixel maps; the final BN has momentum 0.9; the classifier averages an 8x8 window of the 9x9
-    map (only its top-left corner); PyTorch default init (the official init function is never called), no dropout.
+    tensor (a group's output). Official quirks kept: stride 2 in all three groups (layer1 too), so 72x72
+    images give 36, 18, 9 pixel maps; the final BN has momentum 0.9; the classifier averages an 8x8 window of
+    the 9x9 map (only its top-left corner); default init (the official one is never called), no dropout.
     Deviation: returns logits; the official code returns softmax probabilities and takes log(p + 1e-20) in its
     loss, which is cross-entropy on the logits up to that clamp."""
 
@@ -638,7 +554,8 @@ class WideResNetMTAN(nn.Module):
         self.conv1 = nn.Conv2d(3, w[0], 3, padding=1)
         self.groups = nn.ModuleList(wide_group(w[g], w[g + 1], n) for g in range(3))
         self.bn = nn.BatchNorm2d(w[3], momentum=0.9)
-        self.shared_f = nn.ModuleList(ConvLayer(a, b) for a, b in zip(w, w[1:] + w[-1:]))   # 16->64, ..., 256->256
+        # f_j: 16->64, 64->128, 128->256, 256->256
+        self.shared_f = nn.ModuleList(ConvLayer(a, b) for a, b in zip(w, w[1:] + w[-1:]))
         enc_in = [w[0]] + [2 * c for c in w[1:]]
         self.attention = nn.ModuleList(
             nn.ModuleList(AttentionMask(i, c) for i, c in zip(enc_in, w)) for _ in num_classes)
@@ -647,8 +564,9 @@ class WideResNetMTAN(nn.Module):
     def forward(self, x, domain: Union[int, str]) -> torch.Tensor:
         k = self.domains.index(domain) if isinstance(domain, str) else domain
         if x.dim() != 4 or any(s % 8 or not 64 <= s < 128 for s in x.shape[-2:]):
-            raise ValueError(f"expected a (B, 3, H, W) input with H and W multiples of 8 in 64..120 (72 in the "
-                             f"paper: three stride-2 stages and an 8x8 average pool), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected a (B, 3, H, W) input with H and W multiples of 8 in 64..120 (72 in "
+                             f"the paper: three stride-2 stages and an 8x8 average pool), "
+                             f"got shape {tuple(x.shape)}")
         g = [self.conv1(x)]                                             # (B, 16, 72, 72)
         for group in self.groups:                                       # (B, 64, 36, 36), (B, 128, 18, 18),
             g.append(group(g[-1]))                                      # (B, 256, 9, 9)
@@ -663,7 +581,7 @@ class WideResNetMTAN(nn.Module):
         return self.classifiers[k](h)                                   # (B, classes_k) logits
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 7. Dilated ResNet-50 and DeepLabv3 heads (not in the paper; official lorenmt/mtan
 #    im2im_pred/model_resnet_mtan/ and SimonVandenhende/Multi-Task-Learning-PyTorch models/)
 #
@@ -675,14 +593,14 @@ class WideResNetMTAN(nn.Module):
 #      layer4   3 Bottlenecks, dilation 4          (B, 2048, H/8, W/8)    torchvision: stride 2, H/32
 #      DeepLabHead per task                        (B, C, H/8, W/8)  -> bilinear to (B, C, H, W)
 
-# ResNet-50's blocks per layer and the bottleneck widths ("planes") of layer1..layer4; a block outputs 4x planes.
+# ResNet-50's blocks per layer and bottleneck widths ("planes") of layer1..layer4; a block outputs 4x planes.
 RESNET50_BLOCKS = (3, 4, 6, 3)
 RESNET50_PLANES = (64, 128, 256, 512)
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50's residual block (He et al. 2016, Fig. 5 right), as torchvision builds it: 1x1 conv narrows to
-    `planes`, 3x3 conv works there, 1x1 conv widens to 4 * planes; the input is added back, through
+    """ResNet-50's residual block (He et al. 2016, Fig. 5 right), as torchvision builds it: 1x1 conv narrows
+    to `planes`, 3x3 conv works there, 1x1 conv widens to 4 * planes; the input is added back, through
     `downsample` (1x1 conv + BN) when the shape changes. The stride sits on the 3x3 conv (torchvision's
     "ResNet v1.5"), convs have no bias (BN follows), and the attribute names are torchvision's, so its weights
     load: conv1, bn1, conv2, bn2, conv3, bn3, downsample.0 (conv), downsample.1 (BN)."""
@@ -780,7 +698,7 @@ class ResNetDilated(nn.Module):
     def forward(self, x):
         x = self.stem(x)                                                # (B, 64, H/4, W/4)
         for layer in self.layers():
-            x = layer(x)                        # (B, 256, H/4, W/4), then 512, 1024, 2048 channels at H/8, W/8
+            x = layer(x)                        # (B, 256, H/4, W/4), then (B, 512 / 1024 / 2048, H/8, W/8)
         return x
 
     def forward_stages(self, x) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -795,10 +713,10 @@ class ResNetDilated(nn.Module):
         return out
 
     def load_torchvision(self, source: Union[str, os.PathLike, Dict[str, torch.Tensor]]) -> List[str]:
-        """Load a torchvision ResNet-50 state dict (a dict, or the path of a file such as resnet50-0676ba61.pth
-        or resnet50-11ad3fa6.pth). Every backbone tensor must be there (strict); the classifier fc.weight and
-        fc.bias have no place in a backbone and are skipped. Returns the skipped keys. (Old files saved before
-        BN counted its batches lack num_batches_tracked; BatchNorm fills it in.)"""
+        """Load a torchvision ResNet-50 state dict (a dict, or the path of a file such as
+        resnet50-0676ba61.pth or resnet50-11ad3fa6.pth). Every backbone tensor must be there (strict); the
+        classifier fc.weight and fc.bias have no place in a backbone and are skipped. Returns the skipped
+        keys. (A file whose BN layers lack num_batches_tracked loads too: BatchNorm fills it in.)"""
         if isinstance(source, (str, os.PathLike)):
             source = torch.load(source, map_location="cpu", weights_only=True)
         skipped = [k for k in source if k.startswith("fc.")]
@@ -810,6 +728,15 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequ
     """conv (no bias) -> BN -> ReLU, padding chosen to keep the size: one ASPP branch."""
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
                                    bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class GlobalAveragePool(nn.Module):
+    """nn.AdaptiveAvgPool2d(1); on a GPU in deterministic mode a mean, whose backward has no atomic adds."""
+
+    def forward(self, x):
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
+        return F.adaptive_avg_pool2d(x, 1)
 
 
 class ASPPPooling(nn.Sequential):
@@ -828,16 +755,16 @@ class ASPPPooling(nn.Sequential):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLabv3, Chen et al. 2017, Sec. 3.3): five parallel branches on the
     same feature map, each 256 channels: a 1x1 conv, three 3x3 convs at dilations 12, 24, 36 (context at three
-    scales without losing resolution) and the image-level branch; concatenated (1280) and projected back to 256
-    by a 1x1 conv + BN + ReLU + Dropout(0.5). Official `ASPP` (aspp.py in both repositories), same key names."""
+    scales without losing resolution) and the image-level branch; concatenated (1280) and projected to 256 by
+    a 1x1 conv + BN + ReLU + Dropout(0.5). Official `ASPP` (both repositories' aspp.py), same key names."""
 
     def __init__(self, cin: int, rates: Sequence[int] = (12, 24, 36), cout: int = 256):
         super().__init__()
         branches = [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
         self.convs = nn.ModuleList(branches + [ASPPPooling(cin, cout)])
         n = len(self.convs)
-        self.project = nn.Sequential(nn.Conv2d(n * cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                     nn.Dropout(0.5))
+        self.project = nn.Sequential(nn.Conv2d(n * cout, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                     nn.ReLU(), nn.Dropout(0.5))
 
     def forward(self, x):
         y = torch.cat([branch(x) for branch in self.convs], dim=1)     # (B, 5*256, h, w)
@@ -846,8 +773,8 @@ class ASPP(nn.Module):
 
 class DeepLabHead(nn.Sequential):
     """The DeepLabv3 decoder of one task (official `DeepLabHead`, aspp.py): ASPP -> 3x3 conv 256->256 + BN +
-    ReLU -> 1x1 conv to the task's channels (with bias). On 2048 input channels: 16,125,440 + 257 * C parameters.
-    Output at the input's resolution (1/8 of the image); the models upsample it."""
+    ReLU -> 1x1 conv to the task's channels (with bias). On 2048 input channels: 16,125,440 + 257 * C
+    parameters. Output at the input's resolution (1/8 of the image); the models upsample it."""
 
     def __init__(self, cin: int, num_classes: int, width: float = 1.0):
         c = max(1, round(256 * width))
@@ -861,11 +788,11 @@ def upsample(task: str, y: torch.Tensor, size, align_corners: bool) -> torch.Ten
 
 
 class DeepLabv3(nn.Module):
-    """The ResNet baseline of MTI-Net's code (models/models.py): one shared dilated ResNet-50 and one DeepLabHead
-    per task. One task is its `SingleTaskModel`, several its `MultiTaskModel` (hard parameter sharing).
-    NYUD: 39,643,752 parameters for semantic (40 classes) alone, 55,769,449 with depth.
-    Upsampling as there: bilinear with align_corners=False; any H and W work. Outputs follow this file's
-    convention: MTI-Net's model returns raw normals and normalises them in its loss, here they are unit vectors."""
+    """The ResNet baseline of MTI-Net's code (models/models.py): one shared dilated ResNet-50 and one
+    DeepLabHead per task. One task is its `SingleTaskModel`, several its `MultiTaskModel` (hard parameter
+    sharing). NYUD: 39,643,752 parameters for semantic (40 classes) alone, 55,769,449 with depth. Upsampling
+    as there: bilinear with align_corners=False; any H and W work. Outputs follow this file's convention:
+    MTI-Net's model returns raw normals and normalises them in its loss, here they are unit vectors."""
 
     ALIGN_CORNERS = False
 
@@ -884,9 +811,9 @@ class DeepLabv3(nn.Module):
 
 class MTANDeepLabv3(nn.Module):
     """MTAN on the dilated ResNet-50 (official `MTANDeepLabv3`, lorenmt/mtan resnet_mtan.py): the attention of
-    Eqs. (1)-(2) over the encoder only, one DeepLabHead per task instead of a decoder. 92,347,921 parameters for
-    the three NYUv2 tasks: backbone 23,508,032, shared f 7,931,392, and per task attention 4,175,936 plus a head
-    of 16,125,440 + 257 * C (the three heads: 48,380,689).
+    Eqs. (1)-(2) over the encoder only, one DeepLabHead per task instead of a decoder. 92,347,921 parameters
+    for the three NYUv2 tasks: backbone 23,508,032, shared f 7,931,392, and per task attention 4,175,936 plus
+    a head of 16,125,440 + 257 * C (the three heads: 48,380,689).
 
     Each ResNet layer k plays a SegNet stage: its blocks but the last give the mask input u_k^b, its last
     block's output u_k^t is the gated feature (the official code attends over the last bottleneck):
@@ -896,12 +823,12 @@ class MTANDeepLabv3(nn.Module):
                               ▼                ▼
     task i   a_(k-1) ─────► g,h ─► mask ─────► ⊙ ─► f_k ─► (maxpool, k = 1 only) ─► a_k   (a_4: head i)
 
-    As in SegNet-MTAN the mask input is [u_k^b; a_(k-1)] (layer 1: u_1^b alone), and the mask's middle width is
-    C_k / 4. The shared f_k is a Bottleneck to layer k+1's width (with a 1x1 projection shortcut); layer 1's is
-    followed by a 2x2 max-pool, as layer 2 halves the resolution (1/4 -> 1/8) and the dilated layers 3-4 do not.
-    Layer 4 has no f: the gated u_4^t goes straight to the head. Hence H and W must be multiples of 8 (the
-    pooled a_1 must meet layer 2's output). f runs once per task, as officially (its BNs see each task alone).
-    Upsampling as in the official forward: bilinear with align_corners=True.
+    As in SegNet-MTAN the mask input is [u_k^b; a_(k-1)] (layer 1: u_1^b alone), and the mask's middle width
+    is C_k / 4. The shared f_k is a Bottleneck to layer k+1's width (with a 1x1 projection shortcut); layer
+    1's is followed by a 2x2 max-pool, as layer 2 halves the resolution (1/4 -> 1/8) and the dilated layers
+    3-4 do not. Layer 4 has no f: the gated u_4^t goes straight to the head. Hence H and W must be multiples
+    of 8 (the pooled a_1 must meet layer 2's output). f runs once per task, as officially (its BNs see each
+    task alone). Upsampling as in the official forward: bilinear with align_corners=True.
 
     forward(x, return_attention=True) also returns dict task -> its four masks, layer 1 (B, 256, H/4, W/4) to
     layer 4 (B, 2048, H/8, W/8)."""
@@ -913,10 +840,10 @@ class MTANDeepLabv3(nn.Module):
         self.tasks = check_tasks(tasks)
         self.backbone = ResNetDilated(width=width)
         ch = self.backbone.channels                                     # 256, 512, 1024, 2048
-        ins = [ch[0]] + [2 * c for c in ch[1:]]                         # [u_k^b; a_(k-1)]: 256, 1024, 2048, 4096
-        self.attention = nn.ModuleDict({name: nn.ModuleList(AttentionMask(i, c, c // 4) for i, c in zip(ins, ch))
-                                        for name in self.tasks})
-        # f_k: 256->512, 512->1024, 1024->2048 (official `conv_layer`: Bottleneck(ch_k, ch_(k+1) / 4) + projection)
+        ins = [ch[0]] + [2 * c for c in ch[1:]]                         # [u_k^b; a_(k-1)]: 256/1024/2048/4096
+        self.attention = nn.ModuleDict({name: nn.ModuleList(AttentionMask(i, c, c // 4)
+                                                            for i, c in zip(ins, ch)) for name in self.tasks})
+        # f_k: 256->512->1024->2048 (official `conv_layer`: Bottleneck(ch_k, ch_(k+1) / 4) + projection)
         self.shared_f = nn.ModuleList(Bottleneck(a, b // 4, downsample=projection(a, b))
                                       for a, b in zip(ch, ch[1:]))
         self.heads = nn.ModuleDict({name: DeepLabHead(ch[-1], c, width) for name, c in self.tasks.items()})
@@ -928,13 +855,97 @@ class MTANDeepLabv3(nn.Module):
         for name, chain in self.attention.items():
             a, masks[name] = None, []
             for k, ((u_b, u_t), mask_k) in enumerate(zip(stages, chain)):
-                mask = mask_k(u_b if a is None else torch.cat([u_b, a], dim=1))   # Eq. (2): (B, C_k, h_k, w_k)
-                a = mask * u_t                                                      # Eq. (1)
+                mask = mask_k(u_b if a is None else torch.cat([u_b, a], dim=1))  # Eq. (2): (B, C_k, h_k, w_k)
+                a = mask * u_t                                                     # Eq. (1)
                 if k < 3:
-                    a = self.shared_f[k](a)                                         # (B, C_(k+1), h_k, w_k)
+                    a = self.shared_f[k](a)                                        # (B, C_(k+1), h_k, w_k)
                 if k == 0:
-                    a = F.max_pool2d(a, 2, 2)                                       # (B, 512, H/8, W/8)
+                    a = F.max_pool2d(a, 2, 2)                                      # (B, 512, H/8, W/8)
                 masks[name].append(mask)
-            y = self.heads[name](a)                                                 # (B, C, H/8, W/8)
+            y = self.heads[name](a)                                                # (B, C, H/8, W/8)
             preds[name] = upsample(name, y, x.shape[-2:], self.ALIGN_CORNERS)      # (B, C, H, W)
         return (preds, masks) if return_attention else preds
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix: deterministic stand-ins for --deterministic on a GPU
+#
+# torch has no deterministic CUDA kernel for three ops these models use: max_unpool2d (a scatter), and the
+# backward of bilinear interpolation and of adaptive average pooling (atomic adds, whose order changes from
+# run to run); torch.use_deterministic_algorithms can only warn about them. When that mode is on (train.py
+# --deterministic) and the tensor is on a GPU, max_unpool, resize_bilinear and GlobalAveragePool call
+# equivalents made of gathers and sums in a fixed order: the two below, and a mean. Otherwise (every normal
+# run, and every CPU run, whose kernels are deterministic) they call torch's own kernels.
+
+
+def unpool_by_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """max_unpool2d without a scatter: a 2x2 pool with stride 2 sends each value back into its own 2x2 window,
+    so every output position either holds the one value whose index names it or is zero."""
+    B, C, h, w = x.shape
+
+    def spread(t):  # (B, C, h, w) -> (B, C, 2h, 2w): each value copied to its 2x2 window
+        return t[:, :, :, None, :, None].expand(B, C, h, 2, w, 2).reshape(B, C, 2 * h, 2 * w)
+
+    position = torch.arange(4 * h * w, device=x.device).view(2 * h, 2 * w)  # the flat index max_pool2d stores
+    return torch.where(spread(indices) == position, spread(x), 0)
+
+
+class DeterministicBilinear(torch.autograd.Function):
+    """torch's bilinear forward (the same values), and a backward in which each input row, then column,
+    gathers the output rows that read it, weighted as they read it, and sums them in a fixed order. Per axis
+    that reads about twice the output's size: the cost of torch's own backward, without its atomic adds."""
+
+    @staticmethod
+    def forward(ctx, x, size, align_corners):
+        ctx.resize = (x.shape[-2:], size, align_corners)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h, w), (out_h, out_w), align_corners = ctx.resize
+        rows = transposed_interpolation(grad.float(), 2, h, out_h, align_corners)     # (B, C, h, W_out)
+        return transposed_interpolation(rows, 3, w, out_w, align_corners).to(grad.dtype), None, None
+
+
+def transposed_interpolation(grad: torch.Tensor, dim: int, n_in: int, n_out: int,
+                             align_corners: bool) -> torch.Tensor:
+    """sum_j A[j, i] * grad[j] along `dim` (n_out -> n_in) for the interpolation weights A of that axis,
+    reading for each i only the K output rows j of its band (A is zero outside it)."""
+    rows, weights = interpolation_band(n_in, n_out, align_corners, grad.device)   # (n_in, K) each
+    picked = grad.index_select(dim, rows.flatten()).unflatten(dim, rows.shape)    # (..., n_in, K, ...)
+    return (picked * weights.view(rows.shape + (1,) * (grad.dim() - dim - 1))).sum(dim + 1)
+
+
+_BANDS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def interpolation_band(n_in: int, n_out: int, align_corners: bool,
+                       device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every input index i, the K output indices that read it and their weights (0 past its band): built
+    on the CPU from interpolation_weights, once per size and device (no copy, so no wait, in later steps)."""
+    key = (n_in, n_out, align_corners, str(device))
+    if key not in _BANDS:
+        a = interpolation_weights(n_in, n_out, align_corners)                     # (n_out, n_in)
+        reads = a.T != 0                                                          # (n_in, n_out)
+        j = torch.arange(n_out)
+        first = torch.where(reads, j, n_out).min(1).values.clamp(max=n_out - 1)
+        last = torch.where(reads, j, -1).max(1).values
+        k = torch.arange(max(int((last - first).max()) + 1, 1))
+        rows = (first[:, None] + k).clamp(max=n_out - 1)                          # (n_in, K)
+        weights = a.T.gather(1, rows) * (first[:, None] + k <= last[:, None])
+        _BANDS[key] = rows.to(device), weights.to(device)
+    return _BANDS[key]
+
+
+def interpolation_weights(n_in: int, n_out: int, align_corners: bool) -> torch.Tensor:
+    """(n_out, n_in) weights of linear interpolation along one axis, two neighbours each, at torch's source
+    positions: i * (n_in - 1) / (n_out - 1) if align_corners, else max(0, (i + 0.5) * n_in / n_out - 0.5)."""
+    i = torch.arange(n_out, dtype=torch.float32)
+    if align_corners:
+        source = i * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    first = source.floor().clamp(max=n_in - 1)
+    weight = (source - first)[:, None]                                  # the second neighbour's share
+    j = torch.arange(n_in, dtype=torch.float32)
+    return (j == first[:, None]) * (1 - weight) + (j == (first + 1).clamp(max=n_in - 1)[:, None]) * weight
