@@ -221,7 +221,7 @@ def sample_files(dataset, index):
     return dataset.sample_files(index) if hasattr(dataset, "paths") else {}
 
 
-# ---- the layout of a dataset folder, and reading its files: every failure is a DatasetError naming the path 
+# ---- a dataset folder's layout and its files: every failure is a DatasetError naming the path --------------
 
 
 def _check_root(name, root, inner=None):
@@ -230,10 +230,11 @@ def _check_root(name, root, inner=None):
     missing folder is a DatasetError that names the folder, the layout and the download."""
     default = root is None or str(root) == ""
     root = os.path.join("data", name) if default else os.path.expanduser(str(root))
+    if not os.path.isdir(root) and default:
+        raise dataset_error(name, f"dataset folder not found (no --data-root PATH given; looked in the "
+                            f"default folder {root} under the working directory)", os.path.abspath(root))
     if not os.path.isdir(root):
-        where = f" (no --data-root PATH given; looked in the default folder {root} under the working folder)"
-        raise dataset_error(name, "dataset folder not found" + (where if default else ""),
-                            os.path.abspath(root) if default else root)
+        raise dataset_error(name, "dataset folder not found", root)
     if inner and os.path.isdir(os.path.join(root, inner)):
         root = os.path.join(root, inner)
     return root
@@ -465,7 +466,7 @@ class NYUD(_CachedDataset):
         return sample
 
 
-# ---- numpy arrays into tensors: a value the network must not see is a DatasetError naming the file
+# ---- numpy arrays into tensors: a value the network must not see is a DatasetError naming the file ---------
 
 
 def _channels_last(name, array, path, channels):
@@ -749,14 +750,11 @@ class PascalContext(_CachedDataset):
         """Add the semantic labels to self.paths: semseg/VOC12/<id>.png, or semseg/pascal-context/<id>.png."""
         semseg = [(folder, set(os.listdir(os.path.join(root, folder)))) for folder in self.SEMSEG_FOLDERS
                   if os.path.isdir(os.path.join(root, folder))]
-        if not semseg:
-            raise dataset_error(self.name, "no semantic label folder (semseg/VOC12 or semseg/pascal-context)",
-                                os.path.join(root, self.SEMSEG_FOLDERS[0]))
         for i in ids:
             found = [folder for folder, present in semseg if i + ".png" in present]
             if not found:
                 raise dataset_error(self.name, "missing file (in semseg/VOC12 or semseg/pascal-context)",
-                                    os.path.join(root, semseg[0][0], i + ".png"))
+                                    os.path.join(root, self.SEMSEG_FOLDERS[0], i + ".png"))
             self.paths[i]["semantic"] = os.path.join(root, found[0], i + ".png")
 
     def load(self, index):
@@ -765,18 +763,16 @@ class PascalContext(_CachedDataset):
         paths = self.sample_files(index)
         image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
         size = tuple(image.shape[-2:])
-        label_map = np.asarray(_read(self.name, paths["context"], _mat_variable("LabelMap"), ".mat file"))
-        if label_map.ndim != 2:
-            raise dataset_error(self.name, f"LabelMap of shape {label_map.shape}, expected (H, W)",
-                                paths["context"])
+
         def parts_map(path):  # the Pascal-Part annotation -> human-part ids (H, W)
             return human_parts_map(_mat_variable("anno")(path), size)
 
+        label_map = np.asarray(_read(self.name, paths["context"], _mat_variable("LabelMap"), ".mat file"))
         parts = _read(self.name, paths["parts"], parts_map, "Pascal-Part annotation")
         saliency = _read_picture(self.name, paths["saliency"], rgb=False)
         saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # grey saved as RGB: equal channels
         normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
-        if normal.shape[:2] != label_map.shape:
+        if normal.shape[:2] != label_map.shape:  # also a LabelMap that is not (H, W)
             raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
                                 f"{paths['context']} is {label_map.shape}", paths["normal"])
         normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
@@ -1388,11 +1384,13 @@ def sample_scene(seed):
     }
 
 
-# --- Ray casting. A vector is a tensor whose FIRST axis holds x, y, z, so `x, y, z = v` unpacks it and every
-# component is a contiguous tensor (fast elementwise ops). Rays: direction (3, B, N) with N = H * W pixels,
-# origin (3, B, 1) when a sample's rays share it (camera rays) or (3, B, N) (shadow rays). Primitive tables
-# are column-first as well, (k, B, P) for k numbers per primitive, padded to the largest P of the batch, with
-# a (B, P) mask of the real rows. The intersection functions return (B, N, P) distances, inf for a miss.
+# ---- ray casting -------------------------------------------------------------------------------------------
+#
+# A vector is a tensor whose FIRST axis holds x, y, z, so `x, y, z = v` unpacks it and every component is a
+# contiguous tensor (fast elementwise ops). Rays: direction (3, B, N) with N = H * W pixels, origin (3, B, 1)
+# when a sample's rays share it (camera rays) or (3, B, N) (shadow rays). Primitive tables are column-first as
+# well, (k, B, P) for k numbers per primitive, padded to the largest P of the batch, with a (B, P) mask of the
+# real rows. The intersection functions return (B, N, P) distances, inf for a miss.
 
 
 def dot(a, b):
