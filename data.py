@@ -61,7 +61,7 @@ from PIL import Image, ImageDraw
 # ------------------------------------------------------------------------------------------------------------
 
 # name -> (whether it reads files from a root folder, the options it accepts). A new dataset is one more line
-# here and one in dataset_class: its class takes (root, split, **options) (or (split, **options) without
+# here and one in build_dataset: its class takes (root, split, **options) (or (split, **options) without
 # files) and has `name`, `tasks`, `primary_tasks` and `class_names`. The Visual Decathlon, whose samples are
 # labelled images, has its own entry point: build_decathlon (section 6).
 DATASETS = {
@@ -73,26 +73,18 @@ DATASETS = {
 }
 
 
-def dataset_class(name):
-    """The class of a dataset name. A function rather than a table so that it can stand above the classes:
-    Python looks the names up when it runs."""
-    return {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
-            "pascal": PascalContext}[name]
-
-
 def build_dataset(name, root=None, split="train", **options):
     """Build dataset `name` and return (dataset, tasks), tasks being its primary task dict.
 
-    options (None means "not given"): resolution (synthetic only), num_classes (cityscapes only),
-    num_samples (use only the first N samples), seed (synthetic only), cache. `root` is the dataset folder
-    (None: data/<name> under the working directory); synthetic ignores it.
-    NYUD's primary tasks are semantic + depth (MTI-Net's NYUD setting); dataset.tasks also lists its
-    auxiliary normal and edge targets. PASCAL (five tasks) also takes size, augment and
-    targets_at_original_size (see PascalContext)."""
+    options: those DATASETS lists for the dataset, None meaning "not given" (num_samples: use only the first N
+    samples; the classes describe the others). `root` is the dataset folder (None: data/<name> under the
+    working directory); synthetic ignores it. NYUD's primary tasks are semantic + depth (MTI-Net's NYUD
+    setting); dataset.tasks also lists its auxiliary normal and edge targets."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     reads_files, accepted = DATASETS[name]
-    cls = dataset_class(name)
+    cls = {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
+           "pascal": PascalContext}[name]  # looked up when build_dataset runs, so the classes can follow
     options = {key: value for key, value in options.items() if value is not None}
     for key in options:
         if key not in accepted:
