@@ -16,11 +16,13 @@ has a `name`, `class_names`, a `tasks` dict (every target it provides: task name
 `primary_tasks` dict (the tasks the papers train on). The Visual Decathlon is a classification benchmark: its
 samples are {"image", "label"}.
 
-THE DATASET MODULE is sections 1-7, lines 1-1184 (the first 51 % of the file):
+THE DATASET MODULE is sections 1-7:
 
 1. build_dataset: every dense dataset by name (train.py and eval.py call it), and the DATASETS table.
-2. Errors and download notes: what a user sees when a dataset is missing or malformed, and where to get it.
-3. NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT), and their file helpers.
+2. Errors and download notes: what a user sees when a dataset is missing or malformed, and where to get it;
+   the helpers that check a dataset folder's layout and read its files.
+3. NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT), and the numpy arrays
+   they read turned into tensors.
 4. Augmentation: MTAN's random scale-crop and flip on batched tensors (so it can run on the GPU), and the edge
    targets derived from semantic labels.
 5. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks) and its per-sample transforms.
@@ -54,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. build_dataset: every dense dataset by name
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # name -> (whether it reads files from a root folder, the options it accepts). A new dataset is one more line
-# here and one in dataset_class: its class takes (root, split, **options) (or (split, **options) without
+# here and one in build_dataset: its class takes (root, split, **options) (or (split, **options) without
 # files) and has `name`, `tasks`, `primary_tasks` and `class_names`. The Visual Decathlon, whose samples are
 # labelled images, has its own entry point: build_decathlon (section 6).
 DATASETS = {
@@ -69,42 +71,33 @@ DATASETS = {
     "nyud": (True, ("num_samples", "cache")),
     "pascal": (True, ("size", "augment", "targets_at_original_size", "num_samples", "cache")),
 }
-DATASET_NAMES = tuple(DATASETS)
-
-
-def dataset_class(name):
-    """The class of a dataset name. A function rather than a table so that it can stand above the classes:
-    Python looks the names up when it runs."""
-    return {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
-            "pascal": PascalContext}[name]
 
 
 def build_dataset(name, root=None, split="train", **options):
     """Build dataset `name` and return (dataset, tasks), tasks being its primary task dict.
 
-    options (None means "not given"): resolution (synthetic only), num_classes (cityscapes only),
-    num_samples (use only the first N samples), seed (synthetic only), cache. `root` is the dataset folder
-    (None: data/<name> under the working directory); synthetic ignores it.
-    NYUD's primary tasks are semantic + depth (MTI-Net's NYUD setting); dataset.tasks also lists its
-    auxiliary normal and edge targets. PASCAL (five tasks) also takes size, augment and
-    targets_at_original_size (see PascalContext)."""
+    options: those DATASETS lists for the dataset, None meaning "not given" (num_samples: use only the first N
+    samples; the classes describe the others). `root` is the dataset folder (None: data/<name> under the
+    working directory); synthetic ignores it. NYUD's primary tasks are semantic + depth (MTI-Net's NYUD
+    setting); dataset.tasks also lists its auxiliary normal and edge targets."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     reads_files, accepted = DATASETS[name]
-    cls = dataset_class(name)
+    cls = {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
+           "pascal": PascalContext}[name]  # looked up when build_dataset runs, so the classes can follow
     options = {key: value for key, value in options.items() if value is not None}
     for key in options:
-        if key == "resolution" and key not in accepted:
-            raise ValueError(f"--resolution applies to synthetic data only; the {name} files fix their own resolution")
         if key not in accepted:
-            raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: {', '.join(accepted)})")
+            hint = "; --resolution is for synthetic data only" if key == "resolution" else ""
+            raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: "
+                             f"{', '.join(accepted)}){hint}")
     dataset = cls(root, split, **options) if reads_files else cls(split, **options)
     return dataset, dict(dataset.primary_tasks)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. Errors and download notes
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class DatasetError(ValueError):
@@ -125,8 +118,8 @@ class MatFileError(ValueError):
 
 # The ten Visual Decathlon domains, in the order of the class counts of lorenmt/mtan's
 # visual_decathlon/model_wrn_mtan.py. Defined here because the download notes below list them.
-DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot", "svhn",
-                     "ucf101", "vgg-flowers")
+DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot",
+                     "svhn", "ucf101", "vgg-flowers")
 
 # Where each dataset comes from and how its folder must look. The downloads are the ones the official code
 # names: the lorenmt/mtan README (NYUv2, CityScapes), SimonVandenhende/Multi-Task-Learning-PyTorch's
@@ -171,27 +164,31 @@ DOWNLOADS = {
         ),
     },
     "pascal": {
-        "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, edges)",
-        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported dead; "
-        "copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
+        "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, "
+        "edges)",
+        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported "
+        "dead; copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
         "layout": (
             "ROOT/ImageSets/Context/train.txt, val.txt   one image id per line (4998 / 5105)\n"
             "ROOT/JPEGImages/<id>.jpg                   RGB, about 500x375\n"
-            "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void (or semseg/pascal-context/<id>.png)\n"
+            "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void\n"
+            "ROOT/semseg/pascal-context/<id>.png        the same, for the ids that VOC12 lacks\n"
             "ROOT/human_parts/<id>.mat                  Pascal-Part annotation, variable 'anno'\n"
             "ROOT/sal_distill/<id>.png                  grey, saliency in 0..255\n"
             "ROOT/normals_distill/<id>.png              RGB, normals as (n + 1) * 255 / 2\n"
-            "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels, variable 'LabelMap' (459 classes)\n"
+            "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels (459 classes), 'LabelMap'\n"
             "(ROOT is the PASCAL_MT folder itself or the folder that holds it; .mat files are MATLAB v5)"
         ),
     },
     "decathlon": {
         "title": "Visual Decathlon (decathlon-1.0-data)",
         "url": "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
-        "layout": ("ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
-                   "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
-                   "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
-                   f"domains: {', '.join(DECATHLON_DOMAINS)}"),
+        "layout": (
+            "ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
+            "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
+            "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
+            f"domains: {', '.join(DECATHLON_DOMAINS)}"
+        ),
     },
 }
 
@@ -209,45 +206,106 @@ def dataset_error(name, problem, path):
 
 
 def sample_files(dataset, index):
-    """{what: path} of the files that sample `index` of a dataset is read from (looking through a Subset), to
+    """{task: path} of the files that sample `index` of a dataset is read from (looking through a Subset), to
     name them in an error; {} for the synthetic datasets, which are code."""
     while isinstance(dataset, torch.utils.data.Subset):
         dataset, index = dataset.dataset, dataset.indices[index]
-    method = getattr(dataset, "sample_files", None)
-    return method(index) if method else {}
+    return dataset.sample_files(index) if hasattr(dataset, "paths") else {}
 
 
-def _check_root(name, root):
+# ---- a dataset folder's layout and its files: every failure is a DatasetError naming the path --------------
+
+
+def _check_root(name, root, inner=None):
     """The dataset folder of dataset `name`: `root`, or data/<name> under the working directory when none is
-    given. A missing folder is a DatasetError that names the folder, the layout and the download."""
-    if root is None or str(root) == "":
-        root = os.path.join("data", name)
-        if not os.path.isdir(root):
-            raise dataset_error(name, f"dataset folder not found (no --data-root PATH given; looked in the "
-                                f"default folder {root} under the working directory)", os.path.abspath(root))
-        return root
-    root = os.path.expanduser(str(root))
+    given; its sub-folder `inner` when it has one (the folder that holds NYUD_MT or PASCAL_MT is fine too). A
+    missing folder is a DatasetError that names the folder, the layout and the download."""
+    default = root is None or str(root) == ""
+    root = os.path.join("data", name) if default else os.path.expanduser(str(root))
+    if not os.path.isdir(root) and default:
+        raise dataset_error(name, f"dataset folder not found (no --data-root PATH given; looked in the "
+                            f"default folder {root} under the working directory)", os.path.abspath(root))
     if not os.path.isdir(root):
         raise dataset_error(name, "dataset folder not found", root)
+    if inner and os.path.isdir(os.path.join(root, inner)):
+        root = os.path.join(root, inner)
     return root
 
 
-def _resolve_split(split, name=None):
+def _check_folder(name, path, what="folder missing (wrong layout?)"):
+    if not os.path.isdir(path):
+        raise dataset_error(name, what, path)
+    return path
+
+
+def _find_files(name, root, ids, files, missing="missing file"):
+    """{id: {task: path}} for the samples `ids`, whose files are ROOT/<folder>/<id><extension> for each
+    task -> (folder, extension) of `files`. Files are checked here, when a dataset is built, and read lazily:
+    a missing folder or file is a DatasetError naming it, `missing` saying what is wrong."""
+    paths = {i: {} for i in ids}
+    for task, (folder, ext) in files.items():
+        present = set(os.listdir(_check_folder(name, os.path.join(root, folder))))
+        for i in ids:
+            paths[i][task] = os.path.join(root, folder, i + ext)
+            if i + ext not in present:
+                raise dataset_error(name, missing, paths[i][task])
+    return paths
+
+
+def _read_split_list(name, folder, split):
+    """The sample ids of a split: the lines of <folder>/<split>.txt (NYUD's gt_sets, PASCAL's ImageSets)."""
+    def read(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+
+    path = os.path.join(_check_folder(name, folder), f"{split}.txt")
+    ids = _read(name, path, read, "split list")
+    if not ids:
+        raise dataset_error(name, "no samples (empty split list)", path)
+    return ids
+
+
+def _resolve_split(split):
     """The split name, "train" or "val"; "test" means "val", the split the papers report (NYUv2, CityScapes,
-    NYUD and PASCAL have no other labelled test split). A wrong name is a DatasetError naming dataset `name`,
-    or a plain ValueError when `name` is None (the synthetic datasets)."""
+    NYUD and PASCAL have no other labelled test split)."""
     split = "val" if split == "test" else split
     if split not in ("train", "val"):
-        problem = f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}"
-        raise DatasetError(f"{DOWNLOADS[name]['title']}: {problem}") if name else ValueError(problem)
+        raise DatasetError(f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}")
     return split
 
 
-# -----------------------------------------------------------------------------------------------------------
+def _read(name, path, read, what):
+    """read(path), where any failure becomes a DatasetError naming the file: "missing file", or "cannot read
+    this <what>" with the reason (numpy, PIL and read_mat raise ValueError, OSError, EOFError, ... for a
+    damaged file)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise dataset_error(name, "missing file", path) from None
+    except Exception as error:
+        problem = error.problem if isinstance(error, MatFileError) else f"{type(error).__name__}: {error}"
+        raise dataset_error(name, f"cannot read this {what} ({problem})", path) from None
+
+
+def _read_npy(name, path):
+    """Memory-map one .npy file."""
+    return _read(name, path, lambda path: np.load(path, mmap_mode="r", allow_pickle=False), ".npy file")
+
+
+def _read_picture(name, path, rgb=True):
+    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
+    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
+    def read(path):
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert("RGB") if rgb else picture)
+
+    return _read(name, path, read, "image")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # 3. The real datasets of the two papers: NYUv2, CityScapes (MTAN) and NYUD (MTI-Net)
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
-# Files are checked when a dataset is built (folders present, every sample's files present) and read lazily.
 # .npy files are memory-mapped: the OS page cache then keeps the whole of NYUv2 in RAM after the first epoch
 # and a sample costs one copy into a float32 tensor. cache=True also keeps the converted tensors (NYUv2 at
 # 288x384: about 4 MB per sample, 3 GB for the train split).
@@ -255,7 +313,8 @@ def _resolve_split(split, name=None):
 
 class _CachedDataset(torch.utils.data.Dataset):
     """Shared by the dense datasets: `length` samples, an optional in-memory cache (`cache`: a dict, or None)
-    and `load(index)`, which each dataset defines to read (or render) sample `index`."""
+    and `load(index)`, which each dataset defines to read (or render) sample `index`. A dataset of files names
+    its samples `ids` and keeps their files in `paths` ({id: {task: path}}, from _find_files)."""
 
     def __len__(self):
         return self.length
@@ -278,56 +337,66 @@ class _CachedDataset(torch.utils.data.Dataset):
             self.cache[index] = sample
         return dict(sample)
 
-    def _limit(self, count, num_samples):
-        """Use only the first `num_samples` samples (train.py's --subset)."""
-        if num_samples is not None and int(num_samples) <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        return count if num_samples is None else min(count, int(num_samples))
+    def _use(self, ids, num_samples, cache):
+        """Use the first `num_samples` of the samples `ids` (all of them when None; train.py's --subset)."""
+        self.ids = ids if num_samples is None else ids[: int(num_samples)]
+        self.length, self.cache = len(self.ids), {} if cache else None
+
+    def sample_files(self, index):
+        return self.paths[self.ids[index]]
 
 
-class NYUv2(_CachedDataset):
+class _MTANRelease(_CachedDataset):
+    """MTAN's preprocessed releases (NYUv2, CityScapes): ROOT/{train,val}/<folder>/<i>.npy, one folder per
+    target (`folders`: task -> folder), files numbered 0, 1, 2, ... Images in [0, 1] are used as stored (no
+    mean/std normalisation, as in MTAN)."""
+
+    def __init__(self, root, split="train", num_samples=None, cache=False):
+        self.split = _resolve_split(split)
+        folder = _check_folder(self.name, os.path.join(_check_root(self.name, root), self.split),
+                               f"no '{self.split}' folder")
+        images = _check_folder(self.name, os.path.join(folder, self.folders["image"]))
+        numbers = {int(f[:-4]) for f in os.listdir(images) if re.fullmatch(r"\d+\.npy", f)}
+        if not numbers:
+            raise dataset_error(self.name, "no samples (no <i>.npy files) in this split", images)
+        ids = [str(i) for i in range(len(numbers))]
+        files = {task: (name, ".npy") for task, name in self.folders.items()}
+        numbered = "missing file (files must be numbered 0..N-1)"
+        self.paths = _find_files(self.name, folder, ids, files, numbered)
+        self._use(ids, num_samples, cache)
+
+    def load(self, index):
+        paths = self.sample_files(index)
+        arrays = {task: _read_npy(self.name, path) for task, path in paths.items()}
+        sample = {"image": _image_tensor(self.name, arrays.pop("image"), paths["image"]),
+                  "semantic": _label_tensor(self.name, arrays.pop("semantic"), paths["semantic"],
+                                            self.tasks["semantic"])}
+        for task, array in arrays.items():  # depth, and NYUv2's normals
+            sample[task] = _float_tensor(self.name, array, paths[task], self.tasks[task])
+        _check_sizes(self.name, sample, paths)
+        return sample
+
+
+class NYUv2(_MTANRelease):
     """MTAN's preprocessed NYUv2: {train,val}/{image,label,depth,normal}/<i>.npy, 288x384, 795 / 654 samples.
 
-    13 classes (-1 = ignore), depth in metres (0 = invalid), unit normals (zero = invalid), images in [0, 1]
-    used as stored (no mean/std normalisation, as in MTAN). `val` is also the test split."""
+    13 classes (-1 = ignore), depth in metres (0 = invalid), unit normals (zero = invalid), images in [0, 1].
+    `val` is also the test split."""
 
     name = "nyuv2"
-    # The 13-class grouping of Couprie et al. (2013) in its usual alphabetical order (the files carry no names).
+    # The 13-class grouping of Couprie et al. (2013), in its usual alphabetical order (the files name none).
     class_names = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa",
                    "table", "tv", "wall", "window")
     tasks = {"semantic": 13, "depth": 1, "normal": 3}
     primary_tasks = {"semantic": 13, "depth": 1, "normal": 3}
-    FOLDERS = ("image", "label", "depth", "normal")
-
-    def __init__(self, root, split="train", num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        self.split = _resolve_split(split, self.name)
-        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
-        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.FOLDERS), num_samples)
-        self.cache = {} if cache else None
-
-    def sample_files(self, index):
-        return {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.FOLDERS}
-
-    def load(self, index):
-        paths = self.sample_files(index)
-        arrays = {folder: _read_npy(self.name, path) for folder, path in paths.items()}
-        sample = {
-            "image": _image_tensor(self.name, arrays["image"], paths["image"]),
-            "semantic": _label_tensor(self.name, arrays["label"], paths["label"], 13),
-            "depth": _float_tensor(self.name, arrays["depth"], paths["depth"], 1),
-            "normal": _float_tensor(self.name, arrays["normal"], paths["normal"], 3),
-        }
-        _check_sizes(self.name, sample, {"image": paths["image"], "semantic": paths["label"],
-                                         "depth": paths["depth"], "normal": paths["normal"]})
-        return sample
+    folders = {"image": "image", "semantic": "label", "depth": "depth", "normal": "normal"}
 
 
-class CityScapes(_CachedDataset):
+class CityScapes(_MTANRelease):
     """MTAN's preprocessed CityScapes: {train,val}/{image,depth,label_2,label_7,label_19}/<i>.npy.
 
     num_classes 2, 7 or 19 picks the label folder (-1 = void). "depth" holds the release's inverse depth
-    (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1], used as stored."""
+    (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1]."""
 
     name = "cityscapes"
     # Paper Table 1's groupings and the standard train ids, in that order (the files carry no names).
@@ -341,29 +410,12 @@ class CityScapes(_CachedDataset):
 
     def __init__(self, root, split="train", num_classes=7, num_samples=None, cache=False):
         if num_classes not in (2, 7, 19):
-            raise ValueError(f"CityScapes num_classes (--num-classes) must be 2, 7 or 19, got {num_classes!r}")
-        root = _check_root(self.name, root)
-        self.split = _resolve_split(split, self.name)
+            raise ValueError(f"CityScapes num_classes (--num-classes) is 2, 7 or 19, got {num_classes!r}")
         self.num_classes, self.class_names = num_classes, self.CLASS_NAMES_BY_COUNT[num_classes]
         self.tasks = {"semantic": num_classes, "depth": 1}
         self.primary_tasks = dict(self.tasks)
-        self.folders = ("image", "depth", f"label_{num_classes}")
-        self.folder = _check_folder(self.name, os.path.join(root, self.split), f"no '{self.split}' folder")
-        self.length = self._limit(_numbered_npy_files(self.name, self.folder, self.folders), num_samples)
-        self.cache = {} if cache else None
-
-    def sample_files(self, index):
-        return {folder: os.path.join(self.folder, folder, f"{index}.npy") for folder in self.folders}
-
-    def load(self, index):
-        image_path, depth_path, label_path = self.sample_files(index).values()
-        sample = {
-            "image": _image_tensor(self.name, _read_npy(self.name, image_path), image_path),
-            "semantic": _label_tensor(self.name, _read_npy(self.name, label_path), label_path, self.num_classes),
-            "depth": _float_tensor(self.name, _read_npy(self.name, depth_path), depth_path, 1),
-        }
-        _check_sizes(self.name, sample, {"image": image_path, "semantic": label_path, "depth": depth_path})
-        return sample
+        self.folders = {"image": "image", "depth": "depth", "semantic": f"label_{num_classes}"}
+        super().__init__(root, split, num_samples, cache)
 
 
 class NYUD(_CachedDataset):
@@ -375,10 +427,10 @@ class NYUD(_CachedDataset):
 
     name = "nyud"
     class_names = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-                   "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
-                   "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
-                   "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
-                   "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+                   "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow",
+                   "mirror", "floor mat", "clothes", "ceiling", "books", "refrigerator", "television",
+                   "paper", "towel", "shower curtain", "box", "whiteboard", "person", "night stand", "toilet",
+                   "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
     tasks = {"semantic": 40, "depth": 1, "normal": 3, "edge": 1}
     primary_tasks = {"semantic": 40, "depth": 1}
     # task -> (folder, file extension)
@@ -386,30 +438,16 @@ class NYUD(_CachedDataset):
              "normal": ("normals", ".npy"), "edge": ("edge", ".npy")}
 
     def __init__(self, root, split="train", num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        if os.path.isdir(os.path.join(root, "NYUD_MT")):  # the folder that holds NYUD_MT is fine too
-            root = os.path.join(root, "NYUD_MT")
-        self.root, self.split = root, _resolve_split(split, self.name)
-        _check_folder(self.name, os.path.join(root, "gt_sets"))
-        ids = _read_split_list(self.name, os.path.join(root, "gt_sets", f"{self.split}.txt"))
-        for folder, ext in self.FILES.values():
-            present = set(os.listdir(_check_folder(self.name, os.path.join(root, folder))))
-            for i in ids:
-                if i + ext not in present:
-                    raise dataset_error(self.name, "missing file", os.path.join(root, folder, i + ext))
-        self.ids = ids[: self._limit(len(ids), num_samples)]
-        self.length = len(self.ids)
-        self.cache = {} if cache else None
-
-    def sample_files(self, index):
-        return {task: os.path.join(self.root, folder, self.ids[index] + ext)
-                for task, (folder, ext) in self.FILES.items()}
+        root, self.split = _check_root(self.name, root, "NYUD_MT"), _resolve_split(split)
+        ids = _read_split_list(self.name, os.path.join(root, "gt_sets"), self.split)
+        self.paths = _find_files(self.name, root, ids, self.FILES)
+        self._use(ids, num_samples, cache)
 
     def load(self, index):
         paths = self.sample_files(index)
         edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
         sample = {
-            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
+            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"]), paths["image"]),
             "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
                                       paths["semantic"], 40, shift=-1),
             "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
@@ -420,65 +458,7 @@ class NYUD(_CachedDataset):
         return sample
 
 
-# ---- file helpers: every failure becomes a DatasetError naming the file -------------------------------------
-
-
-def _read_split_list(name, list_path):
-    """The sample ids of a split, one per line of a text file (NYUD's gt_sets, PASCAL's ImageSets)."""
-    try:
-        with open(list_path) as f:
-            ids = [line.strip() for line in f if line.strip()]
-    except OSError as error:
-        raise dataset_error(name, f"cannot read the split list ({error.strerror})", list_path) from None
-    if not ids:
-        raise dataset_error(name, "no samples (empty split list)", list_path)
-    return ids
-
-
-def _check_folder(name, path, what="folder missing (wrong layout?)"):
-    if not os.path.isdir(path):
-        raise dataset_error(name, what, path)
-    return path
-
-
-def _numbered_npy_files(name, split_dir, folders):
-    """Number of samples in an MTAN-style split: files 0.npy .. (n-1).npy in each of `folders`."""
-    for folder in folders:
-        _check_folder(name, os.path.join(split_dir, folder))
-    first = os.path.join(split_dir, folders[0])
-    numbers = {int(f[:-4]) for f in os.listdir(first) if re.fullmatch(r"\d+\.npy", f)}
-    if not numbers:
-        raise dataset_error(name, "no samples (no <i>.npy files) in this split", first)
-    count = len(numbers)
-    for folder in folders:
-        present = set(os.listdir(os.path.join(split_dir, folder)))
-        for i in range(count):
-            if f"{i}.npy" not in present:
-                raise dataset_error(name, "missing file (files must be numbered 0..N-1)",
-                                    os.path.join(split_dir, folder, f"{i}.npy"))
-    return count
-
-
-def _read_npy(name, path):
-    """Memory-map one .npy file; any failure becomes a DatasetError naming the file."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise dataset_error(name, "missing file", path) from None
-    except Exception as error:  # numpy raises ValueError, OSError, EOFError, ... for a damaged file
-        raise dataset_error(name, f"cannot read this .npy file ({type(error).__name__}: {error})", path) from None
-
-
-def _read_picture(name, path, rgb=True):
-    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
-    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
-    try:
-        with Image.open(path) as picture:
-            return np.asarray(picture.convert("RGB") if rgb else picture)
-    except FileNotFoundError:
-        raise dataset_error(name, "missing file", path) from None
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ... for a damaged file
-        raise dataset_error(name, f"cannot read this image ({type(error).__name__}: {error})", path) from None
+# ---- numpy arrays into tensors: a value the network must not see is a DatasetError naming the file ---------
 
 
 def _channels_last(name, array, path, channels):
@@ -500,8 +480,8 @@ def _image_tensor(name, array, path):
     image = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy
     low, high = float(image.min()), float(image.max())
     if not (low >= -IMAGE_TOLERANCE and high <= 1 + IMAGE_TOLERANCE):  # also true for NaN
-        raise dataset_error(name, f"image values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] (saved as "
-                            f"0..255? divide by 255)", path)
+        raise dataset_error(name, f"image values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] "
+                            f"(saved as 0..255? divide by 255)", path)
     return torch.from_numpy(image)
 
 
@@ -522,13 +502,11 @@ def _float_tensor(name, array, path, channels):
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):
-    """(H, W) class ids -> long (H, W), ids shifted by `shift`; the ignore values (-1 after the shift, or a stored
-    -1 or 255) become -1. Any other id outside 0..num_classes-1 is a DatasetError naming the file and the value:
-    labels of another class set (NYUv2's 40 classes in a 13-class run) must not silently become "ignore"."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim != 2:
-        raise dataset_error(name, f"label of shape {tuple(array.shape)}, expected (H, W)", path)
+    """(H, W) class ids -> long (H, W), ids shifted by `shift`; the ignore values (-1 after the shift, or a
+    stored -1 or 255) become -1. Any other id outside 0..num_classes-1 is a DatasetError naming the file and
+    the value: labels of another class set (NYUv2's 40 classes in a 13-class run) must not silently become
+    "ignore"."""
+    array = _channels_last(name, array, path, 1)[:, :, 0]
     if array.dtype.kind == "f":  # MTAN's files store ids as floats
         array = np.where(np.isnan(array), -1, np.rint(array))
     labels = array.astype(np.int64) + shift  # a copy out of the memory map
@@ -538,8 +516,7 @@ def _label_tensor(name, array, path, num_classes, shift=0):
         wrong = outside & (labels != -1) & (stored != -1) & (stored != 255)
         if wrong.any():
             raise dataset_error(name, f"label value {int(stored[wrong][0])} outside the expected range "
-                                f"{-shift}..{num_classes - 1 - shift} (ignore: {-1 - shift} or 255)",
-                                path)
+                                f"{-shift}..{num_classes - 1 - shift} (ignore: {-1 - shift} or 255)", path)
     labels[outside] = -1
     return torch.from_numpy(labels)
 
@@ -553,9 +530,9 @@ def _check_sizes(name, sample, paths):
                                 f"{paths['image']} is {size}", paths[key])
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. Augmentation (batched, any device) and derived targets
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
 # MTAN's NYUv2 augmentation (lorenmt/mtan, im2im_pred/create_dataset.py, RandomScaleCrop; not used in the
 # paper's tables): pick a scale s from {1.0, 1.2, 1.5}, crop an int(H/s) x int(W/s) window at a random
@@ -662,9 +639,9 @@ def _linear_source(out_size, in_sizes):
 
 
 def _as_divisor(number, like):
-    """`number` as a float32 tensor on `like`'s device, to divide by. CUDA divides a tensor by a Python number as a
-    multiplication by its reciprocal, which can round differently from the CPU's true division (and so pick
-    another source pixel); by a tensor it divides truly, as the CPU does either way."""
+    """`number` as a float32 tensor on `like`'s device, to divide by. CUDA divides a tensor by a Python number
+    as a multiplication by its reciprocal, which can round differently from the CPU's true division (and so
+    pick another source pixel); by a tensor it divides truly, as the CPU does either way."""
     return torch.full_like(like, number, dtype=torch.float32)
 
 
@@ -693,32 +670,25 @@ def semantic_edges(semantic):
 
 def add_derived_targets(batch, tasks):
     """Edge targets from semantic boundaries (semantic_edges) when a run needs edges and the dataset has none
-    (NYUv2, CityScapes). train.py calls it after augmentation, on the device, so the edges follow the augmented
-    labels. batch: a dict of batched tensors; tasks: the tasks the run trains or evaluates. Returns a new dict
-    when it adds edges (the input is not modified), else `batch` itself."""
+    (NYUv2, CityScapes). train.py calls it after augmentation, on the device, so the edges follow the
+    augmented labels. batch: a dict of batched tensors; tasks: the tasks the run trains or evaluates. Returns
+    a new dict when it adds edges (the input is not modified), else `batch` itself."""
     if "edge" in tasks and "edge" not in batch:
         batch = dict(batch, edge=semantic_edges(batch["semantic"]))
     return batch
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 5. PASCAL-Context: MTI-Net's PASCAL_MT with five tasks
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
-# PASCAL_MT (the ASTMT release that SimonVandenhende/Multi-Task-Learning-PyTorch reads in data/pascal_context.py)
-# keeps its JPEG images at their own sizes (about 500x375) and stores two of its labels in MATLAB .mat files:
-# the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap (459 classes), whose class
-# boundaries are the edge labels and whose classes decide where the distilled normals count. This section
-# holds, in order:
-#
-#   PascalContext            the dataset (and the class names of its semantic and parts labels)
-#   augment_pascal_sample    the official training augmentation: flip, rotation, scale
-#   resize_pascal_sample     the fixed resize to 512x512 that every sample gets
-#   ignore_empty_parts       an image without person parts is ignored for the parts task
-#
-# Its labels are built with the infrastructure in the appendices: read_mat (appendix B), context_edges (edge
-# labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines) and human_parts_map (Pascal-Part person parts
-# -> 6 groups + background), both in appendix C.
+# PASCAL_MT (the ASTMT release that SimonVandenhende/Multi-Task-Learning-PyTorch reads in
+# data/pascal_context.py) keeps its JPEG images at their own sizes (about 500x375) and stores two of its
+# labels in MATLAB .mat files: the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap (459
+# classes), whose class boundaries are the edge labels and whose classes decide where the distilled normals
+# count. Its labels are built with the infrastructure in the appendices: read_mat (appendix B), context_edges
+# (edge labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines) and human_parts_map (Pascal-Part
+# person parts -> 6 groups + background), both in appendix C.
 
 PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                       "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
@@ -732,7 +702,7 @@ class PascalContext(_CachedDataset):
     semantic  21 VOC classes (PASCAL_VOC_CLASSES), void 255 -> -1
     parts     7 (HUMAN_PART_NAMES); an image without annotated person parts is all -1
     saliency  distilled saliency binarised at x / 255 > 0.5
-    normal    distilled normals 2 x / 255 - 1, kept only on NORMAL_VALID_CONTEXT_CLASSES (elsewhere 0 = invalid)
+    normal    distilled normals 2 x / 255 - 1, kept on NORMAL_VALID_CONTEXT_CLASSES (elsewhere 0 = invalid)
     edge      context_edges(LabelMap)
 
     Every sample's image is resized to `size` (512x512, the aspect ratio is not kept). Training samples
@@ -748,70 +718,36 @@ class PascalContext(_CachedDataset):
     PART_NAMES = HUMAN_PART_NAMES
     tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order
     primary_tasks = dict(tasks)
-    FOLDERS = {"image": "JPEGImages", "parts": "human_parts", "saliency": "sal_distill",
-               "normal": "normals_distill", "context": os.path.join("pascal-context", "trainval")}
-    EXTENSIONS = {"image": ".jpg", "parts": ".mat", "saliency": ".png", "normal": ".png", "context": ".mat"}
-    SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))  # preferred first
+    # task -> (folder, file extension); "context" is the PASCAL-Context LabelMap
+    FILES = {"image": ("JPEGImages", ".jpg"), "parts": ("human_parts", ".mat"),
+             "saliency": ("sal_distill", ".png"), "normal": ("normals_distill", ".png"),
+             "context": (os.path.join("pascal-context", "trainval"), ".mat")}
+    # the semantic labels: the first of these folders that holds an image's file
+    SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))
 
     def __init__(self, root, split="train", size=512, augment=False, targets_at_original_size=None,
                  num_samples=None, cache=False):
-        root = _check_root(self.name, root)
-        if os.path.isdir(os.path.join(root, "PASCAL_MT")):  # the folder that holds PASCAL_MT is fine too
-            root = os.path.join(root, "PASCAL_MT")
-        self.root, self.split = root, _resolve_split(split, self.name)
+        root, self.split = _check_root(self.name, root, "PASCAL_MT"), _resolve_split(split)
         self.size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
         self.augment = bool(augment) and self.split == "train"
         if targets_at_original_size is None:
             targets_at_original_size = self.split == "val"
         self.targets_at_original_size = self.variable_size = bool(targets_at_original_size)
-        ids = self._read_ids()
-        self.paths = self._find_files(ids)
-        self.ids = ids[: self._limit(len(ids), num_samples)]
-        self.length = len(self.ids)
-        self.cache = {} if cache else None
+        ids = _read_split_list(self.name, os.path.join(root, "ImageSets", "Context"), self.split)
+        self.paths = _find_files(self.name, root, ids, self.FILES)
+        self._find_semseg(root, ids)
+        self._use(ids, num_samples, cache)
 
-    def _read_ids(self):
-        _check_folder(self.name, os.path.join(self.root, "ImageSets", "Context"))
-        return _read_split_list(self.name, os.path.join(self.root, "ImageSets", "Context", f"{self.split}.txt"))
-
-    def _find_files(self, ids):
-        """{id: {what: path}} for every id of the split; a missing folder or file is a DatasetError."""
-        paths = {i: {} for i in ids}
-        for what, folder in self.FOLDERS.items():
-            present = set(os.listdir(_check_folder(self.name, os.path.join(self.root, folder))))
-            for i in ids:
-                paths[i][what] = os.path.join(self.root, folder, i + self.EXTENSIONS[what])
-                if i + self.EXTENSIONS[what] not in present:
-                    raise dataset_error(self.name, "missing file", paths[i][what])
-        semseg = [(folder, set(os.listdir(os.path.join(self.root, folder)))) for folder in self.SEMSEG_FOLDERS
-                  if os.path.isdir(os.path.join(self.root, folder))]
-        if not semseg:
-            raise dataset_error(self.name, "no semantic label folder (semseg/VOC12 or semseg/pascal-context)",
-                                os.path.join(self.root, self.SEMSEG_FOLDERS[0]))
+    def _find_semseg(self, root, ids):
+        """Add the semantic labels to self.paths: semseg/VOC12/<id>.png, or semseg/pascal-context/<id>.png."""
+        semseg = [(folder, set(os.listdir(os.path.join(root, folder)))) for folder in self.SEMSEG_FOLDERS
+                  if os.path.isdir(os.path.join(root, folder))]
         for i in ids:
             found = [folder for folder, present in semseg if i + ".png" in present]
             if not found:
                 raise dataset_error(self.name, "missing file (in semseg/VOC12 or semseg/pascal-context)",
-                                    os.path.join(self.root, semseg[0][0], i + ".png"))
-            paths[i]["semantic"] = os.path.join(self.root, found[0], i + ".png")
-        return paths
-
-    def _mat_variable(self, path, variable):
-        try:
-            variables = read_mat(path)
-        except FileNotFoundError:
-            raise dataset_error(self.name, "missing file", path) from None
-        except MatFileError as error:
-            raise dataset_error(self.name, f"cannot read this .mat file ({error.problem})", path) from None
-        if variable not in variables:
-            raise dataset_error(self.name, f"no variable {variable!r} in this .mat file "
-                                f"(found: {', '.join(variables) or 'none'})", path)
-        return variables[variable]
-
-    def sample_files(self, index):
-        return self.paths[self.ids[index]]
+                                    os.path.join(root, self.SEMSEG_FOLDERS[0], i + ".png"))
+            self.paths[i]["semantic"] = os.path.join(root, found[0], i + ".png")
 
     def load(self, index):
         """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
@@ -819,20 +755,16 @@ class PascalContext(_CachedDataset):
         paths = self.sample_files(index)
         image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
         size = tuple(image.shape[-2:])
-        label_map = np.asarray(self._mat_variable(paths["context"], "LabelMap"))
-        if label_map.ndim != 2:
-            raise dataset_error(self.name, f"LabelMap of shape {label_map.shape}, expected (H, W)",
-                                paths["context"])
-        anno = self._mat_variable(paths["parts"], "anno")
-        try:
-            parts = human_parts_map(anno, size)
-        except (KeyError, TypeError, IndexError, ValueError) as error:  # fields missing or of the wrong kind
-            raise dataset_error(self.name, f"not a Pascal-Part annotation ({type(error).__name__}: {error})",
-                                paths["parts"]) from None
+
+        def parts_map(path):  # the Pascal-Part annotation -> human-part ids (H, W)
+            return human_parts_map(_mat_variable("anno")(path), size)
+
+        label_map = np.asarray(_read(self.name, paths["context"], _mat_variable("LabelMap"), ".mat file"))
+        parts = _read(self.name, paths["parts"], parts_map, "Pascal-Part annotation")
         saliency = _read_picture(self.name, paths["saliency"], rgb=False)
-        saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # a grey map saved as RGB: equal channels
+        saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # grey saved as RGB: equal channels
         normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
-        if normal.shape[:2] != label_map.shape:
+        if normal.shape[:2] != label_map.shape:  # also a LabelMap that is not (H, W)
             raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
                                 f"{paths['context']} is {label_map.shape}", paths["normal"])
         normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
@@ -860,6 +792,17 @@ class PascalContext(_CachedDataset):
         else:
             sample = resize_pascal_sample(sample, self.size)
         return ignore_empty_parts(sample)
+
+
+def _mat_variable(variable):
+    """A reader (for _read) of variable `variable` of a MATLAB file; a MatFileError when the file lacks it."""
+    def read(path):
+        variables = read_mat(path)
+        if variable not in variables:
+            raise MatFileError(path, f"no variable {variable!r}, only {', '.join(variables) or 'none'}")
+        return variables[variable]
+
+    return read
 
 
 def _fit_to_image(sample):
@@ -905,8 +848,8 @@ def flip_pascal_sample(sample):
 
 
 def rotate_scale_pascal_sample(sample, angle, scale):
-    """Rotate every map by `angle` degrees (counter-clockwise on screen) and zoom it by `scale` about the image
-    centre, keeping its size. Pixels that come from outside the image are 0: black image, background for
+    """Rotate every map by `angle` degrees (counter-clockwise on screen) and zoom it by `scale` about the
+    image centre, keeping its size. Pixels that come from outside the image are 0: black image, background for
     semantic and parts (not ignore), zero (invalid) normals, no edge, not salient."""
     out = dict(sample)
     if "normal" in out:
@@ -922,9 +865,10 @@ def rotate_scale_pascal_sample(sample, angle, scale):
 
 def rotate_normals(normal, angle):
     """Turn the in-plane part (x right, y down) of normals (3, H, W) as rotate_scale_pascal_sample turns the
-    image by `angle` degrees. The official code writes it with phi = atan2(n_x, n_y) and n_x' = r sin(phi + a),
-    n_y' = r cos(phi + a); expanding the sines gives this rotation. For a = 90: (1, 0, z) -> (0, -1, z), a
-    vector pointing right turns to point up, as the picture turns counter-clockwise."""
+    image by `angle` degrees. The official code writes it with phi = atan2(n_x, n_y) and
+    n_x' = r sin(phi + a), n_y' = r cos(phi + a); expanding the sines gives this rotation. For a = 90:
+    (1, 0, z) -> (0, -1, z), a vector pointing right turns to point up, as the picture turns
+    counter-clockwise."""
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     return torch.stack([c * normal[0] + s * normal[1], -s * normal[0] + c * normal[1], normal[2]])
 
@@ -935,13 +879,14 @@ def _rotation_grid(height, width, angle, scale):
     c + scale * R (p - c), R = [[cos, sin], [-sin, cos]] (counter-clockwise on screen for angle > 0; y is
     down). Each output pixel q reads the input at c + R^T (q - c) / scale."""
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                            torch.arange(width, dtype=torch.float64), indexing="ij")
     dx, dy = xs - width / 2, ys - height / 2
     source_x = width / 2 + (c * dx - s * dy) / scale
     source_y = height / 2 + (s * dx + c * dy) / scale
     # grid_sample's coordinates with align_corners=True: -1 and +1 are the centres of the first and last pixel
-    return torch.stack([2 * source_x / max(width - 1, 1) - 1, 2 * source_y / max(height - 1, 1) - 1], -1).float()
+    grid_x, grid_y = 2 * source_x / max(width - 1, 1) - 1, 2 * source_y / max(height - 1, 1) - 1
+    return torch.stack([grid_x, grid_y], -1).float()
 
 
 def resize_pascal_sample(sample, size=(512, 512), targets=True):
@@ -952,7 +897,8 @@ def resize_pascal_sample(sample, size=(512, 512), targets=True):
     size = tuple(size)
 
     def resize(x, mode):  # (C, H, W) -> (C, *size)
-        return F.interpolate(x[None], size=size, mode=mode, align_corners=False if mode == "bicubic" else None)[0]
+        align_corners = False if mode == "bicubic" else None
+        return F.interpolate(x[None], size=size, mode=mode, align_corners=align_corners)[0]
 
     if not targets:
         return dict(sample, image=resize(sample["image"], "bicubic").clamp_(0, 1))
@@ -992,19 +938,19 @@ def _resample_maps(sample, resample):
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment)
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
 # The official data is one image folder per domain, `decathlon-1.0-data/<domain>/{train,val,test}`, with one
 # sub-folder per class (torchvision's ImageFolder convention, which the MTAN code uses; class index = position
 # of the folder in sorted order). Images are small (the longer side about 72 pixels) and preprocessed exactly
-# as the MTAN code does (lorenmt/mtan, visual_decathlon/model_wrn_mtan.py): resize the shorter side to 72, crop
-# 72x72, normalise with the domain's mean and std. Training crops at random and flips; gtsrb, omniglot and svhn
-# use a centre crop and no flip (traffic signs, characters and digits change meaning when mirrored).
+# as the MTAN code does (lorenmt/mtan, visual_decathlon/model_wrn_mtan.py): resize the shorter side to 72,
+# crop 72x72, normalise with the domain's mean and std. Training crops at random and flips; gtsrb, omniglot
+# and svhn use a centre crop and no flip (traffic signs, characters and digits change meaning when mirrored).
 # Deviation: the official val loader used the training transform; here val and test use the evaluation
-# transform (centre crop, no flip).
-# The domains are DECATHLON_DOMAINS (section 2); the synthetic stand-in, SyntheticDecathlon, is appendix D.
+# transform (centre crop, no flip). The domains are DECATHLON_DOMAINS (section 2); the synthetic stand-in,
+# SyntheticDecathlon, is appendix D.
 
 DECATHLON_NO_FLIP = ("gtsrb", "omniglot", "svhn")
 
@@ -1032,8 +978,6 @@ class Decathlon(torch.utils.data.Dataset):
 
     def __init__(self, root, domain, split="train", train=None, size=72, num_samples=None):
         root = _check_root("decathlon", root)
-        if domain not in DECATHLON_DOMAINS:
-            raise ValueError(f"unknown Decathlon domain {domain!r}; valid: {', '.join(DECATHLON_DOMAINS)}")
         self.domain, self.split, self.size = domain, split, size
         self.train = split == "train" if train is None else train
         self.mean, self.std = DECATHLON_MEAN_STD[domain]
@@ -1068,10 +1012,8 @@ class Decathlon(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.files[index]
-        array = _read_picture("decathlon", path)
-        if array.ndim == 2:  # greyscale (omniglot, daimlerpedcls): three equal channels
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        image = _image_tensor("decathlon", array[:, :, :3], path)
+        # greyscale images (omniglot, daimlerpedcls) are read as three equal channels
+        image = _image_tensor("decathlon", _read_picture("decathlon", path), path)
         return {"image": self.transform(image), "label": torch.tensor(label)}
 
     def transform(self, image):
@@ -1137,9 +1079,9 @@ def normalise(image, mean, std):
     return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 7. SyntheticScenes: procedural indoor rooms (the dataset; its renderer is appendix A)
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
 # A scene is a box-shaped room (floor, four walls, ceiling, maybe a picture on the back wall) holding 1 to 5
 # primitives (spheres, boxes, cylinders) that stand on the floor. A pinhole camera near the front wall looks
@@ -1159,9 +1101,6 @@ def normalise(image, mean, std):
 #
 # Kinect-like holes: a few blobs (each a cluster of overlapping ellipses in the image) where depth and normal
 # are 0 and semantic is -1, as where a real depth sensor returns nothing. The image and the edges are kept.
-#
-# Sample i of a split comes from a seed hashed from (seed, split, i), and is bit-identical on every run and
-# machine (appendix A says how).
 
 CLASS_NAMES = ("floor", "wall", "ceiling", "picture", "sphere", "box", "cylinder")
 FLOOR, WALL, CEILING, PICTURE, SPHERE, BOX, CYLINDER = range(len(CLASS_NAMES))
@@ -1172,7 +1111,7 @@ class SyntheticScenes(_CachedDataset):
 
     SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
     and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
-    CPU (about 10 ms at 96x128 on one core); `render_batch(indices, device)` renders a whole batch at once
+    CPU; `render_batch(indices, device)` renders a whole batch at once
     with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
     the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
     96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
@@ -1183,8 +1122,6 @@ class SyntheticScenes(_CachedDataset):
 
     def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
         split = _resolve_split(split)
-        if num_samples is not None and int(num_samples) <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.split, self.seed = split, int(seed)
         self.length = int(num_samples) if num_samples is not None else self.DEFAULT_SIZES[split]
         self.resolution = parse_resolution(resolution)
@@ -1204,8 +1141,7 @@ class SyntheticScenes(_CachedDataset):
     def render_batch(self, indices, device="cpu"):
         """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
         scenes = [self.scene(self._check_index(i)) for i in indices]
-        if not scenes:
-            raise ValueError("render_batch needs at least one index")
+        assert scenes, "render_batch needs at least one index"
         return render_scenes(scenes, self.resolution, device)
 
     def load(self, index):
@@ -1223,42 +1159,37 @@ def _hashed_seed(*parts):
 def parse_resolution(resolution, flag="resolution (--resolution)"):
     """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
     resolution five times)."""
-    if isinstance(resolution, str):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution)
-        if match is None:
-            raise ValueError(f"{flag} must look like HxW (e.g. 96x128), got {resolution!r}")
-        resolution = (int(match.group(1)), int(match.group(2)))
     try:
+        if isinstance(resolution, str):
+            resolution = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution).groups()
         height, width = (int(r) for r in resolution)
-    except (TypeError, ValueError):
-        raise ValueError(f"{flag} must be (height, width) or 'HxW', got {resolution!r}") from None
+    except (AttributeError, TypeError, ValueError):  # a string that is not HxW, not a pair, not numbers
+        raise ValueError(f"{flag} must look like HxW (e.g. 96x128) or (height, width), got {resolution!r}") \
+            from None
     if height <= 0 or width <= 0 or height % 32 or width % 32:
         raise ValueError(f"{flag} must be positive multiples of 32 (e.g. 96x128 or 288x384), "
                          f"got {height}x{width}")
     return height, width
 
 
-# ===========================================================================================================
+# ------------------------------------------------------------------------------------------------------------
 # Appendices: the machinery that makes the repository self-contained
-# ===========================================================================================================
+# ------------------------------------------------------------------------------------------------------------
 #
-# Everything below exists so that the repository needs no scipy, no skimage and no download to train and
-# test: the ray caster that renders SyntheticScenes (A), a MATLAB file reader (B) and a thinning algorithm
-# with the label builders (C) for PASCAL_MT's labels, a synthetic stand-in for the Visual Decathlon (D), and
-# the pictures (E). Sections 1-7 call into it through render_scenes, sample_scene, read_mat, context_edges,
-# human_parts_map and SyntheticDecathlon.
+# Sections 1-7 call into them through render_scenes, sample_scene, read_mat, context_edges, human_parts_map
+# and SyntheticDecathlon.
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # A. The ray caster: scenes, rays, hits, shading
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
 # sample_scene draws the few numbers of a scene (room, camera, light, materials, primitives, holes) from a
 # seed; render_scenes ray-casts a batch of scenes into the samples of section 7.
 #
 # Determinism. Sample i of a split comes from a seed hashed from (seed, split, i). The scene's few numbers are
-# drawn on the CPU with a torch.Generator; the renderer then uses only +, -, *, /, sqrt, floor, comparisons and
-# min/max, which IEEE 754 rounds exactly the same way on every machine, vector width and thread count (no
+# drawn on the CPU with a torch.Generator; the renderer then uses only +, -, *, /, sqrt, floor, comparisons
+# and min/max, which IEEE 754 rounds exactly the same way on every machine, vector width and thread count (no
 # exp/sin/pow per pixel, no matmul or sum whose summation order could change). So a sample is bit-identical
 # on every run and machine, and a batch rendered at once equals the samples rendered one by one. On a GPU the
 # same code runs; the results then match the CPU's only to rounding.
@@ -1291,7 +1222,8 @@ def camera_intrinsics(height, width):
 def _rotate(v, axis, angle):
     """Rodrigues' rotation of the 3-vector `v` about the unit `axis` by `angle` (plain Python floats)."""
     c, s = math.cos(angle), math.sin(angle)
-    cross = (axis[1] * v[2] - axis[2] * v[1], axis[2] * v[0] - axis[0] * v[2], axis[0] * v[1] - axis[1] * v[0])
+    cross = (axis[1] * v[2] - axis[2] * v[1], axis[2] * v[0] - axis[0] * v[2],
+             axis[0] * v[1] - axis[1] * v[0])
     along = (1 - c) * sum(a * b for a, b in zip(axis, v))
     return tuple(v[i] * c + cross[i] * s + axis[i] * along for i in range(3))
 
@@ -1314,7 +1246,8 @@ class _Dice:
         return [x / n for x in v]
 
     def colour(self, hues, saturations, values):  # uniform in an HSV box, returned as RGB in [0, 1]
-        return list(colorsys.hsv_to_rgb(self.uniform(*hues) % 1.0, self.uniform(*saturations), self.uniform(*values)))
+        return list(colorsys.hsv_to_rgb(self.uniform(*hues) % 1.0, self.uniform(*saturations),
+                                        self.uniform(*values)))
 
 
 def _material(first, second, pattern, period, a, b):
@@ -1378,7 +1311,8 @@ def _sample_primitives(dice, half_width, depth, camera_z):
         elif kind == "boxes":
             half = [dice.uniform(0.2, 0.6), dice.uniform(0.2, 0.7), dice.uniform(0.2, 0.6)]
             turn = dice.uniform(0, math.pi / 2)
-            size, reach, half_height = half + [math.cos(turn), math.sin(turn)], math.hypot(half[0], half[2]), half[1]
+            size = half + [math.cos(turn), math.sin(turn)]
+            reach, half_height = math.hypot(half[0], half[2]), half[1]
         else:
             radius, half_height = dice.uniform(0.15, 0.45), dice.uniform(0.2, 0.8)
             size, reach = [radius, half_height], radius
@@ -1404,8 +1338,9 @@ def _sample_holes(dice):
         cx, cy = dice.uniform(0.05, 0.95), dice.uniform(0.05, 0.95)
         for _ in range(dice.integer(2, 3)):
             tilt = dice.uniform(0, math.pi)
-            holes.append([cx + dice.uniform(-0.03, 0.03), cy + dice.uniform(-0.04, 0.04), dice.uniform(0.015, 0.045),
-                          dice.uniform(0.015, 0.045), math.cos(tilt), math.sin(tilt)])
+            holes.append([cx + dice.uniform(-0.03, 0.03), cy + dice.uniform(-0.04, 0.04),
+                          dice.uniform(0.015, 0.045), dice.uniform(0.015, 0.045),
+                          math.cos(tilt), math.sin(tilt)])
     return holes
 
 
@@ -1420,8 +1355,8 @@ def sample_scene(seed):
     camera = _sample_camera(dice, half_width)
     # a directional light from above (the vector points towards the light), its strength, the ambient level
     elevation, azimuth = math.radians(dice.uniform(35, 70)), dice.uniform(0, 2 * math.pi)
-    light = [math.cos(elevation) * math.sin(azimuth), math.sin(elevation), math.cos(elevation) * math.cos(azimuth),
-             dice.uniform(0.55, 0.8), dice.uniform(0.25, 0.45)]
+    light = [math.cos(elevation) * math.sin(azimuth), math.sin(elevation),
+             math.cos(elevation) * math.cos(azimuth), dice.uniform(0.55, 0.8), dice.uniform(0.25, 0.45)]
     materials = _sample_room_materials(dice)
     picture = _sample_picture(dice, half_width, height)
     primitives = _sample_primitives(dice, half_width, depth, camera[2])
@@ -1441,11 +1376,13 @@ def sample_scene(seed):
     }
 
 
-# --- Ray casting. A vector is a tensor whose FIRST axis holds x, y, z, so `x, y, z = v` unpacks it and every
-# component is a contiguous tensor (fast elementwise ops). Rays: direction (3, B, N) with N = H * W pixels,
-# origin (3, B, 1) when a sample's rays share it (camera rays) or (3, B, N) (shadow rays). Primitive tables
-# are column-first as well, (k, B, P) for k numbers per primitive, padded to the largest P of the batch, with
-# a (B, P) mask of the real rows. The intersection functions return (B, N, P) distances, inf for a miss.
+# ---- ray casting -------------------------------------------------------------------------------------------
+#
+# A vector is a tensor whose FIRST axis holds x, y, z, so `x, y, z = v` unpacks it and every component is a
+# contiguous tensor (fast elementwise ops). Rays: direction (3, B, N) with N = H * W pixels, origin (3, B, 1)
+# when a sample's rays share it (camera rays) or (3, B, N) (shadow rays). Primitive tables are column-first as
+# well, (k, B, P) for k numbers per primitive, padded to the largest P of the batch, with a (B, P) mask of the
+# real rows. The intersection functions return (B, N, P) distances, inf for a miss.
 
 
 def dot(a, b):
@@ -1607,7 +1544,8 @@ def _stack_scenes(scenes, device):
     """A list of scenes from `sample_scene` -> one dict of column-first batched tensors on `device`."""
     batch = {key: torch.stack([s[key] for s in scenes], dim=-1).to(device)  # (k, B)
              for key in ("room", "camera", "light", "picture")}
-    batch["materials"] = torch.stack([s["materials"] for s in scenes]).permute(2, 0, 1).contiguous().to(device)
+    materials = torch.stack([s["materials"] for s in scenes])  # (B, 4, 14)
+    batch["materials"] = materials.permute(2, 0, 1).contiguous().to(device)
     for key in ("spheres", "boxes", "cylinders", "holes"):
         batch[key], batch[key + "_mask"] = _pad_columns([s[key] for s in scenes], device)
     return batch
@@ -1617,7 +1555,8 @@ def _object_tables(scene):
     """Per-sample tables indexed by object id: class (B, O) and material (14, B, O)."""
     B, device = scene["room"].shape[1], scene["room"].device
     classes = [torch.tensor(ROOM_CLASSES, device=device).expand(B, -1)]
-    materials = [scene["materials"][:, :, [1, 1, 0, 2, 1, 1, 3]]]  # ids 0..6: wall wall floor ceiling wall wall picture
+    # object ids 0..6 are wall, wall, floor, ceiling, wall, wall, picture
+    materials = [scene["materials"][:, :, [1, 1, 0, 2, 1, 1, 3]]]
     for kind, label in (("spheres", SPHERE), ("boxes", BOX), ("cylinders", CYLINDER)):
         table = scene[kind]
         classes.append(torch.full((B, table.shape[2]), label, device=device))
@@ -1748,10 +1687,7 @@ def _render(scenes, resolution, device, objects=False):
 
     # 5. Edges where the object changes (the four walls count as one object: their corners are creases).
     walls = (obj == LEFT_WALL) | (obj == RIGHT_WALL) | (obj == FRONT_WALL) | (obj == BACK_WALL)
-    ids = torch.where(walls, torch.full_like(obj, BACK_WALL), obj).reshape(B, H, W)
-    edge = torch.zeros(B, H, W, dtype=torch.bool, device=device)
-    edge[:, :, :-1] |= ids[:, :, :-1] != ids[:, :, 1:]
-    edge[:, :-1, :] |= ids[:, :-1, :] != ids[:, 1:, :]
+    edge = semantic_edges(torch.where(walls, torch.full_like(obj, BACK_WALL), obj).reshape(B, H, W))
 
     # 6. Sensor holes: invalid for depth, normal and semantic alike.
     hole = _hole_mask(s["holes"], s["holes_mask"], H, W)  # (B, N)
@@ -1767,16 +1703,16 @@ def _render(scenes, resolution, device, objects=False):
         "semantic": semantic.reshape(B, H, W).long(),
         "depth": depth.reshape(B, 1, H, W),
         "normal": channels_first(n),
-        "edge": edge[:, None].float(),
+        "edge": edge,
     }
     if objects:
         out["object"] = _scene_object_ids(obj, s).reshape(B, H, W)
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # B. A MATLAB v5 .mat reader (numpy, struct and zlib; no scipy)
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
 # The format (MathWorks, "MAT-File Format", version 5): a 128-byte header, then one data element per variable.
 # Every data element starts with an 8-byte tag, (type, number of bytes) as two uint32, and its data is padded
@@ -1808,11 +1744,20 @@ def read_mat(path):
     Returns {variable name: value}. A missing file raises FileNotFoundError; anything unreadable raises
     MatFileError naming the file (truncated, corrupt, MATLAB v4 or v7.3/HDF5, sparse or object arrays)."""
     with open(path, "rb") as f:
-        return _MatReader(f.read(), str(path)).variables()
+        raw = f.read()
+    try:
+        return _MatReader(raw, str(path)).variables()
+    except MatFileError:
+        raise
+    except (ValueError, KeyError, IndexError, struct.error) as error:  # see _MatReader
+        raise MatFileError(str(path), f"corrupt ({type(error).__name__}: {error})") from None
 
 
 class _MatReader:
-    """Walks the data elements of a MATLAB v5 file held in memory."""
+    """Walks the data elements of a MATLAB v5 file held in memory. It names the problems it checks for (the
+    header, a truncated element, a corrupt compressed variable, an unsupported class); any other inconsistency
+    of a damaged file (an unknown data type, a count of values that does not fit the dimensions, ...) ends in
+    a numpy or struct error, which read_mat reports as "corrupt"."""
 
     def __init__(self, raw, path):
         self.raw, self.path = raw, path
@@ -1825,7 +1770,8 @@ class _MatReader:
         self.endian = "<" if raw[126:128] == b"IM" else ">"
         version = struct.unpack(self.endian + "H", raw[124:126])[0]
         if version != 0x0100:
-            self.fail(f"MAT-file version 0x{version:04x} is not supported (v7.3 files are HDF5; save with -v7)")
+            self.fail(f"MAT-file version 0x{version:04x} is not supported (v7.3 files are HDF5; save with "
+                      "-v7)")
 
     def fail(self, problem):
         raise MatFileError(self.path, problem)
@@ -1842,32 +1788,33 @@ class _MatReader:
             return kind, buf[pos + 4:pos + 4 + count], pos + 8
         start = pos + 8
         if start + count > len(buf):
-            self.fail(f"truncated: the element at byte {pos} holds {count} bytes, only {len(buf) - start} follow")
+            self.fail(f"truncated: the element at byte {pos} holds {count} bytes, only {len(buf) - start} "
+                      "follow")
         padded = count if first == _MI_COMPRESSED else (count + 7) // 8 * 8  # compressed data is not padded
         return first, buf[start:start + count], start + padded
 
     def numbers(self, kind, data):
         """Element data as a 1-D numpy array of its stored type."""
-        if kind not in _MI_NUMBERS:
-            self.fail(f"corrupt: unknown data type {kind}")
-        dtype = np.dtype(self.endian + _MI_NUMBERS[kind])
-        if len(data) % dtype.itemsize:
-            self.fail(f"corrupt: {len(data)} bytes is not a whole number of {dtype.name} values")
-        return np.frombuffer(data, dtype)
+        return np.frombuffer(data, np.dtype(self.endian + _MI_NUMBERS[kind]))
+
+    def array(self, buf, pos):
+        """The array element at byte `pos` of `buf` (a variable, a cell, a struct field), compressed or not:
+        (name, value, position of the next element)."""
+        kind, data, pos = self.element(buf, pos)
+        if kind == _MI_COMPRESSED:
+            try:
+                data = zlib.decompress(data)
+            except zlib.error as error:
+                self.fail(f"corrupt compressed variable ({error})")
+            kind, data, _ = self.element(data, 0)
+        if kind != _MI_MATRIX:
+            self.fail(f"corrupt: expected an array (element type 14), found element type {kind}")
+        return (*self.matrix(data), pos)
 
     def variables(self):
         found, pos = {}, 128
         while pos < len(self.raw):
-            kind, data, pos = self.element(self.raw, pos)
-            if kind == _MI_COMPRESSED:
-                try:
-                    data = zlib.decompress(data)
-                except zlib.error as error:
-                    self.fail(f"corrupt compressed variable ({error})")
-                kind, data, _ = self.element(data, 0)
-            if kind != _MI_MATRIX:
-                self.fail(f"corrupt: expected a variable (element type 14), found element type {kind}")
-            name, value = self.matrix(data)
+            name, value, pos = self.array(self.raw, pos)
             found[name] = value
         return found
 
@@ -1875,16 +1822,12 @@ class _MatReader:
         """(name, value) of the data of an miMATRIX element."""
         if not buf:  # MATLAB writes an empty array (say [] in a struct field) as an element with no data
             return "", np.zeros((0, 0))
-        kind, flags, pos = self.element(buf, 0)
-        if kind != 6 or len(flags) != 8:
-            self.fail("corrupt: a variable does not start with its array flags")
+        _, flags, pos = self.element(buf, 0)
         flags = struct.unpack(self.endian + "II", flags)[0]
         kind, dims, pos = self.element(buf, pos)
         dims = tuple(int(d) for d in self.numbers(kind, dims))
         _, name, pos = self.element(buf, pos)
         name = name.decode("latin-1")
-        if len(dims) < 2 or min(dims) < 0:
-            self.fail(f"corrupt: variable {name!r} has dimensions {dims}")
         mx = flags & 0xFF
         if mx in _MX_NUMERIC:
             return name, self.numeric(buf, pos, mx, flags, dims)
@@ -1901,8 +1844,6 @@ class _MatReader:
         if flags & _COMPLEX_FLAG:
             kind, data, pos = self.element(buf, pos)
             values = values + 1j * self.numbers(kind, data)
-        if values.size != math.prod(dims):
-            self.fail(f"corrupt: {values.size} values for an array of shape {dims}")
         values = values.reshape(dims, order="F")
         return values != 0 if flags & _LOGICAL_FLAG else values
 
@@ -1914,24 +1855,16 @@ class _MatReader:
             codes = np.array([ord(c) for c in text], dtype=np.int64)
         else:
             codes = self.numbers(kind, data).astype(np.int64)  # usually UTF-16 code units (miUINT16)
-        if codes.size != math.prod(dims):
-            self.fail(f"corrupt: {codes.size} characters for a char array of shape {dims}")
         if dims[0] == 0 or codes.size == 0:
             return ""
-        rows = codes.reshape(dims[0], -1, order="F")  # (rows, characters per row)
+        rows = codes.reshape(dims, order="F").reshape(dims[0], -1, order="F")  # (rows, characters per row)
         text = ["".join(chr(c) for c in row) for row in rows]
         return text[0] if len(text) == 1 else text
 
     def cell(self, buf, pos, dims):
-        count = math.prod(dims)
-        if count * 8 > len(buf):  # every cell is at least an 8-byte tag
-            self.fail(f"corrupt: a cell array of shape {dims} cannot fit in {len(buf)} bytes")
-        cells = np.empty(count, dtype=object)
-        for i in range(count):
-            kind, data, pos = self.element(buf, pos)
-            if kind != _MI_MATRIX:
-                self.fail(f"corrupt: cell {i} is element type {kind}, not an array")
-            cells[i] = self.matrix(data)[1]
+        cells = np.empty(math.prod(dims), dtype=object)
+        for i in range(cells.size):
+            _, cells[i], pos = self.array(buf, pos)
         return cells.reshape(dims, order="F")
 
     def struct(self, buf, pos, dims):
@@ -1940,24 +1873,18 @@ class _MatReader:
         _, names, pos = self.element(buf, pos)
         fields = [names[i:i + length].split(b"\0")[0].decode("latin-1")
                   for i in range(0, len(names), length)] if length else []
-        count = math.prod(dims)
-        if count * len(fields) * 8 > len(buf):
-            self.fail(f"corrupt: a struct array of shape {dims} cannot fit in {len(buf)} bytes")
         items = []
-        for _ in range(count):  # the values run element by element, and field by field within an element
+        for _ in range(math.prod(dims)):  # the values run element by element, and field by field within one
             item = {}
             for field in fields:
-                kind, data, pos = self.element(buf, pos)
-                if kind != _MI_MATRIX:
-                    self.fail(f"corrupt: struct field {field!r} is element type {kind}, not an array")
-                item[field] = self.matrix(data)[1]
+                _, item[field], pos = self.array(buf, pos)
             items.append(item)
-        return items[0] if count == 1 else items
+        return items[0] if len(items) == 1 else items
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # C. Guo-Hall thinning and the Pascal-Part / PASCAL-Context label builders
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow PASCAL_VOC_CLASSES)
 # Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting (the official
@@ -1973,33 +1900,33 @@ HUMAN_PART_GROUPS = {
 # official code (SimonVandenhende/Multi-Task-Learning-PyTorch, data/pascal_context.py at d16e10b) builds it
 # from two files of its data/db_info/: every class name of nyu_classes.json (894 NYU names) that is also a
 # key of context_classes.json (459 Context names -> LabelMap id), except "unknown", mapped to its Context id,
-# plus "tvmonitor" (the NYU name is "television"). We read both files and did that intersection once: 169
-# names + tvmonitor = 170 classes.
+# plus "tvmonitor" (the NYU name is "television"): 169 names + tvmonitor = 170 classes.
 NORMAL_VALID_CONTEXT_CLASSES = {
     3: "air conditioner", 4: "antenna", 6: "ashtray", 9: "bag", 10: "ball", 11: "balloon", 13: "barrel",
     15: "basket", 17: "bathtub", 18: "bed", 22: "bench", 23: "bicycle", 29: "blackboard", 30: "board",
     33: "book", 34: "bottle", 36: "bowl", 37: "box", 38: "bracelet", 39: "brick", 41: "broom", 43: "bucket",
     46: "cabinet", 49: "cake", 50: "calculator", 51: "calendar", 53: "camera", 55: "can", 56: "candle",
     59: "car", 61: "cart", 62: "case", 65: "cat", 66: "cd", 68: "ceiling", 69: "cell phone", 72: "chair",
-    73: "chessboard", 78: "clock", 83: "coffee machine", 84: "comb", 85: "computer", 87: "cone", 88: "container",
-    95: "corkscrew", 96: "counter", 101: "crate", 104: "cup", 105: "curtain", 107: "cutting board",
-    111: "dishwasher", 113: "dog", 115: "door", 122: "drum", 124: "duck", 135: "envelope", 141: "fan",
-    142: "faucet", 143: "fax machine", 146: "fire extinguisher", 150: "fish tank", 154: "flag",
-    157: "flashlight", 158: "floor", 159: "flower", 165: "fork", 172: "fruit", 174: "furnace", 181: "glass",
-    183: "globe", 184: "glove", 191: "guitar", 193: "hammer", 195: "handle", 197: "hanger", 199: "hat",
-    202: "heater", 213: "ipod", 215: "ironing board", 216: "jar", 219: "key", 220: "keyboard", 223: "knife",
-    225: "ladder", 228: "laptop", 230: "lid", 232: "light", 233: "light bulb", 238: "lock", 239: "machine",
-    242: "map", 243: "mask", 246: "mattress", 250: "microphone", 251: "microwave", 252: "mirror", 255: "money",
-    260: "mouse", 261: "mouse pad", 263: "napkin", 269: "oven", 272: "pan", 273: "paper", 275: "paper cutter",
-    281: "pen", 283: "pencil", 284: "person", 285: "photo", 286: "piano", 287: "picture", 288: "pig",
-    290: "pillow", 291: "pipe", 292: "pitcher", 293: "plant", 295: "plate", 304: "pool table", 307: "pot",
-    309: "printer", 310: "projector", 314: "radiator", 315: "radio", 319: "range hood", 323: "remote control",
-    329: "rope", 330: "rug", 331: "ruler", 336: "scale", 342: "sculpture", 345: "sewing machine", 349: "shelves",
-    350: "shoe", 351: "shopping cart", 352: "shovel", 355: "sign", 357: "sink", 368: "sofa", 370: "spatula",
-    371: "speaker", 374: "spoon", 379: "stapler", 380: "stick", 383: "stool", 384: "stove", 397: "table",
-    401: "tape", 403: "telephone", 405: "tent", 407: "toaster", 408: "toilet", 411: "toothbrush", 412: "towel",
-    413: "toy", 414: "toy car", 417: "trampoline", 419: "tray", 421: "tricycle", 423: "trophy", 427: "tvmonitor",
-    429: "typewriter", 430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
+    73: "chessboard", 78: "clock", 83: "coffee machine", 84: "comb", 85: "computer", 87: "cone",
+    88: "container", 95: "corkscrew", 96: "counter", 101: "crate", 104: "cup", 105: "curtain",
+    107: "cutting board", 111: "dishwasher", 113: "dog", 115: "door", 122: "drum", 124: "duck",
+    135: "envelope", 141: "fan", 142: "faucet", 143: "fax machine", 146: "fire extinguisher",
+    150: "fish tank", 154: "flag", 157: "flashlight", 158: "floor", 159: "flower", 165: "fork", 172: "fruit",
+    174: "furnace", 181: "glass", 183: "globe", 184: "glove", 191: "guitar", 193: "hammer", 195: "handle",
+    197: "hanger", 199: "hat", 202: "heater", 213: "ipod", 215: "ironing board", 216: "jar", 219: "key",
+    220: "keyboard", 223: "knife", 225: "ladder", 228: "laptop", 230: "lid", 232: "light", 233: "light bulb",
+    238: "lock", 239: "machine", 242: "map", 243: "mask", 246: "mattress", 250: "microphone",
+    251: "microwave", 252: "mirror", 255: "money", 260: "mouse", 261: "mouse pad", 263: "napkin", 269: "oven",
+    272: "pan", 273: "paper", 275: "paper cutter", 281: "pen", 283: "pencil", 284: "person", 285: "photo",
+    286: "piano", 287: "picture", 288: "pig", 290: "pillow", 291: "pipe", 292: "pitcher", 293: "plant",
+    295: "plate", 304: "pool table", 307: "pot", 309: "printer", 310: "projector", 314: "radiator",
+    315: "radio", 319: "range hood", 323: "remote control", 329: "rope", 330: "rug", 331: "ruler",
+    336: "scale", 342: "sculpture", 345: "sewing machine", 349: "shelves", 350: "shoe", 351: "shopping cart",
+    352: "shovel", 355: "sign", 357: "sink", 368: "sofa", 370: "spatula", 371: "speaker", 374: "spoon",
+    379: "stapler", 380: "stick", 383: "stool", 384: "stove", 397: "table", 401: "tape", 403: "telephone",
+    405: "tent", 407: "toaster", 408: "toilet", 411: "toothbrush", 412: "towel", 413: "toy", 414: "toy car",
+    417: "trampoline", 419: "tray", 421: "tricycle", 423: "trophy", 427: "tvmonitor", 429: "typewriter",
+    430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
     443: "washing machine", 444: "watch", 446: "water dispenser", 454: "window", 457: "wire"
 }
 
@@ -2092,19 +2019,17 @@ def human_parts_map(anno, shape):
     return np.zeros(shape, dtype=np.int64) if target is None else target
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # D. The synthetic Decathlon: four classification domains rendered from the synthetic scenes
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 #
-# Four small classification domains rendered from the synthetic scenes. Each asks a different
-# question about a scene, shows the scene in its own style (so the domains have different image statistics,
-# like the real ones) and has its own number of classes. Labels come from the scene description and from the
-# renderer's object map (which object each pixel shows), and a scene is kept only when its image answers the
-# question clearly: "count", for instance, skips scenes where a primitive shows as a sliver of a few pixels.
-# Every domain is class-balanced (no class gets ahead of another by more than one sample), so chance, 1 / K,
-# is also what the best constant answer scores. The questions were chosen so that a small WRN learns every
-# one of them in a few CPU minutes; "which kind of primitive is the largest" and "which kinds are visible"
-# were tried too and stayed at chance in that budget.
+# Each domain asks a different question about a scene, shows the scene in its own style (so the domains have
+# different image statistics, like the real ones) and has its own number of classes. Labels come from the
+# scene description and from the renderer's object map (which object each pixel shows), and a scene is kept
+# only when its image answers the question clearly: "count", for instance, skips scenes where a primitive
+# shows as a sliver of a few pixels. Every domain is class-balanced (no class gets ahead of another by more
+# than one sample), so chance, 1 / K, is also what the best constant answer scores. The questions are ones a
+# small WRN learns in a few CPU minutes.
 SYNTHETIC_DECATHLON = {  # domain: (number of classes, image style, question)
     "floor": (3, "grey", "the floor's pattern: plain, planks (stripes) or tiles (checks)"),
     "walls": (2, "bgr", "are the walls painted plain or with vertical stripes"),
@@ -2128,9 +2053,11 @@ def synthetic_decathlon_label(domain, scene, objects):
     """The class of a rendered scene for `domain` (see SYNTHETIC_DECATHLON), or None when the image does not
     answer the question clearly. objects: (H, W) object ids from render_scenes(..., objects=True)."""
     colours = _primitive_colours(scene)
-    share = torch.bincount(objects.flatten(), minlength=FIRST_PRIMITIVE + len(colours)).double() / objects.numel()
-    if domain == "floor":  # materials: floor, walls, ceiling, picture; column 6 is the pattern
-        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None  # a big primitive may hide it
+    counts = torch.bincount(objects.flatten(), minlength=FIRST_PRIMITIVE + len(colours))
+    share = counts.double() / objects.numel()
+    # materials: floor, walls, ceiling, picture; column 6 is the pattern. A big primitive may hide the floor.
+    if domain == "floor":
+        return int(scene["materials"][0, 6]) if share[FLOOR_FACE] >= 0.1 else None
     if domain == "walls":
         return int(scene["materials"][1, 6]) if share[list(WALLS)].sum() >= 0.1 else None
     areas = share[FIRST_PRIMITIVE:].tolist()
@@ -2173,11 +2100,9 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
 
     DEFAULT_SIZES = {"train": 800, "val": 200}
     _statistics = {}  # (domain, resolution, seed) -> (mean, std), computed once per process
-    _rendered = {}  # (domain, split, count, resolution, seed) -> (normalised images, labels), once per process
+    _rendered = {}  # (domain, split, count, resolution, seed) -> (normalised images, labels), once per run
 
     def __init__(self, domain, split="train", num_samples=None, resolution=(64, 64), train=None, seed=0):
-        if domain not in SYNTHETIC_DECATHLON:
-            raise ValueError(f"unknown synthetic Decathlon domain {domain!r}; valid: {', '.join(SYNTHETIC_DECATHLON)}")
         split = _resolve_split(split)
         self.domain, self.split, self.seed = domain, split, seed
         self.resolution = parse_resolution(resolution)
@@ -2233,13 +2158,24 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
         return {"image": image, "label": self.labels[index]}
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # E. Pictures: colour maps, the montage, and `python data.py`
-# -----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _numpy(x):
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def _plane(x):
+    """A (1, H, W) or (H, W) map (tensor or array) as a float64 (H, W) array."""
+    x = _numpy(x).astype(np.float64)
+    return x.reshape(x.shape[-2:])
+
+
+def _uint8(x):
+    """Values in [0, 1] as uint8 0..255, clipped and rounded."""
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
 # 20 colours that stay distinguishable side by side (Sasha Trubetskoy's list of distinct colours)
@@ -2253,7 +2189,8 @@ def palette(num_classes):
     """num_classes colours as uint8 (K, 3): the 20 distinct colours, then hues spread by the golden ratio."""
     colours = list(_DISTINCT_COLOURS[:num_classes])
     for k in range(len(colours), num_classes):
-        r, g, b = colorsys.hsv_to_rgb((0.6180339887 * k) % 1.0, 0.7 if k % 2 else 0.45, 0.95 if k % 3 else 0.7)
+        saturation, value = 0.7 if k % 2 else 0.45, 0.95 if k % 3 else 0.7
+        r, g, b = colorsys.hsv_to_rgb((0.6180339887 * k) % 1.0, saturation, value)
         colours.append((round(255 * r), round(255 * g), round(255 * b)))
     return np.array(colours, dtype=np.uint8).reshape(num_classes, 3)
 
@@ -2277,15 +2214,15 @@ def colorize_depth(depth, max_depth=None, min_depth=None):
 
     The scale runs from min_depth to max_depth (default: the smallest and largest valid depth). Give a
     prediction its ground truth's range, so that both pictures use the same colours for the same depth."""
-    depth = _numpy(depth).astype(np.float64)
-    depth = depth.reshape(depth.shape[-2:])
+    depth = _plane(depth)
     valid = depth > 0
     out = np.zeros(depth.shape + (3,), dtype=np.uint8)
     if not valid.any():
         return out
     lo = min_depth if min_depth is not None else depth[valid].min()
     hi = max_depth if max_depth is not None else depth[valid].max()
-    x = np.clip((hi - depth[valid]) / max(hi - lo, 1e-12), 0, 1) * (len(_DEPTH_COLOURS) - 1)  # 0 far .. 4 near
+    # 0 (far) .. 4 (near) along the anchors
+    x = np.clip((hi - depth[valid]) / max(hi - lo, 1e-12), 0, 1) * (len(_DEPTH_COLOURS) - 1)
     i = np.minimum(np.floor(x).astype(np.int64), len(_DEPTH_COLOURS) - 2)
     t = (x - i)[:, None]
     out[valid] = ((1 - t) * _DEPTH_COLOURS[i] + t * _DEPTH_COLOURS[i + 1]).round().astype(np.uint8)
@@ -2295,16 +2232,14 @@ def colorize_depth(depth, max_depth=None, min_depth=None):
 def colorize_normal(normal):
     """Normals (3, H, W) in [-1, 1] -> uint8 (H, W, 3) as (n + 1) / 2; invalid (zero vector) black."""
     normal = _numpy(normal).astype(np.float64)
-    rgb = np.clip((normal.transpose(1, 2, 0) + 1) / 2, 0, 1)
+    rgb = (normal.transpose(1, 2, 0) + 1) / 2
     rgb[~(normal != 0).any(0)] = 0
-    return (rgb * 255).round().astype(np.uint8)
+    return _uint8(rgb)
 
 
 def _grey(mask):
     """A (1, H, W) or (H, W) map in [0, 1] -> uint8 (H, W, 3) grey picture."""
-    mask = _numpy(mask).astype(np.float64)
-    mask = mask.reshape(mask.shape[-2:])
-    return np.repeat((np.clip(mask, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    return np.repeat(_uint8(_plane(mask))[..., None], 3, axis=2)
 
 
 def montage(samples, num_classes, class_names=None):
@@ -2313,8 +2248,8 @@ def montage(samples, num_classes, class_names=None):
     titles = ["image", "semantic", "depth (near bright)", "normals", "edge", "invalid"]
     rows = []
     for s in samples:
-        image = (np.clip(_numpy(s["image"]).transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
-        rows.append(np.concatenate([image, colorize_semantic(s["semantic"], num_classes),
+        rows.append(np.concatenate([_uint8(_numpy(s["image"]).transpose(1, 2, 0)),
+                                    colorize_semantic(s["semantic"], num_classes),
                                     colorize_depth(s["depth"]), colorize_normal(s["normal"]),
                                     _grey(s["edge"]), _grey(_numpy(s["depth"]) == 0)], axis=1))
     H, W = rows[0].shape[0], rows[0].shape[1] // len(titles)
@@ -2335,7 +2270,7 @@ def montage(samples, num_classes, class_names=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Render synthetic samples with every task into a montage PNG.")
+    parser = argparse.ArgumentParser(description="Render synthetic samples, every task, into a PNG montage.")
     parser.add_argument("--out", default=os.path.join("docs", "synthetic_montage.png"), help="PNG to write")
     parser.add_argument("--num", type=int, default=4, help="number of samples (rows)")
     parser.add_argument("--resolution", default="192x256", help="HxW, multiples of 32")
@@ -2349,8 +2284,9 @@ def main(argv=None):
     if folder:
         os.makedirs(folder, exist_ok=True)
     montage(samples, len(CLASS_NAMES), CLASS_NAMES).save(args.out)
-    print(f"wrote {args.out}: {args.num} {args.split} samples at {dataset.resolution[0]}x{dataset.resolution[1]}"
-          f" (classes: {', '.join(CLASS_NAMES)})")
+    height, width = dataset.resolution
+    print(f"wrote {args.out}: {args.num} {args.split} samples at {height}x{width} (classes: "
+          f"{', '.join(CLASS_NAMES)})")
 
 
 if __name__ == "__main__":
