@@ -46,14 +46,16 @@ def test_synthetic_samples_are_bit_identical_across_constructions():
 def test_synthetic_sample_matches_its_recorded_bits():
     """A known answer: the hash of train sample 0 at 32x64, recorded when the renderer was written. It
     changes only if the scene sampler or the renderer changes (then update it, and say so: every synthetic
-    result changes with it), or if a platform rounds differently, which the renderer is written to avoid."""
+    result changes with it), or on a platform that rounds differently: with torch 2.13 on the CPU, an AMD EPYC
+    machine renders the first digest and an Intel Xeon one the second, whatever ATen's vector capability
+    (default, AVX2, AVX-512), so training results differ a little between the two as well."""
     dataset = data.SyntheticScenes("train", resolution=(32, 64))
     assert dataset.scene_seed(0) == 1604891773260832277
     sample = dataset[0]
     digest = hashlib.sha256()
     for key in ("image", "semantic", "depth", "normal", "edge"):
         digest.update(sample[key].numpy().tobytes())
-    assert digest.hexdigest()[:16] == "d00a0f196e6c2e97"
+    assert digest.hexdigest()[:16] in ("d00a0f196e6c2e97", "eeba6b448dd6077c")
 
 
 def test_render_batch_equals_stacked_getitem(scenes):
