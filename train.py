@@ -15,15 +15,14 @@ benchmark with its own loop), 6. batches and data checks, 7. multi-GPU (torchrun
 lock, checkpoints, logs, what a failed run keeps), 9. `--bench`, 10. the command line and its one-line errors.
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
-enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics live
-in eval.py (train.py imports eval.py, never the other way round).
+enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics
+live in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
 import math
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,10 +49,20 @@ import mtinet
 def cross_entropy_loss(logits, target):
     """Semantic segmentation and human parts: pixel-wise cross entropy, label -1 ignored (MTAN Eq. 5)."""
     if logits.is_cuda and torch.are_deterministic_algorithms_enabled():  # --deterministic on a GPU (eval.py)
-        total = evaluation.deterministic_cross_entropy_sum(logits.float(), target)
+        total = deterministic_cross_entropy_sum(logits.float(), target)
     else:
         total = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
     return total / (target != -1).sum().clamp_min(1)
+
+
+def deterministic_cross_entropy_sum(logits, target):
+    """F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") for (B, C, H, W) logits, from kernels
+    that are deterministic on a GPU (the loss above under --deterministic there): torch's CUDA 2-D nll_loss
+    sums with atomic adds, in an order that changes from run to run; a one-hot selection and a plain sum do
+    not. It costs a (B, C, H, W) mask."""
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    chosen = target.unsqueeze(1) == classes  # the label's class; label -1 (ignored) chooses none
+    return -torch.where(chosen, F.log_softmax(logits, dim=1), 0).sum()
 
 
 def depth_l1_loss(pred, target):
@@ -86,8 +95,8 @@ def normal_l1_loss(pred, target):
 
 
 def balanced_bce_loss(logits, target, pos_weight=None):
-    """Edges and saliency: binary cross entropy with positives weighted by w and negatives by 1 - w,
-    summed and divided by the number of pixels (MTI-Net's `BalancedCrossEntropyLoss`).
+    """Edges and saliency: binary cross entropy with positives weighted by w and negatives by 1 - w, summed
+    and divided by the number of pixels (MTI-Net's `BalancedCrossEntropyLoss`).
 
     Edges use the fixed w = 0.95; saliency uses w = (#negatives / #pixels) of the batch."""
     positive = (target >= 0.5).float()
@@ -165,10 +174,10 @@ class EqualWeighting(nn.Module):
 
 
 class UncertaintyWeighting(nn.Module):
-    """Kendall, Gal and Cipolla (CVPR 2018) as the official MTAN code applies it: one learned log-variance
-    s_k per task and the loss sum_k exp(-s_k)/2 * L_k + s_k/2, the same form for every task (classification
-    included). s starts at -0.5, so every task starts with the weight exp(0.5)/2 = 0.8244.
-    The total can become negative: the s_k/2 terms are not bounded below."""
+    """Kendall, Gal and Cipolla (CVPR 2018) as the official MTAN code applies it: one learned log-variance s_k
+    per task and the loss sum_k exp(-s_k)/2 * L_k + s_k/2, the same form for every task (classification
+    included). s starts at -0.5, so every task starts with the weight exp(0.5)/2 = 0.8244. The total can
+    become negative: the s_k/2 terms are not bounded below."""
 
     def __init__(self, num_tasks, initial=-0.5):
         super().__init__()
@@ -192,8 +201,8 @@ class DynamicWeightAverage(nn.Module):
         lambda_k(t) = K * exp(w_k(t-1) / T) / sum_i exp(w_i(t-1) / T)
 
     L_k(t) is the mean over the training batches of epoch t of the *unweighted* loss of task k (the author
-    confirmed: unweighted, issue #53). For the first two epochs there is no ratio yet and lambda = 1.
-    The weights sum to K and stay fixed for a whole epoch."""
+    confirmed: unweighted, issue #53). For the first two epochs there is no ratio yet and lambda = 1. The
+    weights sum to K and stay fixed for a whole epoch."""
 
     def __init__(self, num_tasks, temperature=2.0):
         super().__init__()
@@ -275,30 +284,24 @@ def train_one_epoch(run, epoch):
     batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch)
     augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
     loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
-    total_sum = torch.zeros((), device=device)
-    first_losses = torch.zeros_like(loss_sum)  # the first step's: check_finite's reference in the first epoch
+    first = torch.zeros_like(loss_sum)  # the first step's losses: the reference of check_epoch in epoch 1
     progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
     for step, batch in enumerate(batches):
-        losses, total = training_step(run, prepare_batch(run, batch, augment))
+        losses = training_step(run, prepare_batch(run, batch, augment))
         loss_sum += losses
-        total_sum += total
         if step == 0:
-            first_losses = losses
-        progress.maybe_print(step, total_sum)  # reads the loss (a sync) only when it prints, every 5 s
+            first = losses
+        progress.maybe_print(step, loss_sum)  # reads the loss (a sync) only when it prints, every 5 s
     counts = all_reduce(torch.tensor(float(len(batches)), device=device))
-    mean_losses = all_reduce(loss_sum) / counts.clamp_min(1)
-    first_losses = all_reduce(first_losses) / world_size()
-    mean_losses, first_losses = torch.stack([mean_losses, first_losses]).cpu()  # the one sync of the epoch
-    names = run.loss_tasks
-    check_finite(run, dict(zip(names, mean_losses.tolist())), epoch, dict(zip(names, first_losses.tolist())))
-    if not run.history:  # the first epoch of the run: did every task see a label? (section 6)
-        check_labels_seen(run, mean_losses.tolist())
-    return mean_losses
+    means = torch.stack([all_reduce(loss_sum) / counts.clamp_min(1), all_reduce(first) / world_size()]).cpu()
+    mean_losses, first_losses = (dict(zip(run.loss_tasks, m.tolist())) for m in means)  # the one sync, above
+    check_epoch(run, mean_losses, epoch, first_losses)  # diverged? every task's labels seen?
+    return means[0]
 
 
 def training_step(run, batch):
-    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed
-    task weights, before `--weighting`) and the total that was back-propagated, both still on the device."""
+    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed task
+    weights, before `--weighting`), still on the device."""
     with evaluation.autocast(run.cfg["amp"], run.device):  # bf16/fp16 forward with --amp; losses in fp32
         outputs = run.compiled(run.normalise(batch["image"]), **run.forward_kwargs)
     losses = multitask_losses(outputs, batch, run.loss_tasks, run.cfg["normal_loss"]) * run.task_weights
@@ -311,7 +314,7 @@ def training_step(run, batch):
     average_gradients_across_ranks(run.weighting)  # DDP averages the model's; uncertainty's live outside it
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return losses.detach(), total.detach()
+    return losses.detach()
 
 
 def prepare_batch(run, batch, augment):
@@ -333,22 +336,26 @@ def evaluation_due(cfg, epoch):
 EXPLOSION = 1e4  # a training loss this many times its reference has diverged, even while it is still finite
 
 
-def check_finite(run, losses, epoch, first_losses=None):
-    """Stop a diverged run before its weights overwrite the last good checkpoint (host-side, once per epoch).
-    `losses` are the epoch means {task: value}. A loss diverged when it is non-finite, or when it exceeds
-    EXPLOSION times its reference: the task's mean over the first epoch, or in the first epoch its loss at
-    the first step (`first_losses`). The message names the likely cause (divergence_hint, section 8)."""
-    reference = run.history[0]["train_loss"] if run.history else (first_losses or {})
-    since = "the first epoch" if run.history else "the first step"
+def check_epoch(run, losses, epoch, first=None):
+    """The checks after an epoch, on the host (nothing is checked per step). A diverged run stops before its
+    weights overwrite the last good checkpoint: a loss of `losses` (the epoch means {task: value}) diverged
+    when it is non-finite or above EXPLOSION times its reference, the mean over the first epoch (in the first
+    epoch: `first`, the first step's). The training samples are finite (data.py checks images and turns NaN or
+    inf targets into the 'invalid' marker as it reads them), so the cause is the optimisation. After a dense
+    run's first epoch: did every task see a label (section 6)?"""
+    reference, since = (run.history[0]["train_loss"], "the first epoch") if run.history else (first or {}, "the first step")
     bad = [t for t, v in losses.items() if not math.isfinite(v)]
     exploded = [f"{t} {v:.3g} against {reference[t]:.3g}" for t, v in losses.items()
                 if math.isfinite(v) and reference.get(t, 0) > 0 and v > EXPLOSION * reference[t]]
-    if bad:
-        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training); "
-                                 f"{divergence_hint(run, non_finite=True)}")
-    if exploded:
-        raise FloatingPointError(f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its "
-                                 f"value in {since}): {', '.join(exploded)}; {divergence_hint(run)}")
+    if bad or exploded:
+        what = (f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training)" if bad else
+                f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its value in {since}): "
+                f"{', '.join(exploded)}")
+        amp = " or --amp off" if run.cfg["amp"] == "fp16" else ""
+        raise FloatingPointError(f"{what}; {kept(run)}. The training samples are finite, so the model diverged: "
+                                 f"try a lower --lr (this run: {run.cfg['lr']:g}){amp}")
+    if not run.history and run.cfg["data"] not in DECATHLON_DATASETS:
+        check_labels_seen(run, losses)
 
 
 def set_learning_rate(optimizer, lr):
@@ -368,15 +375,18 @@ RECIPES = {
     # MTAN paper / official code: Adam 1e-4, StepLR(100, 0.5) stepped per epoch, 200 epochs, batch 2.
     "segnet": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="step", step_size=100, epochs=200,
                    batch_size=2, normal_loss="cosine", drop_last=False),
-    # MTI-Net official configs: Adam 1e-4 with (coupled L2) weight decay 1e-4, poly decay per epoch,
-    # 100 epochs, batch 8 with drop_last.
+    # MTI-Net official configs: Adam 1e-4 with (coupled L2) weight decay 1e-4, poly decay per epoch, 100
+    # epochs, batch 8 with drop_last; fixed task weights, chosen so the task losses have similar magnitudes
+    # (they multiply each task's loss before `--weighting` combines the main tasks).
     "hrnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
-                  batch_size=8, normal_loss="l1", drop_last=True),
+                  batch_size=8, normal_loss="l1", drop_last=True,
+                  task_weights={"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50.0, "parts": 2.0,
+                                "saliency": 5.0}),
     # MTAN's Visual Decathlon code: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-5, StepLR(50, 0.5),
     # 300 epochs over all domains, then 100 epochs fine-tuning every domain but ImageNet with a fresh SGD at
-    # lr 0.01; batch 128.
-    # MTI-Net official configs for the ResNet-50 (dilated, DeepLabv3 heads) models on NYUD: Adam 1e-4, weight
-    # decay 1e-4, poly, 100 epochs, batch 8. MTAN-DeepLabv3 ships without a trainer; it trains with this one.
+    # lr 0.01; batch 128. MTI-Net official configs for the ResNet-50 (dilated, DeepLabv3 heads) models on
+    # NYUD: Adam 1e-4, weight decay 1e-4, poly, 100 epochs, batch 8. MTAN-DeepLabv3 ships without a trainer;
+    # it trains with this one.
     "resnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
                    batch_size=8, normal_loss="l1", drop_last=True),
     "wrn": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, schedule="step", step_size=50, epochs=300,
@@ -388,9 +398,9 @@ RECIPES = {
 # quarter-width network at 96x128, a larger learning rate and a handful of epochs, so that a CPU run ends in
 # minutes. The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of
 # the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in about
-# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 / 50
-# / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance; lr 0.02 learns
-# faster early on than the recipe's 0.1 and ends as well. Every value can be overridden by a flag.
+# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 /
+# 50 / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance; lr 0.02
+# learns faster early on than the recipe's 0.1 and ends as well. Every value can be overridden by a flag.
 SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=320,
                         eval_every=2)
 SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_epochs=2, batch_size=16,
@@ -398,21 +408,19 @@ SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_e
 PRESETS = {"synthetic": SYNTHETIC_PRESET, "synthetic-decathlon": SYNTHETIC_DECATHLON_PRESET}
 QUICKSTART = dict(weighting="dwa")  # `python train.py` with no argument: MTAN with DWA, the paper's method
 
-# MTI-Net's fixed task weights (official configs): chosen so the task losses have similar magnitudes. They
-# multiply each task's loss before `--weighting` combines the main tasks.
-MTINET_TASK_WEIGHTS = {"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50.0, "parts": 2.0,
-                       "saliency": 5.0}
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """One `--model`: the recipe family that trains it, the class that builds it, and its constructor's
-    arguments as a function of the configuration. The checkpoint records the class and the arguments, so
-    eval.py rebuilds the model without this table."""
+    """Every fact of one `--model`: the recipe family that trains it, the class that builds it, its
+    constructor's arguments as a function of the configuration, and how it takes tasks. The checkpoint records
+    the class and the arguments (so eval.py rebuilds the model without this table), and the configuration
+    records the family and whether the run is a single-task one (what `eval.py --compare` needs)."""
     family: str  # a key of RECIPES
     cls: type  # a class of mtan.py or mtinet.py
     kwargs: Callable[[dict], dict]  # cfg -> keyword arguments of cls (plain values: they go into last.pt)
-    single_task: bool = False  # needs --task
+    single_task: bool = False  # a single-task network: needs --task
+    one_task: bool = False  # takes --task too: then a single-task network (wrn-mtan: one Decathlon domain)
+    baseline: bool = False  # on one task, a plain single-task network: --compare's reference for Delta_m
+    aux: bool = False  # deep supervision: takes --aux-tasks, and forward(return_aux=True) in training
 
 
 def _segnet(variant):
@@ -432,7 +440,7 @@ def _hrnet(cfg, aux=True):
 
 MODELS = {
     # MTAN paper, Table 2: the SegNet family (mtan.py)
-    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True),  # One Task
+    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True, baseline=True),  # One Task
     "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
     "split": ModelSpec("segnet", mtan.SegNet, _segnet("standard")),
     "split-wide": ModelSpec("segnet", mtan.SegNet, _segnet("wide")),
@@ -441,18 +449,20 @@ MODELS = {
     "cross-stitch": ModelSpec("segnet", mtan.CrossStitchSegNet, _width),
     "mtan": ModelSpec("segnet", mtan.MTAN, _width),
     # MTI-Net paper: the HRNet family (mtinet.py)
-    "mtinet": ModelSpec("hrnet", mtinet.MTINet, lambda cfg: dict(_hrnet(cfg), fpm_softmax=cfg["fpm_softmax"])),
-    "padnet": ModelSpec("hrnet", mtinet.PADNet, _hrnet),
-    "hrnet-mtl": ModelSpec("hrnet", mtinet.HRNetMultiTask, lambda cfg: _hrnet(cfg, aux=False)),
+    "mtinet": ModelSpec("hrnet", mtinet.MTINet, lambda cfg: dict(_hrnet(cfg), fpm_softmax=cfg["fpm_softmax"]),
+                        aux=True),
+    "padnet": ModelSpec("hrnet", mtinet.PADNet, _hrnet, aux=True),
+    "hrnet-mtl": ModelSpec("hrnet", mtinet.HRNetMultiTask, lambda cfg: _hrnet(cfg, aux=False), one_task=True,
+                           baseline=True),
     # The dilated ResNet-50 family (mtan.py): the official MTAN repository's MTAN-DeepLabv3, and the DeepLabv3
     # baselines of MTI-Net's ResNet-50 tables (one task: single-task; several: a shared backbone).
     "mtan-deeplab": ModelSpec("resnet", mtan.MTANDeepLabv3, _width),
-    "deeplab": ModelSpec("resnet", mtan.DeepLabv3, _width),
+    "deeplab": ModelSpec("resnet", mtan.DeepLabv3, _width, one_task=True, baseline=True),
     # MTAN paper, Table 4: Visual Decathlon, one classifier per domain; `tasks` maps domain -> classes.
     # `--width` scales the widening factor 4 of WRN-28-4.
     "wrn-mtan": ModelSpec("wrn", mtan.WideResNetMTAN, lambda cfg: dict(
         num_classes=list(cfg["tasks"].values()), domains=list(cfg["tasks"]), depth=cfg["wrn_depth"],
-        widen_factor=max(1, round(4 * cfg["width"])))),
+        widen_factor=max(1, round(4 * cfg["width"]))), one_task=True),
 }
 DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
 DECATHLON_DATASETS = list(evaluation.DECATHLON_DATASETS)
@@ -463,7 +473,8 @@ DEFAULTS = dict(
     data="synthetic",  # a dataset of data.py
     data_root=None,  # the dataset folder; None: data/<name> under the working directory
     tasks=None, aux_tasks=None,  # {task: channels}, resolved from the dataset and --task/--tasks/--aux-tasks
-    task_weights=None,  # {task: fixed loss weight}: MTI-Net's recipe, or --task-weights
+    task_weights=None,  # {task: fixed loss weight}: the recipe's (MTI-Net's), then --task-weights on top
+    family=None, single_task=False, baseline=False,  # recorded from MODELS for eval.py --compare
     weighting="equal",  # how the main task losses combine: equal, uncertainty or dwa
     temperature=2.0,  # DWA's temperature T (MTAN paper, Eq. 7)
     augment=False,  # MTAN's scale-crop-flip (NYUv2 and co.) or MTI-Net's PASCAL augmentation
@@ -497,6 +508,14 @@ DEFAULTS = dict(
     peak_tflops=None,  # the device's peak TFLOP/s for the MFU of --bench
     sync_bn=False,  # SyncBatchNorm across GPUs under torchrun
 )
+
+
+def model_facts(model, tasks):
+    """What the configuration records of MODELS for eval.py --compare: the family, whether the run is a
+    single-task one, and whether it is a plain single-task network (a baseline for Delta_m)."""
+    spec = MODELS[model]
+    single_task = len(tasks) == 1 and (spec.single_task or spec.one_task)
+    return {"family": spec.family, "single_task": single_task, "baseline": single_task and spec.baseline}
 
 
 def build_model(cfg):
@@ -583,7 +602,7 @@ def setup_run(cfg, resume_from=None):
     loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
     run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
               normalise=normalise, loss_tasks=loss_tasks,
-              forward_kwargs={"return_aux": True} if isinstance(model, (mtinet.MTINet, mtinet.PADNet)) else {},
+              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
               task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
               weighting=weighting, optimizer=build_optimizer(cfg, params, device),
               scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
@@ -610,16 +629,17 @@ def wrap_for_training(model, cfg, device):
     if world_size() > 1:
         if cfg["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and classifier);
-        # telling DDP so costs a graph traversal per step, so no other model does (tests/test_speed.py checks that
-        # every dense model trains every parameter).
+        # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and
+        # classifier); telling DDP so costs a graph traversal per step, so no other model does
+        # (tests/test_speed.py checks that every dense model trains every parameter).
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg["model"] == "wrn-mtan" and len(cfg["tasks"]) > 1)
     if cfg["compile"] and cfg["data"] in DECATHLON_DATASETS:
-        # dynamo specialises on the domain index (it picks the chain and the classifier): one graph per domain,
-        # and one more when a smaller last batch makes the batch size dynamic. Past its recompile limit (8) it
-        # would run the remaining domains eagerly without a word, so the limit is raised to what they need.
+        # dynamo specialises on the domain index (it picks the chain and the classifier): one graph per
+        # domain, and one more when a smaller last batch makes the batch size dynamic. Past its recompile
+        # limit (8) it would run the remaining domains eagerly without a word, so the limit is raised to what
+        # they need.
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 2 * len(cfg["tasks"]))
     return torch.compile(model) if cfg["compile"] else model
@@ -686,7 +706,7 @@ def run_decathlon(cfg, resume_from=None):
         start = time.time()
         torch.manual_seed(cfg["seed"] * 1000 + epoch)  # the random crops and flips: the same after a resume
         stats = train_decathlon_epoch(run, epoch)
-        check_finite(run, {d: v["loss"] for d, v in stats.items()}, epoch)
+        check_epoch(run, {d: v["loss"] for d, v in stats.items()}, epoch)
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
                   "train_loss": {d: v["loss"] for d, v in stats.items()},
                   "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
@@ -740,9 +760,9 @@ def train_decathlon_epoch(run, epoch):
 
 
 def make_loader(dataset, cfg, epoch, train):
-    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches.
-    Under torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch)
-    and evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
+    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
+    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
+    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
     # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
@@ -767,9 +787,10 @@ def epoch_batches(run, epoch):
 
 
 def check_first_samples(cfg, model, train_set, val_set):
-    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read (data.py
-    checks their labels and image range as it reads them) and their size is checked against the model, before
-    the first step. The random state is left as it was (PASCAL's training samples draw their augmentation)."""
+    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read
+    (data.py checks their labels and image range as it reads them) and their size is checked against the
+    model, before the first step. The random state is left as it was (PASCAL's training samples draw their
+    augmentation)."""
     if cfg["data"] in DECATHLON_DATASETS:
         return
     with torch.random.fork_rng(devices=[]):
@@ -795,7 +816,7 @@ def check_labels_seen(run, mean_losses):
     Only then are its valid targets counted, over the training split on the host, so the check costs nothing
     per step; none at all stops the run with one line: its head would train for days on nothing."""
     cfg, suspects = run.cfg, []
-    for task, mean in zip(run.loss_tasks, mean_losses):
+    for task, mean in mean_losses.items():
         weight = cfg["task_weights"].get(task, 1.0)
         empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
         if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
@@ -861,7 +882,8 @@ class Progress:
         self.name = f"{name}  " if name else ""  # the Decathlon's domain
         self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
 
-    def maybe_print(self, step, running_loss):
+    def maybe_print(self, step, loss_sum):
+        """`loss_sum`: the running sum of the step losses, a tensor on the device (the sum of its elements)."""
         now = time.time()
         if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
             return
@@ -869,16 +891,16 @@ class Progress:
         rate = (step + 1) * self.batch_size / (now - self.start)
         eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
         print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(running_loss) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
+              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 7. Multi-GPU (torchrun)
 #
-# `torchrun --nproc_per_node=N train.py ...` starts N copies of this script with RANK/WORLD_SIZE set. Each rank
-# trains on its shard; DDP averages the model's gradients. Everything averaged over an epoch (the DWA losses,
-# the metric accumulators) is summed across ranks, so every rank computes the same task weights and the
-# evaluation equals a single-process one. Only rank 0 prints and writes files.
+# `torchrun --nproc_per_node=N train.py ...` starts N copies of this script with RANK/WORLD_SIZE set. Each
+# rank trains on its shard; DDP averages the model's gradients. Everything averaged over an epoch (the DWA
+# losses, the metric accumulators) is summed across ranks, so every rank computes the same task weights and
+# the evaluation equals a single-process one. Only rank 0 prints and writes files.
 # ----------------------------------------------------------------------------------------------------------
 
 all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
@@ -906,8 +928,8 @@ def average_gradients_across_ranks(module):
 
 
 def broadcast_buffers(model):
-    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own
-    running statistics on its own last batches, and the evaluation must use one set of weights."""
+    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
+    statistics on its own last batches, and the evaluation must use one set of weights."""
     if world_size() > 1:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
@@ -965,8 +987,8 @@ def claim_run_folder(cfg, resuming, named):
     lock = take_lock(out)
     if not resuming and (os.path.exists(os.path.join(out, "last.pt")) or non_empty(os.path.join(out, "log.jsonl"))):
         release_lock(lock)
-        raise SystemExit(f"error: --out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} to "
-                         f"continue it, or choose another folder")
+        raise evaluation.UsageError(f"--out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} "
+                                    f"to continue it, or choose another folder")
     return lock
 
 
@@ -975,71 +997,49 @@ def non_empty(path):
 
 
 def take_lock(folder):
-    """Create folder/lock holding "pid host", atomically (a hard link of a complete file: a reader never sees
-    it half written). A lock whose process is gone (a killed run) is stale and taken over; one of a live
-    process stops this run with one line."""
+    """Create folder/lock holding this process's id, exclusively (O_CREAT | O_EXCL: of two trainers, one
+    wins). A lock whose process is gone (a killed run) is stale and taken over; a live one stops this run."""
     path = os.path.join(folder, "lock")
-    mine = f"{path}.{os.getpid()}.tmp"
-    with open(mine, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, path)  # fails if the lock exists
-                return path
-            except FileExistsError:
-                holder = lock_holder(path)
-                if holder:
-                    raise SystemExit(f"error: {folder} is in use by {holder} (another trainer is writing it); "
-                                     f"wait for it to end, or choose another folder (if no trainer runs, delete "
-                                     f"{path})") from None
-                evaluation.remove_quietly(path)  # stale: its process was killed
-        raise SystemExit(f"error: cannot take the lock {path}: other processes keep taking it")
-    finally:
-        evaluation.remove_quietly(mine)
+    for _ in range(3):
+        try:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return path
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder not in (None, os.getpid()):
+                raise evaluation.UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
+                                            f"it); wait for it to end, or choose another folder (if no trainer "
+                                            f"runs, delete {path})") from None
+            evaluation.remove_quietly(path)  # stale: its process was killed
+    raise evaluation.UsageError(f"cannot take the lock {path}: other processes keep taking it")
 
 
 def lock_holder(path):
-    """"process P on HOST" for a lock held by a live process other than this one, else None (stale)."""
+    """The id of the live process whose lock `path` is; None for no lock, an unreadable or a stale one."""
     try:
         with open(path) as f:
-            pid, host = f.read().split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None  # unreadable: no process can be told to own it
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"  # cannot be checked from here: assume it runs
-    if pid == os.getpid():
-        return None  # this process holds no run folder twice: left over from a run in it that raised
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return None
-    except PermissionError:
-        return f"process {pid}"  # exists, owned by another user
-    try:  # a killed child not yet reaped by its parent (a zombie) still answers signal 0
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
-                return None
-    except (OSError, IndexError):
+    except PermissionError:  # it exists, owned by another user
         pass
-    return f"process {pid}"
+    return pid
 
 
 def release_lock(path):
     """Remove the lock taken by take_lock, if it is still this process's."""
-    try:
-        with open(path) as f:
-            ours = int(f.read().split()[0]) == os.getpid()
-    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
-        return
-    if ours:
+    if lock_holder(path) == os.getpid():
         evaluation.remove_quietly(path)
 
 
 def open_run_folder(run):
-    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued
-    (a run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
+    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
     if is_main():
         os.makedirs(run.cfg["out"], exist_ok=True)
         evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
@@ -1071,38 +1071,6 @@ def kept(run):
     return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
 
 
-def divergence_hint(run, non_finite=False):
-    """The end of check_finite's message: what was kept, and the likely cause. A non-finite loss comes from the
-    data or from the optimisation: the training split is then scanned on the host for non-finite values (only
-    after the failure: nothing is checked per step), and the files of the first bad samples are named."""
-    cfg = run.cfg
-    cause = "the model diverged"
-    if non_finite and cfg["data"] not in DECATHLON_DATASETS:
-        bad, checked = non_finite_samples(run)
-        if bad:
-            return f"{kept(run)}. The training data hold non-finite values: {'; '.join(bad)}"
-        cause = f"the {checked} training samples are finite, so the model diverged"
-    amp = " or --amp off" if cfg["amp"] == "fp16" else ""
-    return f"{kept(run)}. {cause[0].upper() + cause[1:]}: try a lower --lr (this run: {cfg['lr']:g}){amp}"
-
-
-def non_finite_samples(run, limit=3):
-    """(up to `limit` descriptions of training samples holding NaN or inf, with their files; samples checked)."""
-    found, index = [], 0
-    with torch.random.fork_rng(devices=[]):  # PASCAL's samples draw their augmentation
-        for batch in make_loader(run.train_set, dict(run.cfg, device="cpu"), 0, train=False):
-            size = len(batch["image"])
-            for i in range(size):
-                keys = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v[i]).all()]
-                if keys and len(found) < limit:
-                    files = data.sample_files(run.train_set, index + i)
-                    paths = [files[k] for k in keys if k in files] or list(files.values())
-                    found.append(f"{', '.join(keys)} of training sample {index + i}"
-                                 + (f" ({', '.join(paths)})" if paths else ""))
-            index += size
-    return found, index
-
-
 def checkpoint_state(run):
     """Everything needed to continue exactly, in types `torch.load(weights_only=True)` accepts; `model_args`
     lets eval.py rebuild the model without train.py."""
@@ -1113,8 +1081,8 @@ def checkpoint_state(run):
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename (eval.write_atomic): a run killed at any moment
-    leaves either the previous complete checkpoint or the new one, never a truncated one."""
+    """torch.save through a temporary file and a rename (eval.write_atomic): a run killed at any moment leaves
+    either the previous complete checkpoint or the new one, never a truncated one."""
     evaluation.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -1225,11 +1193,58 @@ def draw_curves(history, path):
         for task, values in evaluated[0]["val"].items():
             key = next(iter(values))
             line = [r["val"][task][key] for r in evaluated]
-            series[f"{task} {key} {line[-1]:.3g}"] = evaluation.rescaled(line)  # the name ends with the last value
+            series[f"{task} {key} {line[-1]:.3g}"] = rescaled(line)  # the name ends with the last value
         # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
         # range, from its lowest (bottom) to its highest value (top).
         panels.append(("val metrics (each on its own range)", series, lambda v: "max" if v > 0.5 else "min"))
-    evaluation.save_panels(panels, path)
+    save_panels(panels, path)
+
+
+def save_panels(panels, path, width=360, height=260):
+    """Side-by-side line plots drawn with pillow. panels: [(title, {line name: values}, tick label of a y
+    value)], one panel per entry."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, series, tick) in enumerate(panels):
+        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
+    image.save(path)
+
+
+def rescaled(values):
+    """Values mapped linearly onto [0, 1] (their own range), for lines on different scales in one panel."""
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_panel(draw, box, title, series, tick):
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, y0 + 5), title, fill="black")
+    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    draw.text((x0 + 4, top), tick(hi), fill="black")
+    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
+    for k, (name, vs) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        n = max(len(vs) - 1, 1)
+        points = [(left + (right - left) * j / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
+                  for j, v in enumerate(vs) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        elif points:
+            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
+        draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1269,8 +1284,8 @@ def peak_tflops(cfg, device):
 
 
 def peak_of_device(name):
-    """The PEAK_TFLOPS entry whose key is a whole word of the device name ("NVIDIA A100-SXM4-80GB": A100), else
-    None. A substring test would read an "NVIDIA L40" as an L4 and an "NVIDIA A10G" as an A10."""
+    """The PEAK_TFLOPS entry whose key is a whole word of the device name ("NVIDIA A100-SXM4-80GB": A100),
+    else None. A substring test would read an "NVIDIA L40" as an L4 and an "NVIDIA A10G" as an A10."""
     words = name.replace("-", " ").split()
     return next((PEAK_TFLOPS[key] for key in PEAK_TFLOPS if key in words), None)
 
@@ -1281,9 +1296,9 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     (forward, losses, backward, optimiser), not the data loader's.
 
     Warm-up: 5 steps on a GPU (cuDNN's autotuner and torch.compile settle there), 2 on a CPU. The timed steps
-    run back to back as in training, with no synchronisation between them (eval.DeviceClock marks the
-    device's timeline). `sync_every_step` (the hidden --sync-every-step) adds the official loops' per-step
-    .item() on every loss, for the baseline."""
+    run back to back as in training, with no synchronisation between them (eval.DeviceClock marks the device's
+    timeline). `sync_every_step` (the hidden --sync-every-step) adds the official loops' per-step .item() on
+    every loss, for the baseline."""
     run = setup_run(cfg)
     device = run.device
     warmup = warmup if warmup is not None else (5 if device.type == "cuda" else 2)
@@ -1296,7 +1311,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
         training_step(run, batches[i % len(batches)])
     clock.start()
     for i in range(steps):
-        losses, _ = training_step(run, batches[(warmup + i) % len(batches)])
+        losses = training_step(run, batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
@@ -1327,8 +1342,9 @@ datasets are read from data/<name> unless --data-root says otherwise (README, "D
 
 
 # argparse `type`s: a bad number is a one-line error at parse time that names the flag and the allowed range.
-positive_int, non_negative_int = evaluation.positive_int, evaluation.non_negative_int
-positive_float, non_negative_float = evaluation.positive_float, evaluation.non_negative_float
+positive_int, non_negative_int = evaluation.positive_int, evaluation.number_type(int, 0)
+positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
+non_negative_float = evaluation.number_type(float, 0.0)
 
 
 def wrn_depth(text):
@@ -1440,8 +1456,8 @@ def build_parser():
 
 
 def resolve_config(args, parser):
-    """The configuration of a new run: DEFAULTS < the family's recipe < the synthetic preset < the typed flags.
-    Returns a plain dict (stored in checkpoints)."""
+    """The configuration of a new run: DEFAULTS < the family's recipe < the synthetic preset < the typed
+    flags. Returns a plain dict (stored in checkpoints)."""
     given = dict(vars(args))  # only the flags the user typed (build_parser's default is SUPPRESS)
     for key in ("resume", "bench", "sync_every_step"):  # what to do with the run, not part of it
         given.pop(key, None)
@@ -1473,7 +1489,13 @@ def resolve_config(args, parser):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     cfg["tasks"], cfg["aux_tasks"] = resolve_tasks(cfg, task_flags, parser)
-    cfg["task_weights"] = resolve_task_weights(cfg, task_flags["task_weights"], parser)
+    tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
+    for name in task_flags["task_weights"] or {}:
+        if name not in tasks:
+            parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
+    recipe = cfg["task_weights"] or {}  # the fixed weights of the family's recipe (MTI-Net's), then the flag
+    cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe}, **(task_flags["task_weights"] or {})}
+    cfg.update(model_facts(model, cfg["tasks"]))
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
 
@@ -1483,7 +1505,7 @@ def parse_resolution(text):
     try:
         return data.parse_resolution(text, flag="--resolution")
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise evaluation.UsageError(str(e)) from None
 
 
 def dataset_tasks(cfg):
@@ -1491,33 +1513,30 @@ def dataset_tasks(cfg):
     if cfg["data"] == "synthetic-decathlon":  # known without rendering anything
         tasks = {domain: spec[0] for domain, spec in data.SYNTHETIC_DECATHLON.items()}
         return tasks, tasks
-    try:
-        if cfg["data"] == "decathlon":
-            _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains found under ROOT
-            missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
-            if missing and not cfg.get("task"):
-                print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
-                      f"{len(tasks)} domains")
-            return tasks, tasks
-        options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
-        dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)
-    except Exception as e:  # missing folder, wrong layout: data.py's message says what is expected
-        raise SystemExit(f"error: {e}") from None
+    if cfg["data"] == "decathlon":
+        _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains found under ROOT
+        missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
+        if missing and not cfg.get("task"):
+            print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
+                  f"{len(tasks)} domains")
+        return tasks, tasks
+    options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
+    dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)  # or a DatasetError
     return tasks, dataset.tasks
 
 
 def resolve_tasks(cfg, flags, parser):
     """The main and auxiliary task dicts from the dataset and --task / --tasks / --aux-tasks."""
-    model, dataset, single_task = cfg["model"], cfg["data"], MODELS[cfg["model"]].single_task
+    model, dataset, spec = cfg["model"], cfg["data"], MODELS[cfg["model"]]
     primary, available = dataset_tasks(dict(cfg, task=flags["task"]))
     if "semantic" in available and "edge" not in available:
         available = dict(available, edge=1)  # derived from the semantic labels on the fly (data.semantic_edges)
-    if single_task and not flags["task"]:
+    if spec.single_task and not flags["task"]:
         parser.error(f"--model {model} is a single-task model: choose --task from {', '.join(primary)}")
     if flags["task"]:
         if flags["task"] not in available:
             parser.error(f"--task {flags['task']}: the {dataset} dataset has tasks {', '.join(available)}")
-        if not single_task and model not in ("hrnet-mtl", "deeplab", "wrn-mtan"):
+        if not (spec.single_task or spec.one_task):
             parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl, deeplab), not {model}")
         primary = {flags["task"]: available[flags["task"]]}
     elif flags["tasks"]:
@@ -1527,25 +1546,12 @@ def resolve_tasks(cfg, flags, parser):
         primary = {name: available[name] for name in flags["tasks"].split(",")}
     aux = {}
     for name in filter(None, (flags["aux_tasks"] or "").split(",")):
-        if model not in ("mtinet", "padnet"):
+        if not spec.aux:
             parser.error("--aux-tasks applies to --model mtinet and padnet only")
         if name not in available:
             parser.error(f"--aux-tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
         aux[name] = available[name]
     return dict(primary), aux
-
-
-def resolve_task_weights(cfg, given, parser):
-    """The fixed loss weight of every task: MTI-Net's for the HRNet family, then --task-weights (parsed by
-    task_weight_pairs) on top."""
-    weights = {}
-    if MODELS[cfg["model"]].family == "hrnet":
-        weights = {t: MTINET_TASK_WEIGHTS.get(t, 1.0) for t in list(cfg["tasks"]) + list(cfg["aux_tasks"])}
-    tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
-    for name in given or {}:
-        if name not in tasks:
-            parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
-    return {**weights, **(given or {})}
 
 
 # What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
@@ -1555,10 +1561,7 @@ RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "eval_every"
 def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
     honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
-    try:
-        resume = evaluation.load_checkpoint(args.resume)
-    except evaluation.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    resume = evaluation.load_checkpoint(args.resume)
     cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
     out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}
@@ -1567,12 +1570,12 @@ def resume_config(args, parser):
             cfg[key] = value
         elif value != recorded_flag(cfg, key, value, out):
             flag, allowed = "--" + key.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
-            raise SystemExit(f"error: {flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
+            raise evaluation.UsageError(f"{flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
                              f"which cannot change when it resumes ({allowed} can); start a new run with --out for "
                              f"another setting")
     cfg["out"] = out
     if total_epochs(cfg) < resume["epoch"]:
-        raise SystemExit(f"error: --epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
+        raise evaluation.UsageError(f"--epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
                          f"already; pass more to train longer")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         if "device" in given:
@@ -1598,35 +1601,35 @@ def recorded_flag(cfg, key, value, out):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "resume", None):
-        cfg, resume = resume_config(args, parser)
-    else:
-        cfg, resume = resolve_config(args, parser), None
-        if cfg["data"] == "synthetic" and "width" not in vars(args):
-            width = f"width {cfg['width']}, " if MODELS[cfg["model"]].family != "hrnet" else ""  # HRNet: no width
-            print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
-                  f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
-                  f"(override any of them with flags)")
-    evaluation.configure_torch(cfg)
+    lock, cfg = None, {}
     try:
+        if getattr(args, "resume", None):
+            cfg, resume = resume_config(args, parser)
+        else:
+            cfg, resume = resolve_config(args, parser), None
+            if cfg["data"] == "synthetic" and "width" not in vars(args):
+                width = f"width {cfg['width']}, " if MODELS[cfg["model"]].family != "hrnet" else ""  # no width
+                print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
+                      f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
+                      f"(override any of them with flags)")
+        evaluation.configure_torch(cfg)
         if getattr(args, "bench", None):
-            with evaluation.one_line_errors():
-                result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
+            result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
             say(evaluation.strict_json(result))  # under torchrun: rank 0's figures (images/s per rank)
             return result
         # Only the first process writes the run folder (under torchrun: rank 0, before the process group exists).
-        first_process = int(os.environ.get("RANK", "0")) == 0
-        with evaluation.one_line_errors():  # an unwritable --out: one line
-            lock = claim_run_folder(cfg, resume is not None, "out" in vars(args)) if first_process else None
-        try:
-            with evaluation.one_line_errors(f" ({cfg['out']} keeps its last good checkpoint: free some space, "
-                                            f"then pass --resume {cfg['out']})"):
-                if cfg["data"] in DECATHLON_DATASETS:
-                    return run_decathlon(cfg, resume)
-                return run_training(cfg, resume)
-        finally:
-            release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (ignored)
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = claim_run_folder(cfg, resume is not None, "out" in vars(args))
+        if cfg["data"] in DECATHLON_DATASETS:
+            return run_decathlon(cfg, resume)
+        return run_training(cfg, resume)
+    except (data.DatasetError, evaluation.CheckpointError, evaluation.UsageError, FloatingPointError,
+            OSError) as error:  # a user's mistake: one line (a bug keeps its traceback)
+        out = cfg.get("out")
+        hint = f" ({out} keeps its last good checkpoint: free some space, then pass --resume {out})" if lock else ""
+        sys.exit(evaluation.error_line(error, hint))
     finally:
+        release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (taken over)
         leave_distributed()
 
 

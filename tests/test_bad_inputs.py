@@ -71,7 +71,7 @@ def live_lock(tmp, run, monkeypatch):
     """A copy whose lock is held by a live process: this test's parent."""
     places = copy_of_run(tmp, run, monkeypatch)
     with open(os.path.join(places["copy"], "lock"), "w") as f:
-        f.write(f"{os.getppid()} {train.socket.gethostname()}\n")
+        f.write(f"{os.getppid()}\n")
     return places
 
 
@@ -281,7 +281,7 @@ def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid belongs to no process now
     with open(os.path.join(copy, "lock"), "w") as f:
-        f.write(f"{dead.pid} {train.socket.gethostname()}\n")
+        f.write(f"{dead.pid}\n")
     train.main(["--resume", copy])  # already finished: rebuilds the table only
     assert not os.path.exists(os.path.join(copy, "lock"))
 
@@ -312,14 +312,14 @@ def test_the_divergence_rule(finished_run):
     step's loss. The message says what was kept and, the data being finite, to lower --lr."""
     args = train.build_parser().parse_args(TINY + ["--out", finished_run])
     run = train.setup_run(train.resolve_config(args, train.build_parser()))
-    train.check_finite(run, {"depth": 5e4}, 0, {"depth": 10.0})  # 5e3 times the first step: fine
+    train.check_epoch(run, {"depth": 5e4}, 0, {"depth": 10.0})  # 5e3 times the first step: fine
     with pytest.raises(FloatingPointError, match=r"exploded in epoch 1 .*depth 2e\+05 against 10.*--lr"):
-        train.check_finite(run, {"depth": 2e5}, 0, {"depth": 10.0})
+        train.check_epoch(run, {"depth": 2e5}, 0, {"depth": 10.0})
     run.history = [{"train_loss": {"depth": 1.0}}]
     with pytest.raises(FloatingPointError, match=r"first epoch.*without overwriting .*last.pt \(epoch 1"):
-        train.check_finite(run, {"depth": 2e4}, 1)
+        train.check_epoch(run, {"depth": 2e4}, 1)
     with pytest.raises(FloatingPointError, match=r"non-finite loss for depth.*training samples are finite"):
-        train.check_finite(run, {"depth": float("nan")}, 1)
+        train.check_epoch(run, {"depth": float("nan")}, 1)
 
 
 def test_json_files_are_strict():

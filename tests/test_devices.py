@@ -171,11 +171,11 @@ def test_cross_entropy_stand_in_is_torchs():
     logits = torch.randn(2, 5, 6, 7, requires_grad=True)
     target = torch.randint(-1, 5, (2, 6, 7))
     reference = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
-    out = evaluation.deterministic_cross_entropy_sum(logits, target)
+    out = train.deterministic_cross_entropy_sum(logits, target)
     assert out.item() == pytest.approx(reference.item(), rel=1e-6)
     grads = [torch.autograd.grad(value, logits)[0] for value in (reference, out)]
     assert torch.allclose(*grads, atol=1e-6)
-    assert evaluation.deterministic_cross_entropy_sum(logits, torch.full((2, 6, 7), -1)).item() == 0
+    assert train.deterministic_cross_entropy_sum(logits, torch.full((2, 6, 7), -1)).item() == 0
 
 
 def test_global_pool_is_adaptive_average_pooling():

@@ -379,7 +379,7 @@ def test_mtinet_trains_on_the_fake_tree(pascal_root):
     model = mtinet.MTINet(tasks)
     assert sum(p.numel() for p in model.parameters()) == 24_494_171
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
-    weights = torch.tensor([train.MTINET_TASK_WEIGHTS[t] for t in tasks])
+    weights = torch.tensor([train.RECIPES["hrnet"]["task_weights"][t] for t in tasks])
     assert weights.tolist() == [1.0, 2.0, 5.0, 10.0, 50.0]
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     before = model.backbone.conv1.weight.detach().clone()

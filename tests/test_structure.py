@@ -70,18 +70,6 @@ def test_eval_rebuilds_the_model_without_train_py(finished_run, tmp_path):
         "tasks": {"semantic": 7, "depth": 1, "normal": 3}, "width": 0.0625}}
 
 
-def test_a_checkpoint_without_model_args_still_evaluates(finished_run, tmp_path):
-    """Checkpoints written before they recorded model_args: the model is rebuilt from the --model name."""
-    ckpt = torch.load(os.path.join(finished_run, "last.pt"), weights_only=True)
-    del ckpt["model_args"]
-    old = tmp_path / "old"
-    old.mkdir()
-    torch.save(ckpt, old / "last.pt")
-    report = evaluation.main(["--checkpoint", str(old), "--device", "cpu"])
-    final = json.load(open(os.path.join(finished_run, "metrics.json")))["final"]
-    assert report["metrics"]["semantic"]["miou"] == pytest.approx(final["semantic"]["miou"], rel=1e-6)
-
-
 def test_the_canonical_command_reads_data_from_data_name(tmp_path, monkeypatch, capsys):
     """`python train.py --model mtinet --data nyuv2` with no --data-root: the data is in data/nyuv2."""
     monkeypatch.chdir(tmp_path)
