@@ -1,18 +1,22 @@
 """Train any model of this repository on any dataset: `python train.py --model mtinet --data nyuv2`.
 
-Sections 1-4 are the training, to be read top to bottom:
+Sections 1-5 are the training, to be read top to bottom:
 
 1. Losses, one per task, written once (the MTAN recipe and the MTI-Net recipe).
 2. Task weighting: equal, uncertainty (Kendall et al.) and DWA (MTAN paper, Eq. 7). Each is a small class that
    depends on torch only, so it can be lifted into another training loop.
 3. The loop, on one screen: `run_training` (the epochs, where DWA updates its weights) -> `train_one_epoch`
-   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step).
-4. Models, recipes and configuration: which class each `--model` builds, the published recipe of each model
-   family, every configuration key with its default, and the `Run` that holds one run's state.
+   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step), and the checks
+   after each epoch.
+4. The loop's helpers, in the order it calls them: the schedule and the optimiser, the batches, the progress
+   line, the run folder's log, checkpoint and final table, and the few torchrun helpers.
+5. Models, recipes and configuration: which class each `--model` builds and what else it implies (`ModelSpec`),
+   the published recipe of each model family, every configuration key with its default, and the `Run` that
+   holds one run's state.
 
-Sections 5-10 are machinery you can skip on a first reading: 5. the Visual Decathlon (a classification
-benchmark with its own loop), 6. batches and data checks, 7. multi-GPU (torchrun), 8. the run folder (its
-lock, checkpoints, logs, what a failed run keeps), 9. `--bench`, 10. the command line and its one-line errors.
+Sections 6-11 are machinery you can skip on a first reading: 6. the Visual Decathlon (a classification
+benchmark with its own loop), 7. the data checks before training and --data-on-device, 8. joining torchrun's
+process group, 9. the run folder (its lock, checkpoints, curves), 10. `--bench`, 11. the command line.
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
 enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics
@@ -37,14 +41,13 @@ import eval as evaluation  # `eval` is a Python builtin; the module keeps its fi
 import mtan
 import mtinet
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. Losses
 #
 # Every loss returns a 0-dim fp32 tensor and divides by `mask.sum().clamp_min(1)`: the count stays on the
 # device (the official code's `torch.nonzero(...).size(0)` forces a host sync every step), and a batch with no
 # valid pixel gives a loss of 0 instead of NaN.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def cross_entropy_loss(logits, target):
     """Semantic segmentation and human parts: pixel-wise cross entropy, label -1 ignored (MTAN Eq. 5)."""
@@ -148,13 +151,12 @@ def multitask_losses(outputs, batch, loss_tasks, normal_loss):
     return torch.stack(losses)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. Task weighting
 #
 # Each weighting turns the (K,) vector of task losses into one scalar to back-propagate. All three keep their
 # state as tensors or plain lists, so a checkpoint stores them and resume is exact.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 class EqualWeighting(nn.Module):
     """Equal weighting: the plain sum of the task losses (the official code sums, it does not average)."""
@@ -201,7 +203,7 @@ class DynamicWeightAverage(nn.Module):
         lambda_k(t) = K * exp(w_k(t-1) / T) / sum_i exp(w_i(t-1) / T)
 
     L_k(t) is the mean over the training batches of epoch t of the *unweighted* loss of task k (the author
-    confirmed: unweighted, issue #53). For the first two epochs there is no ratio yet and lambda = 1. The
+    confirmed: unweighted, lorenmt/mtan issue #53). For the first two epochs there is no ratio yet and lambda = 1. The
     weights sum to K and stay fixed for a whole epoch."""
 
     def __init__(self, num_tasks, temperature=2.0):
@@ -242,14 +244,13 @@ def build_weighting(name, num_tasks, temperature=2.0):
     raise ValueError(f"--weighting must be one of equal, uncertainty, dwa (got {name!r})")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. The loop
 #
 # Three functions, each calling the next. Nothing inside an epoch waits for the device: the losses are summed
 # on the device and read once per epoch, so a GPU never idles while Python catches up. The batches of an epoch
 # depend only on (seed, epoch), which makes a resumed run continue exactly where the killed one stopped.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def run_training(cfg, resume_from=None):
     """Train (or continue) a dense multi-task run; returns the final metrics, also written to metrics.json."""
@@ -335,7 +336,6 @@ def evaluation_due(cfg, epoch):
 
 EXPLOSION = 1e4  # a training loss this many times its reference has diverged, even while it is still finite
 
-
 def check_epoch(run, losses, epoch, first=None):
     """The checks after an epoch, on the host (nothing is checked per step). A diverged run stops before its
     weights overwrite the last good checkpoint: a loss of `losses` (the epoch means {task: value}) diverged
@@ -358,18 +358,289 @@ def check_epoch(run, losses, epoch, first=None):
         check_labels_seen(run, losses)
 
 
+def check_labels_seen(run, mean_losses):
+    """End of a run's first epoch: did every task see a label? A task's epoch-mean loss equals the loss of a
+    batch without any valid target (0; 1 for the cosine normal loss: 1 - 0) only when it saw (almost) none.
+    Only then are its valid targets counted, over the training split on the host, so the check costs nothing
+    per step; none at all stops the run with one line: its head would train for days on nothing."""
+    cfg, suspects = run.cfg, []
+    for task, mean in mean_losses.items():
+        weight = cfg["task_weights"].get(task, 1.0)
+        empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
+        if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
+            suspects.append(task)
+    if not suspects:
+        return
+    counts = torch.zeros(len(suspects), dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        for batch in make_loader(run.train_set, dict(cfg, device="cpu"), 0, train=False):
+            counts += torch.stack([valid_targets(task, batch[task]).double() for task in suspects])
+    counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
+    empty = [task for task, count in zip(suspects, counts) if count == 0]
+    if empty:
+        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
+        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
+        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
+        raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
+                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
+                                f"0); a head without labels learns nothing: check the files, or leave the task "
+                                f"out with --tasks")
+
+
+def valid_targets(task, target):
+    """How many targets of a batch the loss of `task` counts (the masks of section 1); None for tasks whose
+    every pixel is a target (edges, saliency)."""
+    if task in ("semantic", "parts"):
+        return (target != -1).sum()
+    if task == "depth":
+        return (target != 0).sum()
+    if task == "normal":
+        return normal_validity(target).sum()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. The loop's helpers: schedule and optimiser, batches, progress, the run folder's files, torchrun
+#
+# What the loop calls on every run, in the order it calls them. Under torchrun (`torchrun --nproc_per_node=N
+# train.py ...`) each rank trains on its shard and DDP averages the model's gradients; everything averaged
+# over an epoch (the DWA losses, the metric accumulators) is summed across ranks, so every rank computes the
+# same task weights and the evaluation equals a single-process one. Only rank 0 prints and writes files.
+# ------------------------------------------------------------------------------------------------------------
+
+def learning_rate(cfg, epoch):
+    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
+    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
+    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
+        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
+    if cfg["schedule"] == "step":
+        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
+    if cfg["schedule"] == "poly":
+        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
+    return cfg["lr"]
+
+
 def set_learning_rate(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Models, recipes and configuration
+def build_optimizer(cfg, params, device, lr=None):
+    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times faster
+    # than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf check to the
+    # fused kernel instead of reading it on the host.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
+    lr = cfg["lr"] if lr is None else lr
+    if cfg["optimizer"] == "sgd":
+        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
+        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
+        # path handles that and is still one multi-tensor update.
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
+                               foreach=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
+
+
+def make_loader(dataset, cfg, epoch, train):
+    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
+    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
+    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
+    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+    drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
+    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
+    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
+    sampler = None
+    if world_size() > 1 and train:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    elif world_size() > 1:
+        sampler = list(range(rank(), len(dataset), world_size()))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        generator=generator if train and sampler is None else None, drop_last=drop_last,
+        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
+
+
+def epoch_batches(run, epoch):
+    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
+    if run.train_tensors is not None:
+        return DeviceBatches(run.train_tensors, run.cfg, epoch)
+    return make_loader(run.train_set, run.cfg, epoch, train=True)
+
+
+class Progress:
+    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
+    host-device synchronisation of the training loop, and it happens only when a line is printed."""
+
+    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
+        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
+        self.name = f"{name}  " if name else ""  # the Decathlon's domain
+        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
+
+    def maybe_print(self, step, loss_sum):
+        """`loss_sum`: the running sum of the step losses, a tensor on the device (the sum of its elements)."""
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
+            return
+        self.last = now
+        rate = (step + 1) * self.batch_size / (now - self.start)
+        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
+        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
+              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
+
+
+def open_run_folder(run):
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
+    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    if is_main():
+        os.makedirs(run.cfg["out"], exist_ok=True)
+        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
+                                     os.path.join(run.cfg["out"], "log.jsonl"))
+    say(describe(run))
+
+
+def describe(run):
+    cfg = run.cfg
+    params = sum(p.numel() for p in run.model.parameters())
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
+            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
+            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
+            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+
+
+def save_epoch(run, record):
+    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png. An epoch
+    whose val metrics are not finite is not saved: the run stops, and last.pt keeps the last good epoch."""
+    say(summary_line(record))
+    bad = evaluation.non_finite_metrics(record.get("val", {}))
+    if bad:
+        raise FloatingPointError(f"non-finite val metrics ({', '.join(bad)}) in epoch {record['epoch']}: the model "
+                                 f"diverged, or the val split has no valid target for them; {kept(run)}")
+    run.history.append(record)
+    if is_main():
+        out = run.cfg["out"]
+        save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(evaluation.strict_json(record) + "\n")
+        draw_curves(run.history, os.path.join(out, "curves.png"))
+
+
+def summary_line(record):
+    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
+    text = f"epoch {record['epoch']} done: train loss [{losses}]"
+    if "task_weights" in record:
+        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
+    text += f" lr {record['lr']:.2e}"
+    if "val" in record:
+        text += "\n  val " + evaluation.format_metrics(record["val"])
+    return text
+
+
+def kept(run):
+    """What a run stopped by an error leaves: the checkpoint of its last good epoch, if any."""
+    if not run.history:
+        return "stopped before writing a checkpoint"
+    return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
+
+
+def finish(run, format_rows, yardstick=None):
+    """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
+    plus `yardstick(run)`'s metrics when given (the quickstart's constant predictor)."""
+    cfg = run.cfg
+    evaluated = [r["val"] for r in run.history if "val" in r]
+    last10 = evaluated[-10:]
+    result = {"final": evaluated[-1], "mean_last_10": evaluation.average_results(last10),
+              "epochs": len(run.history), "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
+              "next_task_weights": run.weighting.weights().tolist()}
+    if not is_main():
+        return result
+    rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
+    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
+    if yardstick is not None and world_size() == 1:
+        result["trivial"] = yardstick(run)
+        rows.append(("trivial predictor", result["trivial"]))
+    evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
+    print("\nfinal evaluation (val split):")
+    print(format_rows(rows))
+    return result
+
+
+@torch.no_grad()
+def trivial_baseline(run):
+    """Metrics of the best input-independent predictor, as a yardstick for the final table: the most frequent
+    training class, the mean training depth, the mean training normal direction (edges: none)."""
+    cfg, device, tasks = run.cfg, run.device, run.cfg["tasks"]
+    constants = {"semantic": torch.zeros(tasks.get("semantic", 1), device=device),
+                 "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
+    for batch in make_loader(run.train_set, cfg, 0, train=False):
+        batch = evaluation.to_device(batch, device)
+        # masks multiply in rather than index: boolean indexing would wait for the device on every batch
+        if "semantic" in tasks:
+            labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
+            constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
+        if "depth" in tasks:
+            valid = (batch["depth"] != 0).float()
+            constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
+        if "normal" in tasks:
+            constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
+    prediction = {"semantic": (constants["semantic"] == constants["semantic"].max()).float(),
+                  "depth": constants["depth"][:1] / constants["depth"][1].clamp_min(1),
+                  "normal": F.normalize(constants["normal"], dim=0), "edge": torch.full((1,), -10.0, device=device)}
+
+    class Constant(nn.Module):
+        def forward(self, image):
+            shape = (image.shape[0], -1, *image.shape[-2:])
+            return {t: prediction[t].view(1, -1, 1, 1).expand(shape) for t in tasks}
+
+    loader = make_loader(run.val_set, cfg, 0, train=False)
+    return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
+                               cfg["amp"], cfg["channels_last"])
+
+
+def say(text):
+    if is_main():
+        print(text, flush=True)
+
+
+all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def average_gradients_across_ranks(module):
+    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
+    if world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce(p.grad).div_(world_size())
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
+    statistics on its own last batches, and the evaluation must use one set of weights."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. Models, recipes and configuration
 #
 # RECIPES holds each model family's published training recipe, MODELS says which class every `--model` builds,
 # DEFAULTS lists every configuration key. A run's configuration is one merge, later sources winning:
 # DEFAULTS < the family's recipe < the synthetic-data preset < the flags the user typed (`resolve_config`).
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 RECIPES = {
     # MTAN paper / official code: Adam 1e-4, StepLR(100, 0.5) stepped per epoch, 200 epochs, batch 2.
@@ -394,19 +665,21 @@ RECIPES = {
                 wrn_depth=28),
 }
 
+
 # The embedded synthetic scenes are a smoke test and a teaching aid, not a benchmark: on them the default is a
 # quarter-width network at 96x128, a larger learning rate and a handful of epochs, so that a CPU run ends in
 # minutes. The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of
-# the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in about
-# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 /
-# 50 / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance; lr 0.02
-# learns faster early on than the recipe's 0.1 and ends as well. Every value can be overridden by a flag.
+# the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in
+# minutes on a CPU (README, "Visual Decathlon"). Fewer steps (e.g. batch 50 on 400 images) leave the harder
+# domains at chance; lr 0.02 learns faster early on than the recipe's 0.1 and ends as well. Every value can be
+# overridden by a flag.
 SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=320,
                         eval_every=2)
 SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_epochs=2, batch_size=16,
                                   lr=0.02, step_size=4)
 PRESETS = {"synthetic": SYNTHETIC_PRESET, "synthetic-decathlon": SYNTHETIC_DECATHLON_PRESET}
 QUICKSTART = dict(weighting="dwa")  # `python train.py` with no argument: MTAN with DWA, the paper's method
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -464,8 +737,11 @@ MODELS = {
         num_classes=list(cfg["tasks"].values()), domains=list(cfg["tasks"]), depth=cfg["wrn_depth"],
         widen_factor=max(1, round(4 * cfg["width"]))), one_task=True),
 }
+
+
 DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
 DECATHLON_DATASETS = list(evaluation.DECATHLON_DATASETS)
+
 
 DEFAULTS = dict(
     # what to train
@@ -530,35 +806,8 @@ def model_args(cfg):
     return {"module": spec.cls.__module__, "class": spec.cls.__name__, "kwargs": spec.kwargs(cfg)}
 
 
-def learning_rate(cfg, epoch):
-    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
-    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
-    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
-        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
-    if cfg["schedule"] == "step":
-        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
-    if cfg["schedule"] == "poly":
-        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
-    return cfg["lr"]
-
-
 def total_epochs(cfg):
     return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
-
-
-def build_optimizer(cfg, params, device, lr=None):
-    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4): on a 2-core CPU,
-    # Adam's step over MTAN's 44M parameters takes 24 ms fused against 117 ms with the default per-parameter
-    # loop. With fp16, GradScaler hands its inf check to the fused kernel instead of reading it on the host.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
-    lr = cfg["lr"] if lr is None else lr
-    if cfg["optimizer"] == "sgd":
-        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
-        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
-        # path handles that and is still one multi-tensor update.
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
-                               foreach=True)
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
 
 
 @dataclass
@@ -682,19 +931,18 @@ def load_pretrained(model, path):
     say(f"loaded ImageNet {kind} weights from {path}; skipped {len(skipped)} classifier keys")
 
 
-# ==========================================================================================================
-# Appendix: the machinery. Sections 5-10 are not needed to understand the training of MTAN or MTI-Net.
-# ==========================================================================================================
+# ============================================================================================================
+# Appendix: the machinery. Sections 6-11 are not needed to understand the training of MTAN or MTI-Net.
+# ============================================================================================================
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. The Visual Decathlon (wrn-mtan, MTAN paper Sec. 4.3)
+# ------------------------------------------------------------------------------------------------------------
+# 6. The Visual Decathlon (wrn-mtan, MTAN paper Sec. 4.3)
 #
 # Classification domains never share a batch: as in the official code, each epoch visits the domains in turn,
 # each with a full pass over its own training data, its own attention chain and classifier, and plain cross
 # entropy. No task weighting is involved. After `epochs` epochs comes the fine-tuning phase: a fresh SGD at
 # `finetune_lr` for `finetune_epochs` more epochs over every domain but ImageNet.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def run_decathlon(cfg, resume_from=None):
     """The Decathlon's counterpart of run_training: per-domain passes, accuracy, and each domain evaluated
@@ -754,37 +1002,9 @@ def train_decathlon_epoch(run, epoch):
     return stats
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Batches, and the checks of the data: the first samples before training, the labels after the first epoch
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_loader(dataset, cfg, epoch, train):
-    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
-    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
-    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
-    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
-    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
-    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
-    sampler = None
-    if world_size() > 1 and train:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    elif world_size() > 1:
-        sampler = list(range(rank(), len(dataset), world_size()))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        generator=generator if train and sampler is None else None, drop_last=drop_last,
-        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
-
-
-def epoch_batches(run, epoch):
-    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
-    if run.train_tensors is not None:
-        return DeviceBatches(run.train_tensors, run.cfg, epoch)
-    return make_loader(run.train_set, run.cfg, epoch, train=True)
-
+# ------------------------------------------------------------------------------------------------------------
+# 7. The data before training: the first samples checked, the training split held on the device
+# ------------------------------------------------------------------------------------------------------------
 
 def check_first_samples(cfg, model, train_set, val_set):
     """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read
@@ -796,47 +1016,6 @@ def check_first_samples(cfg, model, train_set, val_set):
     with torch.random.fork_rng(devices=[]):
         for split, dataset in (("train", train_set), ("val", val_set)):
             evaluation.check_first_samples(model, dataset, split)
-
-
-def valid_targets(task, target):
-    """How many targets of a batch the loss of `task` counts (the masks of section 1); None for tasks whose
-    every pixel is a target (edges, saliency)."""
-    if task in ("semantic", "parts"):
-        return (target != -1).sum()
-    if task == "depth":
-        return (target != 0).sum()
-    if task == "normal":
-        return normal_validity(target).sum()
-    return None
-
-
-def check_labels_seen(run, mean_losses):
-    """End of a run's first epoch: did every task see a label? A task's epoch-mean loss equals the loss of a
-    batch without any valid target (0; 1 for the cosine normal loss: 1 - 0) only when it saw (almost) none.
-    Only then are its valid targets counted, over the training split on the host, so the check costs nothing
-    per step; none at all stops the run with one line: its head would train for days on nothing."""
-    cfg, suspects = run.cfg, []
-    for task, mean in mean_losses.items():
-        weight = cfg["task_weights"].get(task, 1.0)
-        empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
-        if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
-            suspects.append(task)
-    if not suspects:
-        return
-    counts = torch.zeros(len(suspects), dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
-        for batch in make_loader(run.train_set, dict(cfg, device="cpu"), 0, train=False):
-            counts += torch.stack([valid_targets(task, batch[task]).double() for task in suspects])
-    counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
-    empty = [task for task, count in zip(suspects, counts) if count == 0]
-    if empty:
-        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
-        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
-        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
-        raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
-                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
-                                f"0); a head without labels learns nothing: check the files, or leave the task "
-                                f"out with --tasks")
 
 
 def stack_on_device(dataset, device, workers=0):
@@ -873,67 +1052,9 @@ class DeviceBatches:
             yield {key: value[index] for key, value in self.tensors.items()}
 
 
-class Progress:
-    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
-    host-device synchronisation of the training loop, and it happens only when a line is printed."""
-
-    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
-        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
-        self.name = f"{name}  " if name else ""  # the Decathlon's domain
-        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
-
-    def maybe_print(self, step, loss_sum):
-        """`loss_sum`: the running sum of the step losses, a tensor on the device (the sum of its elements)."""
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
-            return
-        self.last = now
-        rate = (step + 1) * self.batch_size / (now - self.start)
-        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
-        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Multi-GPU (torchrun)
-#
-# `torchrun --nproc_per_node=N train.py ...` starts N copies of this script with RANK/WORLD_SIZE set. Each
-# rank trains on its shard; DDP averages the model's gradients. Everything averaged over an epoch (the DWA
-# losses, the metric accumulators) is summed across ranks, so every rank computes the same task weights and
-# the evaluation equals a single-process one. Only rank 0 prints and writes files.
-# ----------------------------------------------------------------------------------------------------------
-
-all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def is_main():
-    return rank() == 0
-
-
-def average_gradients_across_ranks(module):
-    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
-    if world_size() == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce(p.grad).div_(world_size())
-
-
-def broadcast_buffers(model):
-    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
-    statistics on its own last batches, and the evaluation must use one set of weights."""
-    if world_size() > 1:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, 0)
-
+# ------------------------------------------------------------------------------------------------------------
+# 8. Joining and leaving the process group (torchrun)
+# ------------------------------------------------------------------------------------------------------------
 
 def init_distributed(cfg):
     """Join the process group when started by torchrun; returns the device of this rank."""
@@ -958,16 +1079,15 @@ def leave_distributed():
         torch.distributed.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Checkpoints and logs
+# ------------------------------------------------------------------------------------------------------------
+# 9. The run folder: its lock, checkpoints, curves
 #
 # A run folder holds last.pt (written atomically after every epoch), log.jsonl (one line per epoch),
 # curves.png and, at the end, metrics.json. Reading a checkpoint is eval.py's `load_checkpoint`. While a
 # trainer writes it, the folder also holds `lock` (its process id): no second trainer writes the same folder.
 # Nothing a run writes is ever replaced by a worse file: a new run refuses a folder that holds a run, a
 # diverged epoch is not saved, a full disk leaves the previous last.pt, and the JSON files are strict JSON.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def claim_run_folder(cfg, resuming, named):
     """Create (or, with --resume, reopen) the run folder and take its lock; returns the lock's path. A new run
@@ -1037,40 +1157,6 @@ def release_lock(path):
         evaluation.remove_quietly(path)
 
 
-def open_run_folder(run):
-    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
-    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
-    if is_main():
-        os.makedirs(run.cfg["out"], exist_ok=True)
-        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
-                                     os.path.join(run.cfg["out"], "log.jsonl"))
-    say(describe(run))
-
-
-def save_epoch(run, record):
-    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png. An epoch
-    whose val metrics are not finite is not saved: the run stops, and last.pt keeps the last good epoch."""
-    say(summary_line(record))
-    bad = evaluation.non_finite_metrics(record.get("val", {}))
-    if bad:
-        raise FloatingPointError(f"non-finite val metrics ({', '.join(bad)}) in epoch {record['epoch']}: the model "
-                                 f"diverged, or the val split has no valid target for them; {kept(run)}")
-    run.history.append(record)
-    if is_main():
-        out = run.cfg["out"]
-        save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(evaluation.strict_json(record) + "\n")
-        draw_curves(run.history, os.path.join(out, "curves.png"))
-
-
-def kept(run):
-    """What a run stopped by an error leaves: the checkpoint of its last good epoch, if any."""
-    if not run.history:
-        return "stopped before writing a checkpoint"
-    return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
-
-
 def checkpoint_state(run):
     """Everything needed to continue exactly, in types `torch.load(weights_only=True)` accepts; `model_args`
     lets eval.py rebuild the model without train.py."""
@@ -1086,55 +1172,6 @@ def save_atomic(obj, path):
     evaluation.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def finish(run, format_rows, yardstick=None):
-    """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
-    plus `yardstick(run)`'s metrics when given (the quickstart's constant predictor)."""
-    cfg = run.cfg
-    evaluated = [r["val"] for r in run.history if "val" in r]
-    last10 = evaluated[-10:]
-    result = {"final": evaluated[-1], "mean_last_10": evaluation.average_results(last10),
-              "epochs": len(run.history), "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
-              "next_task_weights": run.weighting.weights().tolist()}
-    if not is_main():
-        return result
-    rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
-    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
-    if yardstick is not None and world_size() == 1:
-        result["trivial"] = yardstick(run)
-        rows.append(("trivial predictor", result["trivial"]))
-    evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
-    print("\nfinal evaluation (val split):")
-    print(format_rows(rows))
-    return result
-
-
-def say(text):
-    if is_main():
-        print(text, flush=True)
-
-
-def summary_line(record):
-    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
-    text = f"epoch {record['epoch']} done: train loss [{losses}]"
-    if "task_weights" in record:
-        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
-    text += f" lr {record['lr']:.2e}"
-    if "val" in record:
-        text += "\n  val " + evaluation.format_metrics(record["val"])
-    return text
-
-
-def describe(run):
-    cfg = run.cfg
-    params = sum(p.numel() for p in run.model.parameters())
-    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
-    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
-            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
-            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
-            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
-
-
 # What --deterministic delivers, printed under the start line (README, "Determinism").
 DETERMINISM = {
     "cpu": "deterministic: a resumed run ends with the bits of an uninterrupted one (same machine and threads; "
@@ -1144,38 +1181,6 @@ DETERMINISM = {
             "resumed run ends with the bits of an uninterrupted one on the same GPU model and software (under "
             "torchrun only as far as NCCL repeats its all-reduce order, which it does not promise)",
 }
-
-
-@torch.no_grad()
-def trivial_baseline(run):
-    """Metrics of the best input-independent predictor, as a yardstick for the final table: the most frequent
-    training class, the mean training depth, the mean training normal direction (edges: none)."""
-    cfg, device, tasks = run.cfg, run.device, run.cfg["tasks"]
-    constants = {"semantic": torch.zeros(tasks.get("semantic", 1), device=device),
-                 "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
-    for batch in make_loader(run.train_set, cfg, 0, train=False):
-        batch = evaluation.to_device(batch, device)
-        # masks multiply in rather than index: boolean indexing would wait for the device on every batch
-        if "semantic" in tasks:
-            labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
-            constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
-        if "depth" in tasks:
-            valid = (batch["depth"] != 0).float()
-            constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
-        if "normal" in tasks:
-            constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
-    prediction = {"semantic": (constants["semantic"] == constants["semantic"].max()).float(),
-                  "depth": constants["depth"][:1] / constants["depth"][1].clamp_min(1),
-                  "normal": F.normalize(constants["normal"], dim=0), "edge": torch.full((1,), -10.0, device=device)}
-
-    class Constant(nn.Module):
-        def forward(self, image):
-            shape = (image.shape[0], -1, *image.shape[-2:])
-            return {t: prediction[t].view(1, -1, 1, 1).expand(shape) for t in tasks}
-
-    loader = make_loader(run.val_set, cfg, 0, train=False)
-    return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
-                               cfg["amp"], cfg["channels_last"])
 
 
 def draw_curves(history, path):
@@ -1221,7 +1226,6 @@ def rescaled(values):
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
-
 def plot_panel(draw, box, title, series, tick):
     x0, y0, x1, y1 = box
     left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
@@ -1247,9 +1251,9 @@ def plot_panel(draw, box, title, series, tick):
         draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. --bench: the speed of the training step
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 10. --bench: the speed of the training step
+# ------------------------------------------------------------------------------------------------------------
 
 # Dense peak throughput in TFLOP/s of common GPUs, for the MFU figure (vendor datasheets, without sparsity).
 # Keys are whole words of torch.cuda.get_device_name() (peak_of_device); `--peak-tflops` overrides.
@@ -1330,9 +1334,9 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 10. Command line
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 11. Command line
+# ------------------------------------------------------------------------------------------------------------
 
 EPILOG = """the two papers:
   python train.py --model mtan --data nyuv2 --weighting dwa                       # MTAN, Table 2
@@ -1343,9 +1347,10 @@ datasets are read from data/<name> unless --data-root says otherwise (README, "D
 
 # argparse `type`s: a bad number is a one-line error at parse time that names the flag and the allowed range.
 positive_int, non_negative_int = evaluation.positive_int, evaluation.number_type(int, 0)
-positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
-non_negative_float = evaluation.number_type(float, 0.0)
 
+positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
+
+non_negative_float = evaluation.number_type(float, 0.0)
 
 def wrn_depth(text):
     """--wrn-depth: 6n + 4 (n >= 1 blocks per group), the only depths a wide ResNet has."""
@@ -1556,7 +1561,6 @@ def resolve_tasks(cfg, flags, parser):
 
 # What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
 RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "eval_every", "peak_tflops")
-
 
 def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
