@@ -263,7 +263,7 @@ def run_training(cfg, resume_from=None):
         weights = run.weighting.weights().tolist()  # lambda_k(t): DWA's weights stay fixed for the whole epoch
         mean_losses = train_one_epoch(run, epoch)  # (K,) epoch means of the task losses, on the host
         run.weighting.end_epoch(mean_losses[:len(cfg["tasks"])].tolist())  # DWA, Eq. (7): next epoch's weights
-        record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
+        record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],  # learning_rate(cfg, epoch)
                   "train_loss": dict(zip(run.loss_tasks, mean_losses.tolist())),
                   "task_weights": dict(zip(cfg["tasks"], weights))}
         if evaluation_due(cfg, epoch):
@@ -272,8 +272,7 @@ def run_training(cfg, resume_from=None):
                                                 cfg["channels_last"], run.normalise)
         record["seconds"] = round(time.time() - start, 2)
         save_epoch(run, record)  # log.jsonl, last.pt (atomic), curves.png
-    return finish(run, lambda rows: evaluation.format_table(rows, cfg["tasks"]),
-                  yardstick=trivial_baseline if cfg["data"] == "synthetic" else None)
+    return finish(run)  # metrics.json and the final table
 
 
 def train_one_epoch(run, epoch):
@@ -281,12 +280,12 @@ def train_one_epoch(run, epoch):
     all ranks): DWA's L_k(t), and the log's training losses."""
     cfg, device = run.cfg, run.device
     run.model.train()
-    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    set_learning_rate(run.optimizer, cfg, epoch)
     batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch)
     augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
     loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
     first = torch.zeros_like(loss_sum)  # the first step's losses: the reference of check_epoch in epoch 1
-    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
+    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"])
     for step, batch in enumerate(batches):
         losses = training_step(run, prepare_batch(run, batch, augment))
         loss_sum += losses
@@ -400,13 +399,102 @@ def valid_targets(task, target):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. The loop's helpers: schedule and optimiser, batches, progress, the run folder's files, torchrun
+# 4. The run and the loop's helpers: schedule and optimiser, batches, progress, torchrun, the run folder
 #
 # What the loop calls on every run, in the order it calls them. Under torchrun (`torchrun --nproc_per_node=N
 # train.py ...`) each rank trains on its shard and DDP averages the model's gradients; everything averaged
 # over an epoch (the DWA losses, the metric accumulators) is summed across ranks, so every rank computes the
 # same task weights and the evaluation equals a single-process one. Only rank 0 prints and writes files.
 # ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `setup_run`."""
+    cfg: dict  # the resolved configuration; saved in last.pt
+    device: torch.device
+    model: nn.Module  # the plain model: evaluation and checkpoints use it
+    compiled: nn.Module  # what the training step calls: the model under DDP and/or torch.compile
+    normalise: nn.Module  # ImageNet mean/std for a pretrained backbone, else the identity
+    forward_kwargs: dict  # {"return_aux": True} for models with deep supervision (MTI-Net, PAD-Net)
+    loss_tasks: list  # main tasks, then auxiliary ones: the order of every (K,) loss vector
+    task_weights: torch.Tensor  # (K,) fixed loss weights (MTI-Net's recipe), applied before `weighting`
+    weighting: nn.Module  # equal, uncertainty or DWA, over the main tasks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for --amp fp16, a no-op otherwise
+    train_set: object  # a dataset (the Decathlon: {domain: dataset})
+    val_set: object
+    train_tensors: dict = None  # --data-on-device: the training split stacked on the device
+    start_epoch: int = 0  # epochs already done (a resumed run)
+    history: list = field(default_factory=list)  # one log record per finished epoch
+
+
+def setup_run(cfg, resume_from=None):
+    """Build data, model, optimiser and weighting from a resolved configuration, and restore the state of a
+    checkpoint to continue from."""
+    device = init_distributed(cfg)
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    train_set, val_set = datasets_for(cfg)
+    model = build_model(cfg).to(device)
+    check_first_samples(cfg, model, train_set, val_set)  # a bad file or size stops the run now (section 6)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    normalise = nn.Identity()
+    if cfg.get("pretrained"):
+        load_pretrained(model, cfg["pretrained"])
+        normalise = mtinet.ImageNetNormalisation().to(device)
+    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
+    params = list(model.parameters()) + list(weighting.parameters())
+    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
+    run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
+              normalise=normalise, loss_tasks=loss_tasks,
+              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
+              task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
+              weighting=weighting, optimizer=build_optimizer(cfg, params, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
+              train_set=train_set, val_set=val_set,
+              train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
+    if resume_from is not None:
+        try:
+            run.model.load_state_dict(resume_from["model"])
+            run.optimizer.load_state_dict(resume_from["optimizer"])
+            run.weighting.load_state_dict(resume_from["weighting"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every mismatched tensor: keep one line
+            raise evaluation.CheckpointError(f"the weights in {cfg['out']}/last.pt do not fit its configuration "
+                                             f"({evaluation.first_line(e)})") from None
+        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
+            run.scaler.load_state_dict(resume_from["scaler"])
+        run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
+        say(f"resumed {cfg['out']} after epoch {run.start_epoch}")
+    return run
+
+
+def open_run_folder(run):
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
+    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    if is_main():
+        os.makedirs(run.cfg["out"], exist_ok=True)
+        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
+                                     os.path.join(run.cfg["out"], "log.jsonl"))
+    say(describe(run))
+
+
+def describe(run):
+    cfg = run.cfg
+    params = sum(p.numel() for p in run.model.parameters())
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
+            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
+            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
+            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+
+
+def set_learning_rate(optimizer, cfg, epoch):
+    lr = learning_rate(cfg, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
 
 def learning_rate(cfg, epoch):
     """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
@@ -418,11 +506,6 @@ def learning_rate(cfg, epoch):
     if cfg["schedule"] == "poly":
         return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
     return cfg["lr"]
-
-
-def set_learning_rate(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def build_optimizer(cfg, params, device, lr=None):
@@ -468,13 +551,15 @@ def epoch_batches(run, epoch):
 
 
 class Progress:
-    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
-    host-device synchronisation of the training loop, and it happens only when a line is printed."""
+    """A progress line every `every` seconds: epoch, step, loss, images/s (of all ranks), ETA, printed by rank 0.
+    Reading the loss is the only host-device synchronisation of the training loop, and it happens only when a
+    line is printed."""
 
-    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
-        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
+    def __init__(self, epoch, num_epochs, steps, batch_size, every=5.0, name=""):
+        self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
+        self.batch_size = batch_size * world_size()  # the images of one step over all ranks
         self.name = f"{name}  " if name else ""  # the Decathlon's domain
-        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
+        self.enabled, self.every, self.start, self.last = is_main(), every, time.time(), time.time()
 
     def maybe_print(self, step, loss_sum):
         """`loss_sum`: the running sum of the step losses, a tensor on the device (the sum of its elements)."""
@@ -488,25 +573,35 @@ class Progress:
               f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
 
 
-def open_run_folder(run):
-    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
-    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
-    if is_main():
-        os.makedirs(run.cfg["out"], exist_ok=True)
-        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
-                                     os.path.join(run.cfg["out"], "log.jsonl"))
-    say(describe(run))
+all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def describe(run):
-    cfg = run.cfg
-    params = sum(p.numel() for p in run.model.parameters())
-    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
-    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
-            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
-            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
-            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def average_gradients_across_ranks(module):
+    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
+    if world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce(p.grad).div_(world_size())
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
+    statistics on its own last batches, and the evaluation must use one set of weights."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 def save_epoch(run, record):
@@ -544,9 +639,9 @@ def kept(run):
     return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
 
 
-def finish(run, format_rows, yardstick=None):
+def finish(run):
     """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
-    plus `yardstick(run)`'s metrics when given (the quickstart's constant predictor)."""
+    plus on the synthetic scenes the metrics of a constant predictor (`trivial_baseline`) as a yardstick."""
     cfg = run.cfg
     evaluated = [r["val"] for r in run.history if "val" in r]
     last10 = evaluated[-10:]
@@ -557,12 +652,13 @@ def finish(run, format_rows, yardstick=None):
         return result
     rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
     # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
-    if yardstick is not None and world_size() == 1:
-        result["trivial"] = yardstick(run)
+    if cfg["data"] == "synthetic" and world_size() == 1:
+        result["trivial"] = trivial_baseline(run)
         rows.append(("trivial predictor", result["trivial"]))
     evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
     print("\nfinal evaluation (val split):")
-    print(format_rows(rows))
+    decathlon = cfg["data"] in DECATHLON_DATASETS
+    print(evaluation.format_decathlon_table(rows) if decathlon else evaluation.format_table(rows, cfg["tasks"]))
     return result
 
 
@@ -601,37 +697,6 @@ def trivial_baseline(run):
 def say(text):
     if is_main():
         print(text, flush=True)
-
-
-all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def is_main():
-    return rank() == 0
-
-
-def average_gradients_across_ranks(module):
-    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
-    if world_size() == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce(p.grad).div_(world_size())
-
-
-def broadcast_buffers(model):
-    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
-    statistics on its own last batches, and the evaluation must use one set of weights."""
-    if world_size() > 1:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, 0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -810,68 +875,6 @@ def total_epochs(cfg):
     return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
 
 
-@dataclass
-class Run:
-    """Everything one training run holds, built once by `setup_run`."""
-    cfg: dict  # the resolved configuration; saved in last.pt
-    device: torch.device
-    model: nn.Module  # the plain model: evaluation and checkpoints use it
-    compiled: nn.Module  # what the training step calls: the model under DDP and/or torch.compile
-    normalise: nn.Module  # ImageNet mean/std for a pretrained backbone, else the identity
-    forward_kwargs: dict  # {"return_aux": True} for models with deep supervision (MTI-Net, PAD-Net)
-    loss_tasks: list  # main tasks, then auxiliary ones: the order of every (K,) loss vector
-    task_weights: torch.Tensor  # (K,) fixed loss weights (MTI-Net's recipe), applied before `weighting`
-    weighting: nn.Module  # equal, uncertainty or DWA, over the main tasks
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # loss scaling for --amp fp16, a no-op otherwise
-    train_set: object  # a dataset (the Decathlon: {domain: dataset})
-    val_set: object
-    train_tensors: dict = None  # --data-on-device: the training split stacked on the device
-    start_epoch: int = 0  # epochs already done (a resumed run)
-    history: list = field(default_factory=list)  # one log record per finished epoch
-
-
-def setup_run(cfg, resume_from=None):
-    """Build data, model, optimiser and weighting from a resolved configuration, and restore the state of a
-    checkpoint to continue from."""
-    device = init_distributed(cfg)
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    train_set, val_set = datasets_for(cfg)
-    model = build_model(cfg).to(device)
-    check_first_samples(cfg, model, train_set, val_set)  # a bad file or size stops the run now (section 6)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    normalise = nn.Identity()
-    if cfg.get("pretrained"):
-        load_pretrained(model, cfg["pretrained"])
-        normalise = mtinet.ImageNetNormalisation().to(device)
-    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
-    params = list(model.parameters()) + list(weighting.parameters())
-    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
-    run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
-              normalise=normalise, loss_tasks=loss_tasks,
-              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
-              task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
-              weighting=weighting, optimizer=build_optimizer(cfg, params, device),
-              scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
-              train_set=train_set, val_set=val_set,
-              train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
-    if resume_from is not None:
-        try:
-            run.model.load_state_dict(resume_from["model"])
-            run.optimizer.load_state_dict(resume_from["optimizer"])
-            run.weighting.load_state_dict(resume_from["weighting"])
-        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every mismatched tensor: keep one line
-            raise evaluation.CheckpointError(f"the weights in {cfg['out']}/last.pt do not fit its configuration "
-                                             f"({evaluation.first_line(e)})") from None
-        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
-            run.scaler.load_state_dict(resume_from["scaler"])
-        run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
-        say(f"resumed {cfg['out']} after epoch {run.start_epoch}")
-    return run
-
-
 def wrap_for_training(model, cfg, device):
     """The module the training step calls: DDP under torchrun (SyncBatchNorm with --sync-bn), then
     torch.compile with --compile. Evaluation and checkpoints use the plain model underneath."""
@@ -963,7 +966,7 @@ def run_decathlon(cfg, resume_from=None):
             record["val"] = evaluation.evaluate_decathlon(run.model, val_loaders, cfg, run.device, run.train_set)
         record["seconds"] = round(time.time() - start, 2)
         save_epoch(run, record)
-    return finish(run, evaluation.format_decathlon_table)
+    return finish(run)
 
 
 def decathlon_domains(cfg, epoch):
@@ -977,15 +980,14 @@ def train_decathlon_epoch(run, epoch):
     if epoch == cfg["epochs"]:  # the fine-tuning phase starts with a new optimiser (no momentum carried over)
         run.optimizer = build_optimizer(cfg, run.model.parameters(), device, cfg["finetune_lr"])
     run.model.train()
-    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    set_learning_rate(run.optimizer, cfg, epoch)
     stats, domains = {}, decathlon_domains(cfg, epoch)
     for index, domain in enumerate(cfg["tasks"]):  # index: the domain's attention chain and classifier
         if domain not in domains:
             continue
         loader = make_loader(run.train_set[domain], cfg, epoch * 100 + index, train=True)
         totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
-        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main(),
-                            name=domain)
+        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"], name=domain)
         for step, batch in enumerate(loader):
             image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with evaluation.autocast(cfg["amp"], device):
