@@ -3,7 +3,7 @@ was expected (exit status 2 for a flag argparse rejects, 1 otherwise), never a t
 run folder that exists. A data.py DatasetError is the one error that continues after its first line: the
 expected layout of the dataset and where to download it (README, "Datasets").
 
-Every case runs in this process on one tiny finished run, made once for the module: a few are command lines
+Every case runs in this process on the session's tiny finished run (conftest.py): a few are command lines
 argparse rejects, the others reach a run folder, a checkpoint or a small fake dataset made by their `setup`."""
 import errno
 import hashlib
@@ -20,24 +20,15 @@ from PIL import Image
 
 import eval as evaluation
 import train
+from conftest import TINY
 from test_data import write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.125",
-        "--epochs", "1", "--device", "cpu"]
 
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("bad_inputs") / "run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(TINY + ["--out", out])
-    finally:
-        torch.set_num_threads(threads)
-    return out
+@pytest.fixture
+def finished_run(tiny_run):
+    return tiny_run  # conftest.py: the session's finished TINY run
 
 
 def hashes(folder):

@@ -11,9 +11,9 @@ import torch
 
 import eval as evaluation
 import train
+from conftest import TINY
 
-TINY = ["--epochs", "2", "--subset", "4", "--resolution", "64x64", "--width", "0.125", "--device", "cpu",
-        "--eval-every", "1"]
+TWO_EPOCHS = TINY + ["--epochs", "2", "--eval-every", "1"]  # two evaluations: the protocol's mean is over 2
 RUNS = {  # folder name: train.py flags
     "mtan": ["--model", "mtan", "--weighting", "dwa"],
     "split": ["--model", "split"],
@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
         folders = {}
         for name, flags in RUNS.items():
             folders[name] = str(root / name)
-            train.main(flags + TINY + ["--out", folders[name]])
+            train.main(flags + TWO_EPOCHS + ["--out", folders[name]])
     finally:
         torch.set_num_threads(threads)
     return folders

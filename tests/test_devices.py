@@ -1,5 +1,5 @@
-"""Devices (issue 17): what a GPU user gets, checked on the CPU by pretending a GPU exists; the deterministic
-stand-ins of mtan.py, mtinet.py and eval.py against torch's own ops; a checkpoint evaluated on another device;
+"""Devices: what a GPU user gets, checked on the CPU by pretending a GPU exists; the deterministic
+stand-ins of mtan.py, mtinet.py and train.py against torch's own ops; a checkpoint evaluated on another device;
 the augmentation's memory format; tests/gpu_check.py at tiny sizes. On a GPU: --deterministic resumes to the bit.
 
 conftest.py makes every test here see a machine without CUDA unless it is marked `requires_cuda`."""
@@ -18,10 +18,7 @@ import eval as evaluation
 import mtan
 import mtinet
 import train
-from conftest import ROOT, requires_cuda
-
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
-        "--epochs", "1"]
+from conftest import ROOT, TINY, requires_cuda
 
 
 def resolve(*argv):

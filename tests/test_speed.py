@@ -23,10 +23,11 @@ import mtan
 import mtinet
 import train
 from conftest import ROOT, requires_cuda
+from conftest import TINY as TINY_4
 
-# 8 synthetic samples per split at 64x64 and a 1/16-width MTAN (4 channels in the first layer): a training step
-# takes tens of milliseconds on a CPU.
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "8", "--batch-size", "2", "--width", "0.0625"]
+# conftest's TINY with 8 synthetic samples per split (a 1/16-width MTAN, 4 channels in the first layer): a training
+# step takes tens of milliseconds on a CPU.
+TINY = TINY_4 + ["--subset", "8"]
 SYNTHETIC_TASKS = {"semantic": 7, "depth": 1, "normal": 3}
 BENCH_FIELDS = {"images_per_s", "ms_per_step", "peak_mem_mb", "device", "amp", "channels_last", "compile",
                 "batch_size", "resolution", "gflops_per_image"}

@@ -14,13 +14,10 @@ import torch
 import data
 import eval as evaluation
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY
 from test_data import write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "2", "--batch-size", "2", "--epochs", "1",
-        "--device", "cpu"]
 
 
 def imports_of(path):
@@ -42,11 +39,9 @@ def test_one_import_direction():
                      "data": set(), "mtan": set(), "mtinet": set()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "mtan")
-    train.main(["--model", "mtan", "--width", "0.0625", "--out", out] + TINY)
-    return out
+@pytest.fixture
+def finished_run(tiny_run):
+    return tiny_run  # conftest.py: the session's finished TINY run of MTAN
 
 
 def test_eval_rebuilds_the_model_without_train_py(finished_run, tmp_path):

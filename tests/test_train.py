@@ -7,11 +7,7 @@ import pytest
 import torch
 
 import train
-
-# A tiny configuration every run test shares: 4 synthetic samples per split at 64x64, a 1/16-width network,
-# batch 2 (2 steps per epoch).
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
-        "--epochs", "1"]
+from conftest import TINY  # 4 synthetic samples per split at 64x64, a 1/16-width network, batch 2, one epoch
 
 
 def run(tmp_path, *extra, name="run"):
