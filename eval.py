@@ -4,8 +4,8 @@ Sections 1-4 are the evaluation, to be read top to bottom:
 
 1. Metrics: an accumulator for every dense task of both papers. Sections 1 and 2 import torch, math and the
    standard library only, so they work when eval.py is copied alone into another project.
-2. The multi-task performance Delta_m in its published conventions, the Visual Decathlon score, and the papers'
-   table rows.
+2. The multi-task performance Delta_m in its published conventions, the Visual Decathlon score, and the
+   papers' table rows.
 3. The evaluation loops: a whole split through a model into the accumulators (train.py's validation uses the
    same loop), and the Decathlon's per-domain evaluation with its BatchNorm re-estimation.
 4. `python eval.py --checkpoint runs/NAME`: reading a checkpoint and rebuilding its model from the class and
@@ -57,9 +57,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. Metrics. The base accumulator: additive state on the prediction's device
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class Metric:
@@ -112,9 +112,9 @@ def _ratio(num, den):
     return float(num / den) if float(den) != 0 else float("nan")
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Semantic segmentation and human parts: a confusion matrix
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class SegMetrics(Metric):
@@ -214,9 +214,9 @@ class PartsMetrics(SegMetrics):
         return ~all_background
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Depth: absolute, relative and RMS error over valid pixels
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class DepthMetrics(Metric):
@@ -264,9 +264,9 @@ class DepthMetrics(Metric):
                 "rmse": math.sqrt(_ratio(s["sq"], n))}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Surface normals: angular error statistics, median from a fine histogram
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class NormalMetrics(Metric):
@@ -341,9 +341,9 @@ class NormalMetrics(Metric):
         return (k + (n / 2 - below) / float(hist[k])) * width
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Edges: an approximate ODS F-score with a distance tolerance
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dilate(x, radius, shape="disk"):
@@ -440,9 +440,9 @@ class EdgeMetrics(Metric):
         return {"odsf": float(f.max())}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Saliency: max F and "mIoU" over 15 thresholds (MTI-Net / ASTMT eval_sal)
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class SaliencyMetrics(Metric):
@@ -500,9 +500,9 @@ class SaliencyMetrics(Metric):
         return {"maxf": float(f.max()), "miou": float(miou.max())}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # One accumulator per task
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def metrics_for(tasks, **options):
@@ -539,9 +539,9 @@ def average_results(history):
             for task, metrics in history[0].items()}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. Multi-task performance Delta_m, the Decathlon score, the papers' tables
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # Results dicts are {task: {metric: value}} as returned by `evaluate`; a baseline must use the same units as
 # the results (fractions or percentages alike), since Delta_m only uses ratios.
@@ -635,9 +635,9 @@ def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
     raise ValueError(f'convention must be "mtinet", "nyuv2-9" or "libmtl", got {convention!r}')
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Visual Decathlon score (Rebuffi, Bilen, Vedaldi, NeurIPS 2017)
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # Top-1 test accuracy (%) of the "Finetune" baseline (per-domain fine-tuned ResNet-26), keyed by the official
 # domain (folder) names, MTAN Table 4.
@@ -671,9 +671,9 @@ def decathlon_score(accuracy, baseline=FINETUNE):
     return score
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Table rows as the papers print them
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # (task, metric) -> (column header, scale, decimals). Scale 100 turns a fraction into the percentage the
 # papers print.
@@ -786,13 +786,13 @@ def format_metrics(results):
                       for task, metrics in results.items())
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. Evaluation loops
 #
 # One pass over a split with the model in eval mode, every batch fed to the accumulators on the device.
 # train.py's validation calls the same functions, so the numbers of a training log and of `python eval.py` are
 # the same ones.
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def to_device(batch, device, channels_last=False):
@@ -1106,7 +1106,7 @@ def evaluate_checkpoint(args):
         cfg["batch_size"] = args.batch_size
     if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
         os.makedirs(args.save_vis, exist_ok=True)
-    if is_decathlon(cfg):
+    if cfg["data"] in DECATHLON_DATASETS:
         if args.bench:
             raise UsageError("--bench times the dense datasets' evaluation; not the Decathlon's")
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
@@ -1120,7 +1120,7 @@ def evaluate_checkpoint(args):
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results}
     if args.baseline:
-        baseline = read_baseline(args.baseline)
+        baseline, _ = read_baseline_file(args.baseline)
         rows.append(("baseline", baseline))
         try:
             report["delta_m"] = delta_m(results, baseline, convention=args.convention)
@@ -1268,14 +1268,10 @@ def write_report(report, checkpoint):
     print(f"wrote {path}")
 
 
-def read_baseline(path, key="final"):
-    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json (`key`: "final", or
-    "mean_last_10" for --compare's protocol), checked to be {task: {metric: number}}."""
-    return read_baseline_file(path, key)[0]
-
-
 def read_baseline_file(path, key="final"):
-    """(metrics, the dataset the file names or None) of a baseline's eval.json or metrics.json."""
+    """(metrics, the dataset the file names or None) of a baseline run: eval.json ("metrics") or train.py's
+    metrics.json (`key`: "final", or "mean_last_10" for --compare's protocol), checked to be
+    {task: {metric: number}}."""
     try:
         with open(path) as f:
             blob = json.load(f)
@@ -1345,7 +1341,7 @@ def read_finished_run(folder):
                          "the parameter count from the checkpoint")
     ckpt = load_checkpoint(folder)
     cfg = ckpt["config"]
-    if is_decathlon(cfg):
+    if cfg["data"] in DECATHLON_DATASETS:
         raise UsageError(f"{folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
                          "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")
     # A run resumed for more epochs and stopped again keeps the metrics.json of its earlier end.
@@ -1487,7 +1483,8 @@ def row_delta_m(numbers, reference, tasks, convention):
 def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
     """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
     dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers
-    and the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline sources."""
+    and the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline
+    sources."""
     if not folders:
         raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
     runs = [read_finished_run(folder) for folder in folders]
@@ -1845,10 +1842,6 @@ def write_decathlon_results(args, cfg, model, device, calibration):
 DECATHLON_DATASETS = ("decathlon", "synthetic-decathlon")
 
 
-def is_decathlon(cfg):
-    return cfg["data"] in DECATHLON_DATASETS
-
-
 def dataset_options(cfg):
     """The data.build_dataset options of a run's configuration."""
     import data
@@ -1928,7 +1921,7 @@ def non_finite_metrics(results):
             if isinstance(value, float) and not math.isfinite(value)]
 
 
-# ---- one-line errors ------------------------------------------------------------------
+# ---- one-line errors ---------------------------------------------------------------------------------------
 
 # OS errors a user causes (a full disk, a read-only or missing folder): one line instead of a traceback. Any
 # other exception is a bug of this repository and keeps its traceback.
@@ -1947,8 +1940,8 @@ def error_line(error, full_disk_hint=""):
     repository's own (data.DatasetError, CheckpointError, UsageError, FloatingPointError) and USER_OS_ERRORS.
     Any other OSError is raised again with its traceback. `full_disk_hint` follows a full-disk error
     (train.py: the run folder keeps its last good checkpoint)."""
-    if not isinstance(error, OSError):  # a DatasetError's first line is the error; the expected layout and the
-        return f"error: {error}"  # download follow it
+    if not isinstance(error, OSError):  # a DatasetError's first line is the error; the expected layout
+        return f"error: {error}"  # and the download follow it
     if error.errno not in USER_OS_ERRORS:
         raise error
     where = f": {error.filename}" if error.filename else ""
@@ -1981,7 +1974,7 @@ def number_type(kind, low, low_inclusive=True):
 positive_int = number_type(int, 1)
 
 
-# ---- speed settings and measurement --------------------------------------------------
+# ---- speed settings and measurement ------------------------------------------------------------------------
 
 
 def default_amp(device):

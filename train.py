@@ -10,9 +10,8 @@ Sections 1-5 are the training, to be read top to bottom:
    after each epoch.
 4. The loop's helpers, in the order it calls them: the schedule and the optimiser, the batches, the progress
    line, the run folder's log, checkpoint and final table, and the few torchrun helpers.
-5. Models, recipes and configuration: which class each `--model` builds and what else it implies (`ModelSpec`),
-   the published recipe of each model family, every configuration key with its default, and the `Run` that
-   holds one run's state.
+5. Models, recipes and configuration: which class each `--model` builds and what else it implies
+   (`ModelSpec`), the published recipe of each model family, and every configuration key with its default.
 
 Sections 6-11 are machinery you can skip on a first reading: 6. the Visual Decathlon (a classification
 benchmark with its own loop), 7. the data checks before training and --data-on-device, 8. joining torchrun's
@@ -40,6 +39,8 @@ import data
 import eval as evaluation  # `eval` is a Python builtin; the module keeps its file name for the command line
 import mtan
 import mtinet
+
+UsageError = evaluation.UsageError  # a user's mistake: `error: ...` on one line (eval.py, appendix D)
 
 # ------------------------------------------------------------------------------------------------------------
 # 1. Losses
@@ -203,8 +204,8 @@ class DynamicWeightAverage(nn.Module):
         lambda_k(t) = K * exp(w_k(t-1) / T) / sum_i exp(w_i(t-1) / T)
 
     L_k(t) is the mean over the training batches of epoch t of the *unweighted* loss of task k (the author
-    confirmed: unweighted, lorenmt/mtan issue #53). For the first two epochs there is no ratio yet and lambda = 1. The
-    weights sum to K and stay fixed for a whole epoch."""
+    confirmed: unweighted, lorenmt/mtan issue #53). For the first two epochs there is no ratio yet and
+    lambda = 1. The weights sum to K and stay fixed for a whole epoch."""
 
     def __init__(self, num_tasks, temperature=2.0):
         super().__init__()
@@ -342,17 +343,18 @@ def check_epoch(run, losses, epoch, first=None):
     epoch: `first`, the first step's). The training samples are finite (data.py checks images and turns NaN or
     inf targets into the 'invalid' marker as it reads them), so the cause is the optimisation. After a dense
     run's first epoch: did every task see a label (section 6)?"""
-    reference, since = (run.history[0]["train_loss"], "the first epoch") if run.history else (first or {}, "the first step")
+    reference, since = (run.history[0]["train_loss"], "the first epoch") if run.history else (first or {},
+                                                                                         "the first step")
     bad = [t for t, v in losses.items() if not math.isfinite(v)]
     exploded = [f"{t} {v:.3g} against {reference[t]:.3g}" for t, v in losses.items()
                 if math.isfinite(v) and reference.get(t, 0) > 0 and v > EXPLOSION * reference[t]]
     if bad or exploded:
         what = (f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training)" if bad else
-                f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its value in {since}): "
-                f"{', '.join(exploded)}")
+                f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its value in "
+                f"{since}): {', '.join(exploded)}")
         amp = " or --amp off" if run.cfg["amp"] == "fp16" else ""
-        raise FloatingPointError(f"{what}; {kept(run)}. The training samples are finite, so the model diverged: "
-                                 f"try a lower --lr (this run: {run.cfg['lr']:g}){amp}")
+        raise FloatingPointError(f"{what}; {kept(run)}. The training samples are finite, so the model "
+                                 f"diverged: try a lower --lr (this run: {run.cfg['lr']:g}){amp}")
     if not run.history and run.cfg["data"] not in DECATHLON_DATASETS:
         check_labels_seen(run, losses)
 
@@ -509,9 +511,9 @@ def learning_rate(cfg, epoch):
 
 
 def build_optimizer(cfg, params, device, lr=None):
-    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times faster
-    # than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf check to the
-    # fused kernel instead of reading it on the host.
+    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times
+    # faster than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf
+    # check to the fused kernel instead of reading it on the host.
     fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
     lr = cfg["lr"] if lr is None else lr
     if cfg["optimizer"] == "sgd":
@@ -551,9 +553,9 @@ def epoch_batches(run, epoch):
 
 
 class Progress:
-    """A progress line every `every` seconds: epoch, step, loss, images/s (of all ranks), ETA, printed by rank 0.
-    Reading the loss is the only host-device synchronisation of the training loop, and it happens only when a
-    line is printed."""
+    """A progress line every `every` seconds, printed by rank 0: epoch, step, loss, images/s (of all ranks),
+    ETA. Reading the loss is the only host-device synchronisation of the training loop, and it happens only
+    when a line is printed."""
 
     def __init__(self, epoch, num_epochs, steps, batch_size, every=5.0, name=""):
         self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
@@ -562,7 +564,7 @@ class Progress:
         self.enabled, self.every, self.start, self.last = is_main(), every, time.time(), time.time()
 
     def maybe_print(self, step, loss_sum):
-        """`loss_sum`: the running sum of the step losses, a tensor on the device (the sum of its elements)."""
+        """`loss_sum`: the running sum of the step losses, a tensor on the device (its elements summed)."""
         now = time.time()
         if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
             return
@@ -570,7 +572,8 @@ class Progress:
         rate = (step + 1) * self.batch_size / (now - self.start)
         eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
         print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
+              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s",
+              flush=True)
 
 
 all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
@@ -657,8 +660,10 @@ def finish(run):
         rows.append(("trivial predictor", result["trivial"]))
     evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
     print("\nfinal evaluation (val split):")
-    decathlon = cfg["data"] in DECATHLON_DATASETS
-    print(evaluation.format_decathlon_table(rows) if decathlon else evaluation.format_table(rows, cfg["tasks"]))
+    if cfg["data"] in DECATHLON_DATASETS:
+        print(evaluation.format_decathlon_table(rows))
+    else:
+        print(evaluation.format_table(rows, cfg["tasks"]))
     return result
 
 
@@ -778,7 +783,8 @@ def _hrnet(cfg, aux=True):
 
 MODELS = {
     # MTAN paper, Table 2: the SegNet family (mtan.py)
-    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True, baseline=True),  # One Task
+    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True,  # One Task
+                        baseline=True),
     "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
     "split": ModelSpec("segnet", mtan.SegNet, _segnet("standard")),
     "split-wide": ModelSpec("segnet", mtan.SegNet, _segnet("wide")),
@@ -1109,8 +1115,8 @@ def claim_run_folder(cfg, resuming, named):
     lock = take_lock(out)
     if not resuming and (os.path.exists(os.path.join(out, "last.pt")) or non_empty(os.path.join(out, "log.jsonl"))):
         release_lock(lock)
-        raise evaluation.UsageError(f"--out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} "
-                                    f"to continue it, or choose another folder")
+        raise UsageError(f"--out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} "
+                         f"to continue it, or choose another folder")
     return lock
 
 
@@ -1130,11 +1136,11 @@ def take_lock(folder):
         except FileExistsError:
             holder = lock_holder(path)
             if holder not in (None, os.getpid()):
-                raise evaluation.UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
-                                            f"it); wait for it to end, or choose another folder (if no trainer "
-                                            f"runs, delete {path})") from None
+                raise UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
+                                 f"it); wait for it to end, or choose another folder (if no trainer "
+                                 f"runs, delete {path})") from None
             evaluation.remove_quietly(path)  # stale: its process was killed
-    raise evaluation.UsageError(f"cannot take the lock {path}: other processes keep taking it")
+    raise UsageError(f"cannot take the lock {path}: other processes keep taking it")
 
 
 def lock_holder(path):
@@ -1249,7 +1255,8 @@ def plot_panel(draw, box, title, series, tick):
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         elif points:
-            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
+            x, y = points[0]
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
 
 
@@ -1501,7 +1508,8 @@ def resolve_config(args, parser):
         if name not in tasks:
             parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
     recipe = cfg["task_weights"] or {}  # the fixed weights of the family's recipe (MTI-Net's), then the flag
-    cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe}, **(task_flags["task_weights"] or {})}
+    cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe},
+                           **(task_flags["task_weights"] or {})}
     cfg.update(model_facts(model, cfg["tasks"]))
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
@@ -1512,7 +1520,7 @@ def parse_resolution(text):
     try:
         return data.parse_resolution(text, flag="--resolution")
     except ValueError as e:
-        raise evaluation.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def dataset_tasks(cfg):
@@ -1521,14 +1529,14 @@ def dataset_tasks(cfg):
         tasks = {domain: spec[0] for domain, spec in data.SYNTHETIC_DECATHLON.items()}
         return tasks, tasks
     if cfg["data"] == "decathlon":
-        _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains found under ROOT
+        _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains under ROOT
         missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
         if missing and not cfg.get("task"):
             print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
                   f"{len(tasks)} domains")
         return tasks, tasks
     options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
-    dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)  # or a DatasetError
+    dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)  # or DatasetError
     return tasks, dataset.tasks
 
 
@@ -1576,12 +1584,12 @@ def resume_config(args, parser):
             cfg[key] = value
         elif value != recorded_flag(cfg, key, value, out):
             flag, allowed = "--" + key.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
-            raise evaluation.UsageError(f"{flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
-                             f"which cannot change when it resumes ({allowed} can); start a new run with --out for "
-                             f"another setting")
+            raise UsageError(f"{flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
+                             f"which cannot change when it resumes ({allowed} can); start a new run with --out "
+                             f"for another setting")
     cfg["out"] = out
     if total_epochs(cfg) < resume["epoch"]:
-        raise evaluation.UsageError(f"--epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
+        raise UsageError(f"--epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
                          f"already; pass more to train longer")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         if "device" in given:
@@ -1614,7 +1622,7 @@ def main(argv=None):
         else:
             cfg, resume = resolve_config(args, parser), None
             if cfg["data"] == "synthetic" and "width" not in vars(args):
-                width = f"width {cfg['width']}, " if MODELS[cfg["model"]].family != "hrnet" else ""  # no width
+                width = f"width {cfg['width']}, " if cfg["family"] != "hrnet" else ""  # HRNet: no width
                 print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
                       f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
                       f"(override any of them with flags)")
@@ -1629,11 +1637,11 @@ def main(argv=None):
         if cfg["data"] in DECATHLON_DATASETS:
             return run_decathlon(cfg, resume)
         return run_training(cfg, resume)
-    except (data.DatasetError, evaluation.CheckpointError, evaluation.UsageError, FloatingPointError,
+    except (data.DatasetError, evaluation.CheckpointError, UsageError, FloatingPointError,
             OSError) as error:  # a user's mistake: one line (a bug keeps its traceback)
         out = cfg.get("out")
-        hint = f" ({out} keeps its last good checkpoint: free some space, then pass --resume {out})" if lock else ""
-        sys.exit(evaluation.error_line(error, hint))
+        hint = f" ({out} keeps its last good checkpoint: free some space, then pass --resume {out})"
+        sys.exit(evaluation.error_line(error, hint if lock else ""))
     finally:
         release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (taken over)
         leave_distributed()

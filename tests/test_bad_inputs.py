@@ -42,7 +42,7 @@ def hashes(folder):
     return found
 
 
-# ---- setups: what a case needs besides the finished run; each returns the placeholders of its command ----------
+# ---- setups: what a case needs besides the finished run; each returns the placeholders of its command ------
 
 
 def copy_of_run(tmp, run, monkeypatch):
@@ -264,7 +264,7 @@ def test_bad_input_gets_one_line(tool, argv, status, word, setup, finished_run, 
     assert not any(name == "lock" for folder in folders for name in os.listdir(folder)) or setup is live_lock
 
 
-# ---- the right behaviour ----------------------------------------------------------------------------------------
+# ---- the right behaviour -----------------------------------------------------------------------------------
 
 
 def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run, tmp_path, capsys):

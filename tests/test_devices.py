@@ -39,7 +39,7 @@ def torch_flags():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
-# ---- a GPU user's configuration, without a GPU --------------------------------------------------------------
+# ---- a GPU user's configuration, without a GPU -------------------------------------------------------------
 
 
 def test_a_gpu_user_gets_the_documented_configuration(monkeypatch, torch_flags):
@@ -85,7 +85,7 @@ def test_peak_tflops_reads_whole_words_of_the_device_name():
     assert peak("NVIDIA A10G") is None and peak("NVIDIA RTX A6000") is None  # not in the table: no MFU
 
 
-# ---- a checkpoint on another device ---------------------------------------------------------------------
+# ---- a checkpoint on another device ------------------------------------------------------------------------
 
 
 def save_untrained_run(cfg, folder):
@@ -118,7 +118,7 @@ def test_eval_applies_the_training_settings_of_torch(tmp_path, monkeypatch):
     assert len(seen) == 1 and seen[0]["device"] == "cpu" and seen[0]["deterministic"] is False
 
 
-# ---- deterministic stand-ins ----------------------------------------------------------------------------
+# ---- deterministic stand-ins -------------------------------------------------------------------------------
 
 
 def test_unpooling_stand_in_gives_torchs_values_and_gradients():
@@ -181,7 +181,7 @@ def test_global_pool_is_adaptive_average_pooling():
     assert torch.allclose(x.mean((2, 3), keepdim=True), torch.nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)  # its GPU path
 
 
-# ---- the augmentation's memory format ------------------------------------------------------------------
+# ---- the augmentation's memory format ----------------------------------------------------------------------
 
 
 def test_augmented_batches_stay_channels_last(tmp_path):
@@ -196,7 +196,7 @@ def test_augmented_batches_stay_channels_last(tmp_path):
     assert torch.equal(prepared["image"], plain["image"]) and torch.equal(prepared["depth"], plain["depth"])
 
 
-# ---- the prepared GPU check ----------------------------------------------------------------------------
+# ---- the prepared GPU check --------------------------------------------------------------------------------
 
 
 def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
@@ -215,7 +215,7 @@ def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
-# ---- CUDA -------------------------------------------------------------------------------------------------
+# ---- CUDA --------------------------------------------------------------------------------------------------
 
 
 @requires_cuda

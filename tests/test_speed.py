@@ -69,7 +69,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
-# ---- --bench ------------------------------------------------------------------------------------------------
+# ---- --bench -----------------------------------------------------------------------------------------------
 
 
 def test_flop_count_is_the_hand_count_and_the_published_216_gmac_of_mtan():
@@ -123,7 +123,7 @@ def test_eval_bench_times_the_whole_split(trained_run, capsys):
     assert not os.path.exists(os.path.join(trained_run, "eval.json"))  # a benchmark writes no report
 
 
-# ---- the fast path's numerics ---------------------------------------------------------------------------
+# ---- the fast path's numerics ------------------------------------------------------------------------------
 
 
 def test_bf16_and_channels_last_predictions_match_fp32(trained_run):
@@ -366,7 +366,7 @@ def test_ddp_decathlon_evaluation_equals_eval_py(tmp_path):
         assert report[domain]["loss"] == pytest.approx(values["loss"], rel=1e-5), domain
 
 
-# ---- CUDA only ------------------------------------------------------------------------------------------
+# ---- CUDA only ---------------------------------------------------------------------------------------------
 
 
 @requires_cuda

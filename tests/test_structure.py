@@ -78,7 +78,7 @@ def test_the_canonical_command_reads_data_from_data_name(tmp_path, monkeypatch, 
     assert json.load(open(os.path.join("run", "metrics.json")))["data"] == "nyuv2"
 
 
-# ---- the step never waits for the device ------------------------------------------------------------------
+# ---- the step never waits for the device -------------------------------------------------------------------
 
 HOST_SYNCS = {  # every way Python code can read a tensor's value on the host
     "item": None, "tolist": None, "cpu": None, "numpy": None, "nonzero": None, "masked_select": None,
