@@ -1,85 +1,73 @@
-"""
-Evaluation for MTAN (Liu et al., CVPR 2019) and MTI-Net (Vandenhende et al., ECCV 2020).
+"""Evaluation for MTAN (Liu et al., CVPR 2019) and MTI-Net (Vandenhende et al., ECCV 2020).
 
-Read top to bottom, this file is:
+Sections 1-4 are the evaluation, to be read top to bottom:
 
-1. A metric library: accumulators for every dense task of both papers, the
-   multi-task performance Delta_m in its published conventions, the Visual
-   Decathlon score, and the papers' table rows. It imports torch, math and
-   the standard library only, so it works when eval.py is copied alone into
-   another project.
-2. The evaluation loops: a whole split through a model into the
-   accumulators (train.py's validation uses the same loop), the Decathlon's
-   per-domain evaluation with its BatchNorm re-estimation.
-3. Reading a run: checkpoints, and rebuilding the model they hold from the
-   class and arguments they record (no train.py needed); comparing finished
-   runs in one paper-style table from their metrics.json (`--compare`, no
-   re-evaluation).
-4. The command line `python eval.py --checkpoint runs/NAME/last.pt`, and
-   `python eval.py --compare RUN ...` for the papers' tables.
-5. Pictures (predictions, attention masks, training curves), and an appendix
-   with the Decathlon challenge's results format.
+1. Metrics: an accumulator for every dense task of both papers. Sections 1 and 2 import torch, math and the
+   standard library only, so they work when eval.py is copied alone into another project.
+2. The multi-task performance Delta_m in its published conventions, the Visual Decathlon score, and the
+   papers' table rows.
+3. The evaluation loops: a whole split through a model into the accumulators (train.py's validation uses the
+   same loop), and the Decathlon's per-domain evaluation with its BatchNorm re-estimation.
+4. `python eval.py --checkpoint runs/NAME`: reading a checkpoint and rebuilding its model from the class and
+   arguments it records (no train.py needed), evaluating it, eval.json.
 
-Only sections 3-5 import data.py, mtan.py and mtinet.py, inside functions.
+Appendices: A. `python eval.py --compare RUN ...`, finished runs in one paper-style table from their
+metrics.json; B. pictures of predictions and attention masks; C. the Visual Decathlon challenge's results
+format; D. the machinery shared with train.py (atomic writes, strict JSON, one-line errors, number types, amp
+and cuDNN settings, the clock of --bench). Only section 4 and the appendices import data.py, mtan.py and
+mtinet.py, inside functions.
 
 How the accumulators work
 -------------------------
-Each task has an accumulator with `update(pred, target)` once per batch and
-`compute()` once at the end. The state is a handful of *additive* tensors
-(sums, counts, histograms) that live on the prediction's device:
+Each task has an accumulator with `update(pred, target)` once per batch and `compute()` once at the end. The
+state is a handful of *additive* tensors (sums, counts, histograms) that live on the prediction's device:
 
-* `update` never waits for the GPU: no `.item()`, `.cpu()`, `nonzero`,
-  `masked_select` or boolean indexing. Invalid pixels are removed by
-  multiplying (or `torch.where`-ing) a mask in, never by indexing.
-* `compute` copies the whole state to the host in one transfer and returns
-  plain Python floats.
-* Every metric is pooled over all valid pixels of the dataset, not averaged
-  per batch. The official MTAN code (and CAGrad / Nash-MTL, which reuse it)
-  averages depth and normal errors *per batch* (the normal "median" is even a
-  mean of per-batch medians), so its numbers depend on the batch size and on
-  how the last, smaller batch falls. Pooling gives one well-defined number per
-  dataset, is what LibMTL and the MTI-Net evaluation do for depth RMSE and
-  normals, and is what makes the state additive (so several GPUs can simply
-  sum it, see `all_reduce`). Pooled and per-batch values differ slightly
-  for means and fractions and more for the median; compare like with like.
-* Because the state is additive, `all_reduce()` sums it across
-  `torch.distributed` ranks; afterwards every rank computes the global result.
+* `update` never waits for the GPU: no `.item()`, `.cpu()`, `nonzero`, `masked_select` or boolean indexing.
+  Invalid pixels are removed by multiplying (or `torch.where`-ing) a mask in, never by indexing.
+* `compute` copies the whole state to the host in one transfer and returns plain Python floats.
+* Every metric is pooled over all valid pixels of the dataset, not averaged per batch. The official MTAN code
+  (and CAGrad / Nash-MTL, which reuse it) averages depth and normal errors *per batch* (the normal "median" is
+  even a mean of per-batch medians), so its numbers depend on the batch size and on how the last, smaller
+  batch falls. Pooling gives one well-defined number per dataset, is what LibMTL and the MTI-Net evaluation do
+  for depth RMSE and normals, and is what makes the state additive (so several GPUs can simply sum it, see
+  `all_reduce`). Pooled and per-batch values differ slightly for means and fractions and more for the median;
+  compare like with like.
+* Because the state is additive, `all_reduce()` sums it across `torch.distributed` ranks; afterwards every
+  rank computes the global result.
 
-Fractions are in [0, 1] and angles in degrees; `table_row` turns fractions
-into the percentages the papers print.
+Fractions are in [0, 1] and angles in degrees; `table_row` turns fractions into the percentages the papers
+print.
 
-Task names, target formats and ignore values are those of every dataset in
-data.py: semantic / parts = long class ids with -1 ignored, depth 0 =
-invalid, normal all-zero vector = invalid, edge / saliency = {0, 1} maps with
-logits as predictions.
+Task names, target formats and ignore values are those of every dataset in data.py: semantic / parts = long
+class ids with -1 ignored, depth 0 = invalid, normal all-zero vector = invalid, edge / saliency = {0, 1} maps
+with logits as predictions.
 """
 
 import argparse
-import contextlib
 import errno
 import inspect
 import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------
-# The base accumulator: additive state on the prediction's device
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 1. Metrics. The base accumulator: additive state on the prediction's device
+# ------------------------------------------------------------------------------------------------------------
 
 
 class Metric:
     """An accumulator whose state is a dict of additive tensors.
 
-    Subclasses implement `new_state(device)` (zeros of the right shapes),
-    `update(pred, target)` and `compute()`. The state is created lazily on
-    the first update, on the prediction's device, so the same object works on
-    CPU and on any GPU without being told where.
+    Subclasses implement `new_state(device)` (zeros of the right shapes), `update(pred, target)` and
+    `compute()`. The state is created lazily on the first update, on the prediction's device, so the same
+    object works on CPU and on any GPU without being told where.
     """
 
     def __init__(self):
@@ -124,17 +112,16 @@ def _ratio(num, den):
     return float(num / den) if float(den) != 0 else float("nan")
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Semantic segmentation and human parts: a confusion matrix
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class SegMetrics(Metric):
     """Mean IoU and pixel accuracy from a dataset-wide confusion matrix.
 
-    MTAN `utils.ConfMatrix` and MTI-Net `eval_semseg` both accumulate
-    per-class counts over the whole dataset (rows = ground truth, columns =
-    prediction), then
+    MTAN `utils.ConfMatrix` and MTI-Net `eval_semseg` both accumulate per-class counts over the whole dataset
+    (rows = ground truth, columns = prediction), then
 
         IoU_c     = TP_c / (TP_c + FP_c + FN_c)          # one value per class
         mIoU      = mean_c IoU_c
@@ -147,13 +134,13 @@ class SegMetrics(Metric):
         absent="zero"  the class counts as IoU 0 (MTI-Net: TP / max(union, 1e-8)).
         absent="nan"   the whole mIoU is NaN (MTAN's plain mean over classes).
 
-    On a full NYUv2 / PASCAL val set every class occurs and all three agree.
-    A class present only in the prediction has IoU 0 under every rule.
+    On a full NYUv2 / PASCAL val set every class occurs and all three agree. A class present only in the
+    prediction has IoU 0 under every rule.
 
-    `pred` is either logits (B, K, H, W) or class ids (B, H, W); `target` is
-    (B, H, W) long with `ignore_index` (and any id outside [0, K)) ignored.
-    The MTAN paper's NYUv2 numbers used an older per-image mIoU, about 8
-    points lower than this one (`compute_miou`, kept commented out in lorenmt/mtan im2im_pred/utils.py).
+    `pred` is either logits (B, K, H, W) or class ids (B, H, W); `target` is (B, H, W) long with
+    `ignore_index` (and any id outside [0, K)) ignored. The MTAN paper's NYUv2 numbers used an older per-image
+    mIoU, about 8 points lower than this one (`compute_miou`, kept commented out in lorenmt/mtan
+    im2im_pred/utils.py).
     """
 
     def __init__(self, num_classes, ignore_index=-1, absent="skip"):
@@ -182,9 +169,8 @@ class SegMetrics(Metric):
         pred, target = pred.long(), target.long()
         valid = (target != self.ignore_index) & (target >= 0) & (target < k)  # (B, H, W)
         valid &= self.image_mask(target)[:, None, None]
-        # cell index GT * K + prediction; invalid pixels add 0 to cell 0.
-        # (torch.bincount would read the largest index back to size its
-        # output, a host sync on CUDA, so we add into a fixed-size matrix.)
+        # cell index GT * K + prediction; invalid pixels add 0 to cell 0. (torch.bincount would read the
+        # largest index back to size its output, a host sync on CUDA, so we add into a fixed-size matrix.)
         cell = target.clamp(0, k - 1) * k + pred.clamp(0, k - 1)
         confusion = self._state_on(pred.device)["confusion"]
         confusion.view(-1).index_add_(0, cell.reshape(-1), valid.reshape(-1).long())
@@ -213,14 +199,11 @@ class SegMetrics(Metric):
 class PartsMetrics(SegMetrics):
     """Human-parts mIoU of MTI-Net on PASCAL-Context (`eval_human_parts`).
 
-    The same dataset-wide confusion matrix as SegMetrics over 7 classes
-    (background, head, torso, upper arm, lower arm, upper leg, lower leg),
-    but an image only counts if it shows a person: the official evaluation
-    skips an image whose ground truth is a single value, all background (0)
-    or all void. Images without a person are all void in this project's
-    loader, so they drop out either way; an all-background image is skipped
-    explicitly here. Absent classes count as 0 by default, as in the
-    official code.
+    The same dataset-wide confusion matrix as SegMetrics over 7 classes (background, head, torso, upper arm,
+    lower arm, upper leg, lower leg), but an image only counts if it shows a person: the official evaluation
+    skips an image whose ground truth is a single value, all background (0) or all void. Images without a
+    person are all void in this project's loader, so they drop out either way; an all-background image is
+    skipped explicitly here. Absent classes count as 0 by default, as in the official code.
     """
 
     def __init__(self, num_classes=7, ignore_index=-1, absent="zero"):
@@ -231,9 +214,9 @@ class PartsMetrics(SegMetrics):
         return ~all_background
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Depth: absolute, relative and RMS error over valid pixels
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class DepthMetrics(Metric):
@@ -281,9 +264,9 @@ class DepthMetrics(Metric):
                 "rmse": math.sqrt(_ratio(s["sq"], n))}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Surface normals: angular error statistics, median from a fine histogram
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class NormalMetrics(Metric):
@@ -294,9 +277,8 @@ class NormalMetrics(Metric):
 
         angle = degrees(acos(clamp(<p, g>, -1, 1)))   # MTAN normal_error, MTI-Net eval_normals
 
-    Reported over all valid pixels of the dataset: the mean, the median, the
-    RMSE sqrt(mean angle^2) (MTI-Net), and the fractions of pixels with an
-    angle *strictly below* 11.25, 22.5 and 30 degrees.
+    Reported over all valid pixels of the dataset: the mean, the median, the RMSE sqrt(mean angle^2)
+    (MTI-Net), and the fractions of pixels with an angle *strictly below* 11.25, 22.5 and 30 degrees.
 
     The median needs every error, which does not fit a bounded state; we
     keep a histogram of `bins` equal bins over [0, 180] on the device (36000
@@ -359,19 +341,17 @@ class NormalMetrics(Metric):
         return (k + (n / 2 - below) / float(hist[k])) * width
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Edges: an approximate ODS F-score with a distance tolerance
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dilate(x, radius, shape="disk"):
     """Max filter of (B, 1, H, W) `x` over a disk (or square) of `radius` pixels.
 
-    The disk {dx^2 + dy^2 <= r^2} is the union of the centred rectangles
-    (2|dy|+1) x (2 floor(sqrt(r^2 - dy^2))+1), dy = 0..floor(r), so its max
-    filter is the max of r+1 rectangular max-pools. Max filtering commutes
-    with thresholding: dilate(x)>=t == dilate(x>=t), which lets one call
-    serve every threshold.
+    The disk {dx^2 + dy^2 <= r^2} is the union of the centred rectangles (2|dy|+1) x (2 floor(sqrt(r^2 -
+    dy^2))+1), dy = 0..floor(r), so its max filter is the max of r+1 rectangular max-pools. Max filtering
+    commutes with thresholding: dilate(x)>=t == dilate(x>=t), which lets one call serve every threshold.
     """
     r = int(math.floor(radius + 1e-9))
     if shape == "square":
@@ -387,11 +367,10 @@ def _dilate(x, radius, shape="disk"):
 class EdgeMetrics(Metric):
     """Approximate ODS F-score for edge maps (MTI-Net's PASCAL "odsF").
 
-    The official number comes from SEISM / the BSDS benchmark in MATLAB
-    (MTI-Net's evaluation/eval_edge.py calls it): for each of 99 thresholds t, binarise the edge
-    probability at >= t, thin it to one-pixel-wide lines, match it one-to-one
-    (bipartite matching, `correspondPixels`) with the ground-truth boundary
-    within maxDist = 0.0075 x the image diagonal, and count over the dataset
+    The official number comes from SEISM / the BSDS benchmark in MATLAB (MTI-Net's evaluation/eval_edge.py
+    calls it): for each of 99 thresholds t, binarise the edge probability at >= t, thin it to one-pixel-wide
+    lines, match it one-to-one (bipartite matching, `correspondPixels`) with the ground-truth boundary within
+    maxDist = 0.0075 x the image diagonal, and count over the dataset
 
         P(t) = matched predicted px / predicted px
         R(t) = matched GT px / GT px
@@ -409,10 +388,9 @@ class EdgeMetrics(Metric):
     "hits"; only band pixels farther than the tolerance are penalised).
     Report it as "approx-odsF", never next to SEISM numbers as if equal.
 
-    State: per-threshold histograms (additive), independent of image size.
-    `tolerance` is in pixels (`unit="pixels"`) or a fraction of the image
-    diagonal (`unit="diagonal"`, default 0.0075 as SEISM/BSDS). Predictions
-    are logits (B, 1, H, W); targets {0, 1} boundary maps of the same size.
+    State: per-threshold histograms (additive), independent of image size. `tolerance` is in pixels
+    (`unit="pixels"`) or a fraction of the image diagonal (`unit="diagonal"`, default 0.0075 as SEISM/BSDS).
+    Predictions are logits (B, 1, H, W); targets {0, 1} boundary maps of the same size.
     """
 
     def __init__(self, tolerance=0.0075, unit="diagonal", num_thresholds=99, shape="disk"):
@@ -462,16 +440,16 @@ class EdgeMetrics(Metric):
         return {"odsf": float(f.max())}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Saliency: max F and "mIoU" over 15 thresholds (MTI-Net / ASTMT eval_sal)
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class SaliencyMetrics(Metric):
     """Saliency maxF and mIoU exactly as MTI-Net's `eval_sal` (evaluation/eval_sal.py).
 
-    For each image and each of 15 thresholds t = linspace(0.2, 0.9, 15),
-    binarise the probability at > t and compute
+    For each image and each of 15 thresholds t = linspace(0.2, 0.9, 15), binarise the probability at > t and
+    compute
 
         IoU  = TP / (TP + FP + FN)          (1 when GT and prediction are both empty)
         prec = TP / (TP + FP + 1e-12),  rec = TP / (TP + FN + 1e-12)
@@ -481,10 +459,9 @@ class SaliencyMetrics(Metric):
         F(t) = 2 mP mR / (mP + mR + 1e-12)          # from the mean P and mean R
         maxf = max_t F(t),   miou = max_t mean IoU(t)   # "mIoU" = best threshold's mean IoU
 
-    Delta_m uses miou. The official code reads 8-bit PNGs (255 x sigmoid,
-    truncated); we threshold the float probability, which can move a pixel
-    that sits within 1/255 of a threshold.
-    Inputs: logits (B, 1, H, W), targets (B, 1, H, W) in {0, 1}.
+    Delta_m uses miou. The official code reads 8-bit PNGs (255 x sigmoid, truncated); we threshold the float
+    probability, which can move a pixel that sits within 1/255 of a threshold. Inputs: logits (B, 1, H, W),
+    targets (B, 1, H, W) in {0, 1}.
     """
 
     def __init__(self, num_thresholds=15, low=0.2, high=0.9):
@@ -523,17 +500,17 @@ class SaliencyMetrics(Metric):
         return {"maxf": float(f.max()), "miou": float(miou.max())}
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # One accumulator per task
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def metrics_for(tasks, **options):
     """A fresh accumulator per task, in the order of `tasks`.
 
-    `tasks` maps task name -> output channels, e.g. {"semantic": 13, "depth": 1,
-    "normal": 3}. `options` holds keyword arguments per task, e.g.
-    metrics_for(tasks, edge={"tolerance": 1, "unit": "pixels"}, semantic={"absent": "zero"}).
+    `tasks` maps task name -> output channels, e.g. {"semantic": 13, "depth": 1, "normal": 3}. `options` holds
+    keyword arguments per task, e.g. metrics_for(tasks, edge={"tolerance": 1, "unit": "pixels"},
+    semantic={"absent": "zero"}).
     """
     makers = {
         "semantic": lambda c, o: SegMetrics(c, **o),
@@ -562,13 +539,12 @@ def average_results(history):
             for task, metrics in history[0].items()}
 
 
-# ----------------------------------------------------------------------------
-# Multi-task performance Delta_m
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 2. Multi-task performance Delta_m, the Decathlon score, the papers' tables
+# ------------------------------------------------------------------------------------------------------------
 
-# Results dicts are {task: {metric: value}} as returned by `evaluate`; a
-# baseline must use the same units as the results (fractions or percentages
-# alike), since Delta_m only uses ratios.
+# Results dicts are {task: {metric: value}} as returned by `evaluate`; a baseline must use the same units as
+# the results (fractions or percentages alike), since Delta_m only uses ratios.
 
 HIGHER_IS_BETTER = {
     "miou": True, "pixel_acc": True, "maxf": True, "odsf": True,
@@ -585,8 +561,8 @@ NYUV2_9 = (("semantic", "miou"), ("semantic", "pixel_acc"), ("depth", "abs_err")
            ("normal", "mean"), ("normal", "median"), ("normal", "within_11.25"),
            ("normal", "within_22.5"), ("normal", "within_30"))
 
-# Single-task rows ("STL") printed by the papers, in this file's units (fractions, degrees, metres).
-# SegNet single-task NYUv2, the STL row of Nash-MTL (Navon et al., ICML 2022, Table 2) and CAGrad.
+# Single-task rows ("STL") printed by the papers, in this file's units (fractions, degrees, metres). SegNet
+# single-task NYUv2, the STL row of Nash-MTL (Navon et al., ICML 2022, Table 2) and CAGrad.
 STL_NYUV2_SEGNET = {
     "semantic": {"miou": 0.3830, "pixel_acc": 0.6376},
     "depth": {"abs_err": 0.6754, "rel_err": 0.2780},
@@ -659,12 +635,12 @@ def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
     raise ValueError(f'convention must be "mtinet", "nyuv2-9" or "libmtl", got {convention!r}')
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Visual Decathlon score (Rebuffi, Bilen, Vedaldi, NeurIPS 2017)
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
-# Top-1 test accuracy (%) of the "Finetune" baseline (per-domain fine-tuned
-# ResNet-26), keyed by the official domain (folder) names, MTAN Table 4.
+# Top-1 test accuracy (%) of the "Finetune" baseline (per-domain fine-tuned ResNet-26), keyed by the official
+# domain (folder) names, MTAN Table 4.
 FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82,
             "dtd": 55.53, "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69,
             "svhn": 96.55, "ucf101": 51.20}
@@ -673,11 +649,10 @@ FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerp
 def decathlon_score(accuracy, baseline=FINETUNE):
     """The challenge score S = sum_d alpha_d max(0, E_max_d - E_d)^gamma.
 
-    E_d = 100 - accuracy (% top-1 error), E_max_d = 2 x the baseline's
-    error, gamma = 2 and alpha_d = 1000 / E_max_d^2, so a perfect domain
-    earns 1000 points and the baseline itself 250 per domain (2500 for 10).
-    `accuracy` and `baseline` map domain name -> accuracy in percent; any
-    domain names work as long as both dicts have the same ones.
+    E_d = 100 - accuracy (% top-1 error), E_max_d = 2 x the baseline's error, gamma = 2 and alpha_d = 1000 /
+    E_max_d^2, so a perfect domain earns 1000 points and the baseline itself 250 per domain (2500 for 10).
+    `accuracy` and `baseline` map domain name -> accuracy in percent; any domain names work as long as both
+    dicts have the same ones.
     """
     missing = [d for d in baseline if d not in accuracy]
     unknown = [d for d in accuracy if d not in baseline]
@@ -696,12 +671,12 @@ def decathlon_score(accuracy, baseline=FINETUNE):
     return score
 
 
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Table rows as the papers print them
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
-# (task, metric) -> (column header, scale, decimals). Scale 100 turns a
-# fraction into the percentage the papers print.
+# (task, metric) -> (column header, scale, decimals). Scale 100 turns a fraction into the percentage the
+# papers print.
 COLUMNS = {
     ("semantic", "miou"): ("mIoU", 100, 2), ("semantic", "pixel_acc"): ("Pix Acc", 100, 2),
     ("parts", "miou"): ("Parts mIoU", 100, 2), ("parts", "pixel_acc"): ("Parts Acc", 100, 2),
@@ -713,8 +688,7 @@ COLUMNS = {
     ("edge", "odsf"): ("odsF", 100, 2),
 }
 
-# Which metrics each table style shows per task; tasks a style does not
-# list fall back to the MTI-Net columns.
+# Which metrics each table style shows per task; tasks a style does not list fall back to the MTI-Net columns.
 STYLES = {
     # MTAN Table 3 (NYUv2) and Table 2 (CityScapes, whose Rel Err is printed x100)
     "mtan": {"semantic": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"],
@@ -729,11 +703,10 @@ STYLES = {
 def table_row(results, tasks=None, style="mtan"):
     """[(column header, formatted value)] for one results dict {task: {metric: value}}.
 
-    style: "mtan" (NYUv2 columns mIoU, Pix Acc, Abs, Rel, Mean, Median, 11.25,
-    22.5, 30), "mtan-cityscapes" (Rel Err x100, as MTAN Table 2), "mtinet"
-    (one metric per task) or "all" (every metric of every task). `tasks`
-    selects and orders the tasks (default: those of `results`). A metric
-    missing from `results` prints as "-".
+    style: "mtan" (NYUv2 columns mIoU, Pix Acc, Abs, Rel, Mean, Median, 11.25, 22.5, 30), "mtan-cityscapes"
+    (Rel Err x100, as MTAN Table 2), "mtinet" (one metric per task) or "all" (every metric of every task).
+    `tasks` selects and orders the tasks (default: those of `results`). A metric missing from `results` prints
+    as "-".
     """
     if style != "all" and style not in STYLES:
         raise ValueError(f'style must be one of {list(STYLES) + ["all"]}, got {style!r}')
@@ -757,10 +730,9 @@ def table_row(results, tasks=None, style="mtan"):
 def format_table(rows, tasks=None, style="mtan"):
     """A Markdown table (aligned, readable as plain text), one line per method.
 
-    `rows` is a dict {name: row} or a list of (name, row) pairs or a list of
-    unnamed rows, where each row is either a `table_row` output or a results
-    dict {task: {metric: value}} (turned into a row with `tasks` and `style`).
-    Columns are the union of the rows' headers in first-seen order.
+    `rows` is a dict {name: row} or a list of (name, row) pairs or a list of unnamed rows, where each row is
+    either a `table_row` output or a results dict {task: {metric: value}} (turned into a row with `tasks` and
+    `style`). Columns are the union of the rows' headers in first-seen order.
     """
     if isinstance(rows, dict):
         rows = list(rows.items())
@@ -814,13 +786,13 @@ def format_metrics(results):
                       for task, metrics in results.items())
 
 
-# ----------------------------------------------------------------------------
-# Evaluation loops
+# ------------------------------------------------------------------------------------------------------------
+# 3. Evaluation loops
 #
-# One pass over a split with the model in eval mode, every batch fed to the
-# accumulators on the device. train.py's validation calls the same functions,
-# so the numbers of a training log and of `python eval.py` are the same ones.
-# ----------------------------------------------------------------------------
+# One pass over a split with the model in eval mode, every batch fed to the accumulators on the device.
+# train.py's validation calls the same functions, so the numbers of a training log and of `python eval.py` are
+# the same ones.
+# ------------------------------------------------------------------------------------------------------------
 
 
 def to_device(batch, device, channels_last=False):
@@ -832,8 +804,8 @@ def to_device(batch, device, channels_last=False):
 
 
 def autocast(amp, device):
-    """bf16/fp16 autocast ("bf16", "fp16" or "off") for the model's forward pass; losses and metrics stay
-    in fp32."""
+    """bf16/fp16 autocast ("bf16", "fp16" or "off") for the model's forward pass; losses and metrics stay in
+    fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -888,15 +860,15 @@ def classification_totals(loss_sum, logits, label):
 # (lorenmt/mtan visual_decathlon/model_wrn_eval.py) therefore trains one more epoch on each domain before
 # predicting it, "to compute dataset-specific BN statistics". Here the statistics are re-estimated without
 # touching the weights: before a domain is evaluated, a few batches of its training data run through the
-# network in training mode, and the shared statistics are put back after. The batches depend on the seed
-# only, so every torchrun rank and eval.py compute the same statistics.
+# network in training mode, and the shared statistics are put back after. The batches depend on the seed only,
+# so every torchrun rank and eval.py compute the same statistics.
 BN_CALIBRATION_BATCHES = 10
 
 
 @torch.no_grad()
 def calibrate_batchnorm(model, dataset, index, cfg, device, batches=BN_CALIBRATION_BATCHES):
-    """Set the BN running statistics to the average over `batches` shuffled training batches of domain `index`.
-    Returns what restore_batchnorm needs to put the previous statistics back."""
+    """Set the BN running statistics to the average over `batches` shuffled training batches of domain
+    `index`. Returns what restore_batchnorm needs to put the previous statistics back."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms]
@@ -947,18 +919,13 @@ def evaluate_decathlon(model, loaders, cfg, device, calibration=None):
     return results
 
 
-# ----------------------------------------------------------------------------
-# Reading a run
+# ------------------------------------------------------------------------------------------------------------
+# 4. `python eval.py --checkpoint RUN`: reading a checkpoint, evaluating it, eval.json
 #
-# A run folder of train.py holds last.pt, log.jsonl, metrics.json and
-# curves.png. The checkpoint records the model's module, class and
-# constructor arguments (`model_args`), so the model is rebuilt here from
-# mtan.py or mtinet.py alone, as nanoGPT's sample.py rebuilds its GPT.
-# ----------------------------------------------------------------------------
-
-DECATHLON_DATASETS = ("decathlon", "synthetic-decathlon")
-
-
+# A run folder of train.py holds last.pt, log.jsonl, metrics.json and curves.png. The checkpoint records the
+# model's module, class and constructor arguments (`model_args`), so the model is rebuilt here from mtan.py or
+# mtinet.py alone, as nanoGPT's sample.py rebuilds its GPT.
+# ------------------------------------------------------------------------------------------------------------
 class CheckpointError(Exception):
     pass
 
@@ -985,43 +952,22 @@ def model_from_checkpoint(ckpt):
     import mtan
     import mtinet
 
-    args = ckpt.get("model_args") or legacy_model_args(ckpt["config"])
+    args = ckpt["model_args"]
     module = {"mtan": mtan, "mtinet": mtinet}[args["module"]]
     return getattr(module, args["class"])(**args["kwargs"])
 
 
-def legacy_model_args(cfg):
-    """model_args of a checkpoint written before checkpoints recorded them: from its `--model` name."""
-    tasks, width = dict(cfg["tasks"]), cfg.get("width", 1.0)
-    name = cfg["model"]
-    if name in ("single", "split", "split-wide", "split-deep"):
-        variant = {"split-wide": "wide", "split-deep": "deep"}.get(name, "standard")
-        return {"module": "mtan", "class": "SegNet", "kwargs": dict(tasks=tasks, variant=variant, width=width)}
-    if name in ("stan", "mtan", "dense", "cross-stitch"):
-        cls = {"dense": "DenseSegNet", "cross-stitch": "CrossStitchSegNet"}.get(name, "MTAN")
-        return {"module": "mtan", "class": cls, "kwargs": dict(tasks=tasks, width=width)}
-    if name == "wrn-mtan":
-        return {"module": "mtan", "class": "WideResNetMTAN", "kwargs": dict(
-            num_classes=list(tasks.values()), domains=list(tasks), depth=cfg["wrn_depth"],
-            widen_factor=max(1, round(4 * width)))}
-    kwargs = dict(tasks=tasks, backbone=cfg.get("backbone", "w18-small-v2"))
-    if name in ("mtinet", "padnet"):
-        kwargs["aux_tasks"] = dict(cfg["aux_tasks"]) or None
-    if name == "mtinet":
-        kwargs["fpm_softmax"] = cfg.get("fpm_softmax", "tasks")
-    cls = {"mtinet": "MTINet", "padnet": "PADNet", "hrnet-mtl": "HRNetMultiTask"}[name]
-    return {"module": "mtinet", "class": cls, "kwargs": kwargs}
-
-
-# The input sizes each model class accepts (its forward raises otherwise): SegNet's five 2x2 poolings (mtan.py),
-# MTAN-DeepLabv3's output stride 8. The HRNet models and DeepLabv3 resize their outputs to any input size.
+# The input sizes each model class accepts (its forward raises otherwise): SegNet's five 2x2 poolings
+# (mtan.py), MTAN-DeepLabv3's output stride 8. The HRNet models and DeepLabv3 resize their outputs to any
+# input size.
 INPUT_MULTIPLE = {"SegNet": 32, "MTAN": 32, "DenseSegNet": 32, "CrossStitchSegNet": 32, "MTANDeepLabv3": 8}
 
 
 def check_first_samples(model, dataset, split, count=2):
     """Read the first samples of a split of files before any training or evaluation starts, so that a damaged
-    file, a label outside the class range or an image outside [0, 1] (data.py checks them as it reads) stops the
-    run at once, and check that their size fits the model. The synthetic scenes (code, no file) are skipped."""
+    file, a label outside the class range or an image outside [0, 1] (data.py checks them as it reads) stops
+    the run at once, and check that their size fits the model. The synthetic scenes (code, no file) are
+    skipped."""
     import data
 
     if not data.sample_files(dataset, 0):
@@ -1036,14 +982,864 @@ def check_first_samples(model, dataset, split, count=2):
                 f"models: 32, MTAN-DeepLabv3: 8; the HRNet models and DeepLabv3 take any size): crop or pad them")
 
 
+def build_parser():
+    p = ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
+                       "and optional pictures of predictions and attention masks; or, with --compare, "
+                       "one paper-style table of finished runs.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
+    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
+                      "from metrics.json (no re-evaluation), with parameters and delta_m against the single-task "
+                      "runs among them")
+    p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
+                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score; --compare: "
+                   "comma-separated run folders or metrics.json / eval.json files of single-task runs, instead of "
+                   "the single-task runs among those compared)")
+    p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
+                   help="delta_m convention (see delta_m's docstring)")
+    p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
+    p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
+    p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: the training's on "
+                   "the device it trained on; on another device that device's default: bf16 on a GPU, fp16 on "
+                   "GPUs without bf16, off on a CPU)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N")
+    p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate only the first N samples")
+    p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, metrics "
+                   "included), print one JSON line and exit (dense datasets)")
+    compare = p.add_argument_group("--compare only")
+    compare.add_argument("--epoch", choices=list(EPOCH_CHOICES), help="protocol: the mean of the last 10 "
+                         "evaluations (the MTAN paper's protocol, default); last: the last evaluation")
+    compare.add_argument("--from-eval", action="store_true", help="the numbers of each run's eval.json (written by "
+                         "--checkpoint) instead of its last evaluation during training")
+    compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
+                         "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
+    compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
+    return p
+
+
+def load_run(args):
+    """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = dict(ckpt["config"])
+    if args.data_root:
+        cfg["data_root"] = args.data_root
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (drop --device, or pass "
+                         "--device cpu)")
+    trained_on, trained_amp = cfg.get("device"), cfg.get("amp", "off")
+    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "amp", None):
+        cfg["amp"] = args.amp
+    elif cfg["device"] != trained_on:  # a GPU run's bf16 autocast would run silently (and slowly) on a CPU
+        cfg["amp"] = default_amp(cfg["device"])
+        if cfg["amp"] != trained_amp:
+            print(f"amp {cfg['amp']} on {cfg['device']} (the run trained with amp {trained_amp} on {trained_on}; "
+                  f"--amp chooses)")
+    cfg["compile"] = False  # compiling pays off over many training steps, not one evaluation
+    cfg["channels_last"] = cfg.get("channels_last", False)  # as in training: faster on CPU and GPU alike
+    cfg.setdefault("deterministic", False)
+    try:
+        model = model_from_checkpoint(ckpt)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # model_args of another version, edited by hand
+        raise UsageError(f"{args.checkpoint} records a model this code cannot build ({type(e).__name__}: "
+                         f"{e})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"the weights in {args.checkpoint} do not fit a {cfg['model']} model: "
+                         f"{first_line(e)}") from None
+    device = torch.device(cfg["device"])
+    model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
+    return cfg, model.eval(), device
+
+
+def input_normalisation(cfg, device):
+    """ImageNet statistics for a run trained from ImageNet weights (--pretrained), else the identity."""
+    if not cfg.get("pretrained"):
+        return torch.nn.Identity()
+    import mtinet
+
+    return mtinet.ImageNetNormalisation().to(device)
+
+
+def evaluation_split(cfg, args):
+    import data
+
+    dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], args.split, **dataset_options(cfg))
+    subset = args.subset or cfg.get("subset")
+    if subset:
+        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+    return dataset
+
+
+def evaluation_loader(dataset, cfg):
+    """The split in order, one pass; batch 1 where targets keep each image's size (PASCAL val)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=1 if variable_size(dataset) else cfg["batch_size"],
+                                       num_workers=cfg.get("workers", 0), pin_memory=cfg["device"] == "cuda")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import data
+
+    try:
+        return compare_command(args) if args.compare is not None else evaluate_checkpoint(args)
+    except (data.DatasetError, CheckpointError, UsageError, FloatingPointError, OSError) as error:
+        sys.exit(error_line(error))  # a user's mistake: one line (a bug keeps its traceback)
+
+
+def evaluate_checkpoint(args):
+    for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
+                        ("--json", args.json)):
+        if value:
+            raise UsageError(f"{flag} applies to --compare, not --checkpoint")
+    cfg, model, device = load_run(args)
+    configure_torch(cfg)  # on a GPU the cuDNN autotuner and TF32 of training; the checkpoint's --deterministic
+    normalise = input_normalisation(cfg, device)
+    if args.image:
+        return predict_image(args, cfg, model, device, normalise)
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
+    if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
+        os.makedirs(args.save_vis, exist_ok=True)
+    if cfg["data"] in DECATHLON_DATASETS:
+        if args.bench:
+            raise UsageError("--bench times the dense datasets' evaluation; not the Decathlon's")
+        return evaluate_decathlon_checkpoint(args, cfg, model, device)
+    dataset = evaluation_split(cfg, args)
+    check_first_samples(model, dataset, args.split)
+    loader = evaluation_loader(dataset, cfg)
+    if args.bench:
+        return bench_evaluation(args, cfg, model, loader, device, normalise)
+    results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
+    rows = [(f"{cfg['model']} ({args.split})", results)]
+    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
+              "tasks": cfg["tasks"], "metrics": results}
+    if args.baseline:
+        baseline, _ = read_baseline_file(args.baseline)
+        rows.append(("baseline", baseline))
+        try:
+            report["delta_m"] = delta_m(results, baseline, convention=args.convention)
+        except (KeyError, ValueError) as e:  # a task or a metric missing, a metric of 0
+            raise UsageError(f"--baseline {args.baseline}: no delta_m ({e.args[0]}); it must be the "
+                             f"eval.json or metrics.json of a run on the same tasks") from None
+        report["delta_m_convention"] = args.convention
+    print(format_table(rows, cfg["tasks"]))
+    if "delta_m" in report:
+        print(f"delta_m ({args.convention} convention) = {report['delta_m']:+.2f} %")
+    write_report(report, args.checkpoint)
+    if args.save_vis:
+        save_visualisations(args, cfg, model, dataset, device, normalise)
+    return report
+
+
+def bench_evaluation(args, cfg, model, loader, device, normalise):
+    """--bench N: the speed of evaluating the split as training evaluates it (`evaluate`: loading, forward,
+    metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
+    Prints one JSON line and returns it as a dict; writes no file."""
+    batch = next(iter(loader))
+    run_split = lambda batches: evaluate(model, batches, cfg["tasks"], device, cfg["amp"], cfg["channels_last"],
+                                         normalise)  # ends by reading the metrics
+    run_split([batch])  # warm-up: autotuning, lazy state
+    clock = DeviceClock(device)
+    clock.start()
+    for _ in range(args.bench):
+        run_split(loader)
+        clock.mark()
+    median = clock.median_interval()
+    images = len(loader.dataset)
+    result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
+              "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
+              **speed_fields(cfg, device, batch["image"]), "batch_size": loader.batch_size}
+    print(strict_json(result))
+    return result
+
+
+def evaluate_decathlon_checkpoint(args, cfg, model, device):
+    """Per-domain top-1 accuracy, the mean and the Decathlon score. The official domains are scored against
+    the paper's Finetune baseline; the synthetic ones against single-domain networks trained by train.py:
+
+        python train.py --model wrn-mtan --data synthetic-decathlon --task floor --out runs/single-floor
+        ... (one run per domain), then
+        python eval.py --checkpoint runs/NAME/last.pt --baseline runs/single-floor/eval.json,...
+
+    (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`). Each
+    domain's BN statistics are re-estimated from its training split first, as during training
+    (calibrate_batchnorm). With `--split test` on the official data and ROOT/annotations/
+    <domain>_test_stripped.json present, the predictions go to results.json in the challenge's format."""
+    import data
+
+    domains = list(cfg["tasks"])
+    calibration, _ = data.build_decathlon(cfg["data"], cfg["data_root"], "train", domains=domains,
+                                          num_samples=cfg.get("subset"))
+    if args.split == "test" and cfg["data"] == "decathlon" and test_annotations(cfg["data_root"], domains):
+        return write_decathlon_results(args, cfg, model, device, calibration)
+    sets, _ = data.build_decathlon(cfg["data"], cfg["data_root"], args.split, domains=domains,
+                                   num_samples=args.subset or cfg.get("subset"))
+    if any(label < 0 for s in sets.values() for _, label in getattr(s, "files", [])):  # official test split
+        raise UsageError(f"the {args.split} split has no labels; for the official test split put the "
+                         "challenge's annotations/<domain>_test_stripped.json files in the data root")
+    loaders = {d: evaluation_loader(s, cfg) for d, s in sets.items()}
+    results = evaluate_decathlon(model, loaders, cfg, device, calibration)
+    baseline = decathlon_baseline(args, sets)
+    rows = [(f"{cfg['model']} ({args.split})", results)]
+    if args.baseline:
+        rows.append(("baseline", {d: {"accuracy": baseline[d] / 100} for d in domains}))
+    print(format_decathlon_table(rows, baseline))
+    accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
+    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
+              "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
+              "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
+    if baseline:
+        report["decathlon_score"] = decathlon_score(accuracy, baseline)
+        if len(accuracy) < len(FINETUNE) and cfg["data"] == "decathlon":
+            print(f"(score over {len(accuracy)} domains: at most {1000 * len(accuracy)} points)")
+    elif cfg["data"] == "synthetic-decathlon":
+        print("no Decathlon score: pass --baseline with the eval.json files of single-domain runs "
+              "(see `python eval.py --help` and the README)")
+    write_report(report, args.checkpoint)
+    return report
+
+
+
+def decathlon_baseline(args, sets):
+    """{domain: accuracy %} that the score measures against, for exactly the evaluated domains: the
+    single-domain runs of --baseline, else the paper's Finetune row for official domains, else None."""
+    domains = list(sets)
+    if args.baseline:
+        baseline = read_decathlon_baseline(args.baseline)
+        missing = [d for d in domains if d not in baseline]
+        if missing:
+            raise UsageError(f"--baseline has no accuracy for {', '.join(missing)}: pass the eval.json of "
+                             "one single-domain run per domain, comma separated")
+        return measurable_baseline({d: baseline[d] for d in domains}, {d: len(s) for d, s in sets.items()})
+    if set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
+        return {d: FINETUNE[d] for d in domains}
+    return None
+
+
+def measurable_baseline(baseline, sizes):
+    """A baseline that is 100 % right on a domain leaves the score nothing to scale by (E_max = 2 x 0). On a
+    split of N images the smallest error that can be measured is one image, 100 / N %: a perfect baseline is
+    taken to have made that one mistake, so the score stays defined and a perfect model still earns the
+    domain's 1000."""
+    adjusted = dict(baseline)
+    for domain, size in sizes.items():
+        if adjusted.get(domain, 0.0) >= 100.0:
+            adjusted[domain] = 100.0 - 100.0 / size
+            print(f"baseline {domain}: 100 % on {size} images; its error is taken as one image, "
+                  f"{100.0 / size:.2f} %, so that the score is defined")
+    return adjusted
+
+
+def read_decathlon_baseline(paths):
+    """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
+    merged = {}
+    for path in paths.split(","):
+        try:
+            with open(path) as f:
+                accuracy = json.load(f)["accuracy"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
+                raise ValueError("an accuracy is not a number")
+            merged.update(accuracy)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"--baseline {path}: not an eval.json of a Decathlon run ({e})") from None
+    return merged
+
+
+def run_folder(checkpoint):
+    """The run folder of --checkpoint, which names either the folder or a file in it."""
+    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+
+
+def write_report(report, checkpoint):
+    """eval.json beside the checkpoint, written atomically. Non-finite metrics (a diverged model, or a split
+    without a valid target) are refused: they would replace a good eval.json with one no strict parser reads."""
+    path = os.path.join(run_folder(checkpoint), "eval.json")
+    bad = non_finite_metrics(report["metrics"])
+    if bad:
+        raise UsageError(f"non-finite metrics ({', '.join(bad)}): the model diverged or the split has no "
+                         f"valid target for them; {path} was not written")
+    write_text_atomic(strict_json(report, indent=2), path)
+    print(f"wrote {path}")
+
+
+def read_baseline_file(path, key="final"):
+    """(metrics, the dataset the file names or None) of a baseline run: eval.json ("metrics") or train.py's
+    metrics.json (`key`: "final", or "mean_last_10" for --compare's protocol), checked to be
+    {task: {metric: number}}."""
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
+                         f"({type(e).__name__}: {e})") from None
+    metrics = next((blob[k] for k in ("metrics", key) if isinstance(blob, dict) and k in blob), None)
+    if metrics is None:
+        raise UsageError(f"--baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
+    numbers = isinstance(metrics, dict) and all(
+        isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         for v in values.values()) for values in metrics.values())
+    if not numbers:
+        raise UsageError(f"--baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
+                         f"'{key}', as eval.py and train.py write them")
+    return metrics, blob.get("data")
+
+
+
+# ============================================================================================================
+# Appendices: --compare, pictures, the Decathlon's results format, and the machinery shared with train.py
+# ============================================================================================================
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix A. Comparing runs: `python eval.py --compare RUN ...`
+#
+# `python eval.py --compare RUN ...` puts finished runs side by side as the papers do: the MTAN paper's Table
+# 2 (One Task, STAN, Split, Dense, Cross-Stitch and MTAN under equal, uncertainty and DWA weighting) and the
+# MTI-Net paper's NYUD ablation table (single-task, multi-task baseline, PAD-Net, MTI-Net, with and without
+# auxiliary tasks, with Delta_m against the single-task rows). Nothing is re-evaluated: the numbers are those
+# train.py wrote to metrics.json (or, with --from-eval, those `python eval.py --checkpoint` wrote to
+# eval.json), the parameter count is read off the checkpoint's weights and the row's name off its
+# configuration, which records what train.py's MODELS table says of the model: its family ("hrnet": the
+# configuration's "backbone" means something), whether the run is a single-task one, and whether its network
+# is a plain single-task baseline (STAN, MTAN's attention network on one task, is a row of MTAN's Table 2 to
+# compare with the baseline rather than the baseline itself).
+# ------------------------------------------------------------------------------------------------------------
+
+DEFAULT_HRNET = "w18-small-v2"  # the MTI-Net paper's HRNet-18
+EPOCH_CHOICES = {"protocol": "mean_last_10", "last": "final"}  # --epoch -> the key of metrics.json
+DELTA_M_HEADER = "Delta_m %"
+
+
+def read_finished_run(folder):
+    """What --compare needs of a run folder: its configuration, metrics.json, the parameter count of last.pt's
+    weights, how many evaluations the run made, and eval.json when there is one. One-line errors for a folder
+    that is not a finished run of train.py."""
+    if os.path.isfile(folder) and os.path.basename(folder) in ("last.pt", "metrics.json", "eval.json"):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder} is not a run folder: --compare expects folders that train.py wrote "
+                         "(each with metrics.json and last.pt)")
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"{folder} is not a finished run: it has no metrics.json (train.py writes it after "
+                         f"the last epoch; continue a stopped run with python train.py --resume {folder})")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    if not (isinstance(metrics, dict) and all(k in metrics for k in ("final", "mean_last_10", "epochs"))):
+        raise UsageError(f"{path} is not the metrics.json of train.py: it lacks 'final', 'mean_last_10' or "
+                         "'epochs'")
+    if not os.path.isfile(os.path.join(folder, "last.pt")):
+        raise UsageError(f"{folder} has metrics.json but no last.pt: --compare reads the configuration and "
+                         "the parameter count from the checkpoint")
+    ckpt = load_checkpoint(folder)
+    cfg = ckpt["config"]
+    if cfg["data"] in DECATHLON_DATASETS:
+        raise UsageError(f"{folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
+                         "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")
+    # A run resumed for more epochs and stopped again keeps the metrics.json of its earlier end.
+    if ckpt.get("epoch", metrics["epochs"]) != metrics["epochs"]:
+        raise UsageError(f"{folder} is not a finished run: last.pt holds epoch {ckpt['epoch']} but metrics.json "
+                         f"was written after epoch {metrics['epochs']} (resumed and not finished)")
+    evaluations = sum("val" in record for record in ckpt.get("history", [])) or None
+    eval_path = os.path.join(folder, "eval.json")
+    return {"folder": folder, "config": cfg, "metrics": metrics, "params": count_parameters(ckpt["model"]),
+            "evaluations": evaluations, "eval_json": eval_path if os.path.isfile(eval_path) else None}
+
+
+def run_numbers(run, epoch, from_eval):
+    """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
+    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json."""
+    if not from_eval:
+        key = EPOCH_CHOICES[epoch]
+        return run["metrics"][key], f"metrics.json {key}"
+    if run["eval_json"] is None:
+        raise UsageError(f"--from-eval: {run['folder']} has no eval.json (write it with python eval.py "
+                         f"--checkpoint {run['folder']}, or drop --from-eval)")
+    try:
+        with open(run["eval_json"]) as f:
+            blob = json.load(f)
+        return blob["metrics"], f"eval.json {blob.get('split', 'val')} split"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read {run['eval_json']}: expected the eval.json of python eval.py "
+                         f"--checkpoint with 'metrics' ({type(e).__name__}: {e})") from None
+
+
+def row_name(cfg, weighting=True):
+    """A short name from the configuration: the model, then the task of a single-task run or the weighting of
+    a multi-task one (left out when `weighting` is False), the HRNet when not the paper's, the auxiliary
+    tasks, and the seed when not 0: "mtan dwa", "single semantic", "mtinet w48 +normal,edge", "split dwa seed
+    1"."""
+    parts = [cfg["model"]]
+    if cfg["single_task"]:
+        parts.append(next(iter(cfg["tasks"])))
+    elif weighting:
+        parts.append(cfg.get("weighting", "equal"))
+    if cfg["family"] == "hrnet" and cfg["backbone"] != DEFAULT_HRNET:
+        parts.append(cfg["backbone"])
+    if cfg.get("aux_tasks"):
+        parts.append("+" + ",".join(cfg["aux_tasks"]))
+    if cfg.get("seed", 0):
+        parts.append(f"seed {cfg['seed']}")
+    return " ".join(parts)
+
+
+def row_names(runs):
+    """Unique row names. The weighting is named unless every multi-task run uses equal weighting (as in the
+    MTI-Net tables, where it is not what the rows compare); runs that still share a name get their folder's."""
+    weighting = any(cfg.get("weighting", "equal") != "equal" for cfg in (r["config"] for r in runs)
+                    if not cfg["single_task"])
+    names = [row_name(r["config"], weighting) for r in runs]
+    return [f"{n} [{os.path.basename(os.path.normpath(r['folder']))}]" if names.count(n) > 1 else n
+            for n, r in zip(names, runs)]
+
+
+def evaluation_set(cfg):
+    """The data a run was evaluated on, in words: runs evaluated on different data cannot share a table."""
+    words = [cfg["data"]]
+    if cfg["data"] == "synthetic":
+        words.append(str(cfg.get("resolution")))
+    if cfg["data"] == "cityscapes":
+        words.append(f"{cfg.get('num_classes', 7)} classes")
+    if cfg.get("subset"):
+        words.append(f"(first {cfg['subset']} samples)")
+    return " ".join(words)
+
+
+def check_comparable(runs):
+    """One-line errors for runs that cannot share a table: a folder given twice, runs evaluated on different
+    data (another dataset, resolution, subset or class count), a task with different outputs in two runs."""
+    folders = [os.path.realpath(r["folder"]) for r in runs]
+    for r, folder in zip(runs, folders):
+        if folders.count(folder) > 1:
+            raise UsageError(f"{r['folder']} is given twice to --compare")
+    first = runs[0]
+    for r in runs[1:]:
+        if evaluation_set(r["config"]) != evaluation_set(first["config"]):
+            raise UsageError(f"{first['folder']} ({evaluation_set(first['config'])}) and {r['folder']} "
+                             f"({evaluation_set(r['config'])}) were evaluated on different data: they cannot "
+                             "share a table")
+    channels = {}
+    for r in runs:
+        for task, n in r["config"]["tasks"].items():
+            seen = channels.setdefault(task, (n, r["folder"]))
+            if seen[0] != n:
+                raise UsageError(f"task {task} has {seen[0]} outputs in {seen[1]} but {n} in {r['folder']}: "
+                                 "the task sets cannot share a table")
+
+
+def read_baseline_source(path, epoch, from_eval):
+    """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
+    (the --epoch key) or eval.json ("metrics"). Returns {"folder": path, "data": dataset or None, "numbers"}."""
+    if os.path.isdir(path):
+        run = read_finished_run(path)
+        return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
+    numbers, dataset = read_baseline_file(path, EPOCH_CHOICES[epoch])
+    return {"folder": path, "data": dataset, "numbers": numbers}
+
+
+def find_baselines(runs, named=None):
+    """{task: the run whose numbers are that task's single-task reference}. Without `named` (the --baseline
+    sources), the first single-task run of each task in command-line order whose model is a plain single-task
+    network (single, hrnet-mtl, deeplab), else the first of any single-task model (stan). With `named`, those
+    alone, each task from the first source that has it."""
+    chosen = {}
+    if named:
+        for source in named:
+            for task in source["numbers"]:
+                chosen.setdefault(task, source)
+        return chosen
+    for plain_only in (True, False):
+        for run in runs:
+            cfg = run["config"]
+            if cfg["single_task"] and (cfg["baseline"] or not plain_only):
+                chosen.setdefault(next(iter(cfg["tasks"])), run)
+    return chosen
+
+
+def row_delta_m(numbers, reference, tasks, convention):
+    """(Delta_m in %, the tasks it covers) of one row against {task: single-task numbers}, or (None, []) when
+    the convention has nothing to measure. mtinet and libmtl use the row's main tasks that have a baseline;
+    the nyuv2-9 convention needs all of semantic, depth and normal."""
+    if convention == "nyuv2-9":
+        tasks = ["semantic", "depth", "normal"]
+        if not all(t in numbers and t in reference for t in tasks):
+            return None, []
+    if not tasks:
+        return None, []
+    try:
+        return delta_m(numbers, reference, convention=convention, tasks=tasks), tasks
+    except (KeyError, ValueError) as e:  # a baseline metric of 0, a metric missing from a file
+        raise UsageError(f"Delta_m ({convention} convention): {e}") from None
+
+
+def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
+    """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
+    dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers
+    and the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline
+    sources."""
+    if not folders:
+        raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
+    runs = [read_finished_run(folder) for folder in folders]
+    check_comparable(runs)
+    for run in runs:
+        run["numbers"], run["source"] = run_numbers(run, epoch, from_eval)
+    if from_eval and len({run["source"] for run in runs}) > 1:
+        raise UsageError("--from-eval: the eval.json files are of different splits ("
+                         + ", ".join(f"{r['folder']}: {r['source']}" for r in runs) + ")")
+    named = None
+    if baseline:
+        named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
+        data = runs[0]["config"]["data"]
+        for source in named:
+            if source["data"] not in (None, data):
+                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run, the compared "
+                                 f"runs are on {data}")
+    baselines = find_baselines(runs, named)
+    reference = {task: source["numbers"][task] for task, source in baselines.items()}
+    rows = []
+    for run, name in zip(runs, row_names(runs)):
+        cfg = run["config"]
+        # Main tasks only: MTI-Net's Delta_m leaves the auxiliary tasks out (train.py does not evaluate them).
+        value, covered = row_delta_m(run["numbers"], reference, [t for t in cfg["tasks"] if t in reference],
+                                     convention)
+        evaluated = 1 if (epoch == "last" or from_eval) else min(10, run["evaluations"] or 10)
+        rows.append({"name": name, "run": run["folder"], "model": cfg["model"], "family": cfg["family"],
+                     "data": cfg["data"],
+                     "evaluated_on": evaluation_set(cfg), "tasks": list(cfg["tasks"]),
+                     "aux_tasks": list(cfg.get("aux_tasks") or {}),
+                     "params": run["params"], "epochs": run["metrics"]["epochs"], "evaluations": evaluated,
+                     "numbers": run["source"], "metrics": run["numbers"], "delta_m": value,
+                     "delta_m_tasks": covered, "baselines": {t: baselines[t]["folder"] for t in covered}})
+    return rows
+
+
+def comparison_style(rows):
+    """format_table's style: the MTI-Net paper's one metric per task for its datasets (NYUD, PASCAL) and its
+    models, MTAN's CityScapes columns on CityScapes, else MTAN's NYUv2 columns (the synthetic scenes too)."""
+    if rows[0]["data"] in ("nyud", "pascal") or any(r["family"] == "hrnet" for r in rows):
+        return "mtinet"
+    return "mtan-cityscapes" if rows[0]["data"] == "cityscapes" else "mtan"
+
+
+def table_tasks(rows):
+    """Every main task of the table, multi-task rows' order first (a single-task row lists one task)."""
+    tasks = []
+    for row in sorted(rows, key=lambda r: len(r["tasks"]) == 1):  # stable: command-line order otherwise
+        tasks += [t for t in row["tasks"] if t not in tasks]
+    return tasks
+
+
+def format_params(n):
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def span(values):
+    """"10" for equal values, "2-10" for a range."""
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+CONVENTION_WORDS = {
+    "mtinet": "mtinet convention (Maninis et al. 2019, MTI-Net: one metric per main task; higher is better)",
+    "nyuv2-9": "nyuv2-9 convention (the 9 NYUv2 metrics of semantic, depth and normal; lower is better)",
+    "libmtl": "libmtl convention (every metric, averaged per task, then over tasks; higher is better)",
+}
+
+
+def format_comparison(doc):
+    """The Markdown table of --compare with the lines above it that say which numbers it shows and what
+    Delta_m measures against, and a note under it for rows whose Delta_m leaves tasks out."""
+    rows, tasks = doc["rows"], table_tasks(doc["rows"])
+    epochs, evaluations = span([r["epochs"] for r in rows]), span([r["evaluations"] for r in rows])
+    if doc["from_eval"]:
+        split = rows[0]["numbers"].split(" ", 1)[1]  # "eval.json val split" -> "val split"
+        numbers = f"the eval.json of each run ({split}, from python eval.py --checkpoint)"
+    elif doc["epoch"] == "protocol":
+        numbers = (f"the mean of the last {evaluations} evaluations of each run (the MTAN paper's protocol; "
+                   "--epoch last for the last one)")
+    else:
+        numbers = "the last evaluation of each run (--epoch protocol for the mean of the last 10)"
+    lines = [f"numbers: {numbers}, after {epochs} epochs, data: {rows[0]['evaluated_on']}"]
+    if doc["baselines"]:
+        against = ", ".join(f"{task} {folder}" for task, folder in doc["baselines"].items())
+        lines.append(f"Delta_m: {CONVENTION_WORDS[doc['convention']]}, against {against}")
+    else:
+        lines.append(f"Delta_m: no single-task run of {', '.join(tasks)} among the runs (add them, or pass "
+                     "--baseline)")
+    table = []
+    for r in rows:
+        cells = table_row(r["metrics"], tasks, doc["style"])
+        cells.append(("Params", format_params(r["params"])))
+        cells.append((DELTA_M_HEADER, "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"))
+        table.append((r["name"], cells))
+    lines += ["", format_table(table)]
+    for r in rows:
+        left_out = [t for t in r["tasks"] if t not in r["delta_m_tasks"]]
+        if r["delta_m"] is not None and left_out:
+            lines.append(f"{r['name']}: Delta_m without {', '.join(left_out)} (no single-task baseline)")
+    return "\n".join(lines)
+
+
+def compare_command(args):
+    """`python eval.py --compare RUN ...`: the table (Markdown, or with --json one JSON document) of finished
+    runs; returns the document."""
+    for flag, value in (("--data-root", args.data_root), ("--save-vis", args.save_vis), ("--image", args.image),
+                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to --checkpoint, not --compare (which re-evaluates nothing)")
+    if args.from_eval and args.epoch == "protocol":
+        raise UsageError("--from-eval replaces the last evaluation by eval.json's; it goes with --epoch last, "
+                         "not --epoch protocol")
+    epoch = args.epoch or ("last" if args.from_eval else "protocol")
+    rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
+                        from_eval=args.from_eval)
+    baselines = {}
+    for row in rows:
+        baselines.update(row["baselines"])
+    doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
+           "style": args.style or comparison_style(rows), "data": rows[0]["data"],
+           "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
+    print(json.dumps(doc, indent=2) if args.json else format_comparison(doc))
+    return doc
+
+
 def count_parameters(state_dict):
     """Parameters of a model from its state dict (BatchNorm statistics and other buffers excluded)."""
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     return sum(v.numel() for k, v in state_dict.items() if not k.endswith(buffers) and v.is_floating_point())
 
 
-def is_decathlon(cfg):
-    return cfg["data"] in DECATHLON_DATASETS
+# ------------------------------------------------------------------------------------------------------------
+# Appendix B. Pictures: predictions and attention masks (--save-vis, --image)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def task_picture(task, tensor, num_classes, truth=None):
+    """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps). A depth
+    prediction given its `truth` is drawn on the truth's range, so equal colours mean equal depths."""
+    import data
+
+    if task in ("semantic", "parts"):
+        labels = tensor.argmax(0) if tensor.dim() == 3 else tensor
+        return data.colorize_semantic(labels.cpu(), num_classes)
+    if task == "depth":
+        valid = tensor.new_zeros(0) if truth is None else truth[truth > 0]
+        scale = dict(min_depth=float(valid.min()), max_depth=float(valid.max())) if valid.numel() else {}
+        return data.colorize_depth(tensor.float().cpu(), **scale)
+    if task == "normal":
+        return data.colorize_normal(tensor.float().cpu())
+    probability = torch.sigmoid(tensor.float()) if tensor.min() < 0 or tensor.max() > 1 else tensor.float()
+    grey = (probability[0].clamp(0, 1) * 255).byte().cpu().numpy()
+    return grey[..., None].repeat(3, axis=2)
+
+
+def save_png(array, path):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def save_row(tiles, names, path):
+    """(H, W, 3) uint8 pictures side by side, 2 white pixels apart, each named in a strip above it."""
+    from PIL import Image, ImageDraw
+
+    height, gap, strip = tiles[0].shape[0], 2, 14
+    widths = [t.shape[1] for t in tiles]
+    row = Image.new("RGB", (sum(widths) + gap * (len(tiles) - 1), height + strip), "white")
+    draw, x = ImageDraw.Draw(row), 0
+    for tile, name, width in zip(tiles, names, widths):
+        row.paste(Image.fromarray(tile), (x, strip))
+        draw.text((x + 2, 1), name, fill="black")
+        x += width + gap
+    row.save(path)
+
+
+def image_picture(image):
+    return (image.clamp(0, 1).permute(1, 2, 0) * 255).byte().cpu().numpy()
+
+
+def model_outputs(model, image, with_attention):
+    """Predictions (and MTAN's attention masks when asked and available) for a (1, 3, H, W) batch."""
+    with torch.no_grad():
+        if with_attention:
+            return model(image, return_attention=True)
+        return model(image), None
+
+
+def has_attention(model):
+    return "return_attention" in inspect.signature(model.forward).parameters
+
+
+def attention_picture(mask):
+    """The first encoder attention mask of a task (C, H, W) as a picture: the channel mean, rescaled per image
+    as in the MTAN paper's Fig. 5, in a blue-to-yellow colour map."""
+    import data
+
+    mean = mask.float().mean(0)
+    mean = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
+    return data.colorize_depth(mean[None] + 1e-3)
+
+
+def save_visualisations(args, cfg, model, dataset, device, normalise):
+    """One PNG per sample: the input, then ground truth and prediction of every task; for MTAN one more PNG
+    with the first encoder stage's attention mask of each task (the paper's Fig. 5)."""
+    os.makedirs(args.save_vis, exist_ok=True)
+    attention_wanted = has_attention(model)
+    for i in range(min(args.num_vis, len(dataset))):
+        sample = dataset[i]
+        image = sample["image"][None].to(device)
+        preds, attention = model_outputs(model, normalise(image), attention_wanted)
+        tiles, names = [image_picture(sample["image"])], ["input"]
+        for task, channels in cfg["tasks"].items():
+            tiles += [task_picture(task, sample[task], channels),
+                      task_picture(task, preds[task][0], channels, truth=sample[task])]
+            names += [f"{task} truth", f"{task} predicted"]
+        save_row(tiles, names, os.path.join(args.save_vis, f"{i:03d}_gt_pred.png"))
+        if attention:
+            masks = [attention_picture(attention[task][0][0]) for task in cfg["tasks"]]
+            save_row([tiles[0]] + masks, ["input"] + [f"{task} attention" for task in cfg["tasks"]],
+                     os.path.join(args.save_vis, f"{i:03d}_attention.png"))
+    print(f"wrote {min(args.num_vis, len(dataset))} samples to {args.save_vis} (columns: input, then ground "
+          f"truth and prediction of {', '.join(cfg['tasks'])})")
+
+
+def predict_image(args, cfg, model, device, normalise):
+    """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
+    predictions resized back to the original size, one PNG per task beside the image."""
+    array = read_image(args.image)
+    height, width = array.shape[:2]
+    if cfg["data"] == "synthetic":
+        import data
+
+        size = data.parse_resolution(cfg["resolution"], flag="--resolution")
+    else:
+        size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
+    preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear")), False)
+    stem = os.path.splitext(args.image)[0]
+    written = []
+    for task, channels in cfg["tasks"].items():
+        pred = F.interpolate(preds[task].float(), size=(height, width), mode="bilinear")[0]
+        path = f"{stem}_{task}.png"
+        save_png(task_picture(task, pred, channels), path)
+        written.append(path)
+    print("wrote " + ", ".join(written))
+    return written
+
+
+def read_image(path):
+    """(H, W, 3) float32 in [0, 1] from an image file of any bit depth. 8-bit files divide by 255; 16-bit and
+    32-bit integer files by their type's maximum; float files (mode F) are used as they are when they lie in
+    [0, 1] and rescaled from their own minimum and maximum otherwise. PIL's convert("RGB") would instead clip
+    16-bit values to 255 (an all-white picture) and float ones to 0 or 255. A rescaling is said on one line."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            mode = picture.mode
+            if mode in ("I", "F") or mode.startswith("I;16"):
+                array = np.asarray(picture, dtype=np.float64)
+            else:
+                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
+    except OSError as e:
+        raise UsageError(f"cannot read --image {path}: {e}") from None
+    if array.ndim == 3:
+        return array
+    if not np.isfinite(array).all():
+        raise UsageError(f"--image {path} holds NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        scale, how = (0.0, 65535.0), "a 16-bit image: values divided by 65535"
+    elif mode == "I":
+        scale, how = (0.0, 2.0 ** 31 - 1), "a 32-bit image: values divided by 2^31 - 1"
+    elif low >= 0 and high <= 1:
+        scale, how = (0.0, 1.0), None
+    else:
+        scale, how = (low, max(high, low + 1e-12)), f"a float image in [{low:.4g}, {high:.4g}]: rescaled"
+    if how:
+        print(f"note: --image {path} is {how} to [0, 1] (grey, used for all three channels)")
+    grey = ((array - scale[0]) / (scale[1] - scale[0])).clip(0, 1).astype(np.float32)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix C. The Visual Decathlon challenge's results format
+# ------------------------------------------------------------------------------------------------------------
+#
+# The Decathlon server takes one JSON list of {"image_id", "category_id"} for the test images, ids as in the
+# devkit's COCO-style ROOT/annotations/<domain>_test_stripped.json ("images": id and file_name; "categories":
+# id). Class index i (the i-th class folder in sorted order, as ImageFolder numbers them) is taken to be the
+# i-th category in sorted id order. This is the assumption of the official MTAN script coco_results.py, and it
+# holds when the class folders sort like the category ids (the devkit numbers both in the same order).
+
+
+def test_annotations(root, domains):
+    """{domain: path of its test annotations} for the domains that have the file."""
+    paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
+    return {d: p for d, p in paths.items() if os.path.isfile(p)}
+
+
+def read_test_annotations(root, path):
+    """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
+    "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
+    import data
+
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+        images = [(int(im["id"]), str(im["file_name"])) for im in blob["images"]]
+        categories = sorted(int(c["id"]) for c in blob["categories"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
+    prefix = "data/"
+    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
+    return files, categories
+
+
+def write_decathlon_results(args, cfg, model, device, calibration):
+    """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
+    import data
+
+    results, counts = [], {}
+    for domain, path in test_annotations(cfg["data_root"], list(cfg["tasks"])).items():
+        files, categories = read_test_annotations(cfg["data_root"], path)
+        dataset = data.Decathlon(cfg["data_root"], domain, "train", train=False)  # the classes and transform
+        if len(categories) != len(dataset.classes):
+            raise data.DatasetError(f"{path}: {len(categories)} categories, but {len(dataset.classes)} class "
+                                    f"folders in {os.path.join(cfg['data_root'], domain, 'train')}")
+        dataset.files = [(p, -1) for _, p in files]  # the annotated test images instead of the training ones
+        index = list(cfg["tasks"]).index(domain)
+        saved = calibrate_batchnorm(model, calibration[domain], index, cfg, device)
+        with torch.no_grad(), autocast(cfg["amp"], device):
+            predicted = torch.cat([model(batch["image"].to(device), index).argmax(1).cpu()
+                                   for batch in evaluation_loader(dataset, cfg)])
+        restore_batchnorm(saved)
+        results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
+        counts[domain] = len(files)
+    out = os.path.join(run_folder(args.checkpoint), "results.json")
+    write_text_atomic(json.dumps(results), out)
+    print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
+    return {"results": out, "predictions": counts}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendix D. Machinery shared with train.py
+#
+# Atomic writes and strict JSON, the one-line errors of both command lines and their number types, the amp and
+# cuDNN settings, and the clock of --bench. train.py imports them from here (train.py imports eval.py, never
+# the other way round).
+# ------------------------------------------------------------------------------------------------------------
+
+DECATHLON_DATASETS = ("decathlon", "synthetic-decathlon")
 
 
 def dataset_options(cfg):
@@ -1125,7 +1921,7 @@ def non_finite_metrics(results):
             if isinstance(value, float) and not math.isfinite(value)]
 
 
-# ---- one-line errors, shared with train.py ------------------------------------------------------------------
+# ---- one-line errors ---------------------------------------------------------------------------------------
 
 # OS errors a user causes (a full disk, a read-only or missing folder): one line instead of a traceback. Any
 # other exception is a bug of this repository and keeps its traceback.
@@ -1135,32 +1931,56 @@ USER_OS_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk q
                   errno.ENOTDIR: "not a folder", errno.EISDIR: "is a folder", errno.EEXIST: "already exists"}
 
 
-@contextlib.contextmanager
-def one_line_errors(full_disk_hint=""):
-    """Turn the errors a user can cause into `error: ...` on one line (exit status 1): this repository's own
-    (data.DatasetError, CheckpointError, FloatingPointError) and USER_OS_ERRORS. `full_disk_hint` follows a
-    full-disk error (train.py: the run folder keeps its last good checkpoint)."""
-    import data
-
-    try:
-        yield
-    except (data.DatasetError, CheckpointError, FloatingPointError) as e:  # a DatasetError's first line is the
-        raise SystemExit(f"error: {e}") from None  # error; the expected layout and the download follow it
-    except OSError as e:
-        if e.errno not in USER_OS_ERRORS:
-            raise
-        where = f": {e.filename}" if e.filename else ""
-        hint = full_disk_hint if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise SystemExit(f"error: {USER_OS_ERRORS[e.errno]}{where}{hint}") from None
+class UsageError(Exception):
+    """A mistake on the command line or in a file it names: `error: ...` on one line, no traceback."""
 
 
-# ---- speed settings and measurement, shared with train.py --------------------------------------------------
+def error_line(error, full_disk_hint=""):
+    """The `error: ...` line each script's `main` exits with, for the errors a user can cause: this
+    repository's own (data.DatasetError, CheckpointError, UsageError, FloatingPointError) and USER_OS_ERRORS.
+    Any other OSError is raised again with its traceback. `full_disk_hint` follows a full-disk error
+    (train.py: the run folder keeps its last good checkpoint)."""
+    if not isinstance(error, OSError):  # a DatasetError's first line is the error; the expected layout
+        return f"error: {error}"  # and the download follow it
+    if error.errno not in USER_OS_ERRORS:
+        raise error
+    where = f": {error.filename}" if error.filename else ""
+    hint = full_disk_hint if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"error: {USER_OS_ERRORS[error.errno]}{where}{hint}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: `error: argument --lr: must be > 0, got 0` instead of the usage block
+    (train.py's usage alone is 20 lines) followed by the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
+
+
+def number_type(kind, low, low_inclusive=True):
+    """An argparse `type`: an int or a finite float at least (or, with low_inclusive=False, above) `low`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if low_inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number_type(int, 1)
+
+
+# ---- speed settings and measurement ------------------------------------------------------------------------
 
 
 def default_amp(device):
-    """The precision a device gets unless --amp says otherwise: bf16 autocast on a GPU (fp16 on GPUs without bf16
-    units, such as the V100 and T4), fp32 on a CPU (bf16 is slower on CPUs without bf16 units, and fp32 keeps
-    CPU results identical across machines)."""
+    """The precision a device gets unless --amp says otherwise: bf16 autocast on a GPU (fp16 on GPUs without
+    bf16 units, such as the V100 and T4), fp32 on a CPU (bf16 is slower on CPUs without bf16 units, and fp32
+    keeps CPU results identical across machines)."""
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "off"
@@ -1180,16 +2000,6 @@ def configure_torch(cfg):
         torch.backends.cudnn.allow_tf32 = True
 
 
-def deterministic_cross_entropy_sum(logits, target):
-    """F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") for (B, C, H, W) logits, from kernels that
-    are deterministic on a GPU (train.py's loss under --deterministic there): torch's CUDA 2-D nll_loss sums with
-    atomic adds, in an order that changes from run to run; a one-hot selection and a plain sum do not. It costs a
-    (B, C, H, W) mask."""
-    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
-    chosen = target.unsqueeze(1) == classes  # the label's class; label -1 (ignored) chooses none
-    return -torch.where(chosen, F.log_softmax(logits, dim=1), 0).sum()
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1206,9 +2016,9 @@ def peak_memory_mb(device):
 
 class DeviceClock:
     """Time marks on the device's timeline, for `--bench` in train.py and here. On a GPU, CUDA events recorded
-    between steps let the steps run back to back with no synchronisation; one synchronisation at the end
-    reads them. On a CPU every op has finished when it returns, so the wall clock is read directly. Creating
-    the clock resets the GPU's peak-memory counter."""
+    between steps let the steps run back to back with no synchronisation; one synchronisation at the end reads
+    them. On a CPU every op has finished when it returns, so the wall clock is read directly. Creating the
+    clock resets the GPU's peak-memory counter."""
 
     def __init__(self, device):
         self.device, self.marks = device, []
@@ -1244,945 +2054,6 @@ def speed_fields(cfg, device, image):
             "amp": cfg["amp"], "channels_last": cfg["channels_last"], "batch_size": image.shape[0],
             "resolution": "x".join(map(str, image.shape[-2:]))}
 
-
-# ----------------------------------------------------------------------------
-# Comparing runs
-#
-# `python eval.py --compare RUN ...` puts finished runs side by side as the papers do: the MTAN paper's Table 2
-# (One Task, STAN, Split, Dense, Cross-Stitch and MTAN under equal, uncertainty and DWA weighting) and the
-# MTI-Net paper's NYUD ablation table (single-task, multi-task baseline, PAD-Net, MTI-Net, with and without
-# auxiliary tasks, with Delta_m against the single-task rows). Nothing is re-evaluated: the numbers are those
-# train.py wrote to metrics.json (or, with --from-eval, those `python eval.py --checkpoint` wrote to eval.json),
-# the parameter count is read off the checkpoint's weights and the row's name off its configuration. Runs of
-# an older train.py have no `model_args` in last.pt and may lack newer configuration keys ("backbone"):
-# nothing here needs the first, and every key but model, data and tasks is read with its default.
-# ----------------------------------------------------------------------------
-
-# The models that are single-task networks when trained on one task, and the plain ones among them that serve
-# as the single-task baseline: STAN is MTAN's attention network on one task, a row of MTAN's Table 2 to compare
-# with the baseline rather than the baseline itself.
-SINGLE_TASK_MODELS = ("single", "stan", "hrnet-mtl", "deeplab")
-PLAIN_SINGLE_TASK_MODELS = ("single", "hrnet-mtl", "deeplab")
-HRNET_MODELS = ("mtinet", "padnet", "hrnet-mtl")  # the models whose configuration's "backbone" means something
-DEFAULT_HRNET = "w18-small-v2"  # the MTI-Net paper's HRNet-18, also what a run from before --backbone used
-EPOCH_CHOICES = {"protocol": "mean_last_10", "last": "final"}  # --epoch -> the key of metrics.json
-DELTA_M_HEADER = "Delta_m %"
-
-
-def read_finished_run(folder):
-    """What --compare needs of a run folder: its configuration, metrics.json, the parameter count of last.pt's
-    weights, how many evaluations the run made, and eval.json when there is one. One-line errors for a folder
-    that is not a finished run of train.py."""
-    if os.path.isfile(folder) and os.path.basename(folder) in ("last.pt", "metrics.json", "eval.json"):
-        folder = os.path.dirname(folder) or "."
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: {folder} is not a run folder: --compare expects folders that train.py wrote "
-                         "(each with metrics.json and last.pt)")
-    path = os.path.join(folder, "metrics.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {folder} is not a finished run: it has no metrics.json (train.py writes it after "
-                         f"the last epoch; continue a stopped run with python train.py --resume {folder})")
-    try:
-        with open(path) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {e})") from None
-    if not (isinstance(metrics, dict) and all(k in metrics for k in ("final", "mean_last_10", "epochs"))):
-        raise SystemExit(f"error: {path} is not the metrics.json of train.py: it lacks 'final', 'mean_last_10' or "
-                         "'epochs'")
-    if not os.path.isfile(os.path.join(folder, "last.pt")):
-        raise SystemExit(f"error: {folder} has metrics.json but no last.pt: --compare reads the configuration and "
-                         "the parameter count from the checkpoint")
-    try:
-        ckpt = load_checkpoint(folder)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    cfg = ckpt["config"]
-    if is_decathlon(cfg):
-        raise SystemExit(f"error: {folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
-                         "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")
-    # A run resumed for more epochs and stopped again keeps the metrics.json of its earlier end.
-    if ckpt.get("epoch", metrics["epochs"]) != metrics["epochs"]:
-        raise SystemExit(f"error: {folder} is not a finished run: last.pt holds epoch {ckpt['epoch']} but metrics.json "
-                         f"was written after epoch {metrics['epochs']} (resumed and not finished)")
-    evaluations = sum("val" in record for record in ckpt.get("history", [])) or None
-    eval_path = os.path.join(folder, "eval.json")
-    return {"folder": folder, "config": cfg, "metrics": metrics, "params": count_parameters(ckpt["model"]),
-            "evaluations": evaluations, "eval_json": eval_path if os.path.isfile(eval_path) else None}
-
-
-def run_numbers(run, epoch, from_eval):
-    """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
-    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json."""
-    if not from_eval:
-        key = EPOCH_CHOICES[epoch]
-        return run["metrics"][key], f"metrics.json {key}"
-    if run["eval_json"] is None:
-        raise SystemExit(f"error: --from-eval: {run['folder']} has no eval.json (write it with python eval.py "
-                         f"--checkpoint {run['folder']}, or drop --from-eval)")
-    try:
-        with open(run["eval_json"]) as f:
-            blob = json.load(f)
-        return blob["metrics"], f"eval.json {blob.get('split', 'val')} split"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot read {run['eval_json']}: expected the eval.json of python eval.py "
-                         f"--checkpoint with 'metrics' ({type(e).__name__}: {e})") from None
-
-
-def is_single_task(cfg):
-    return len(cfg["tasks"]) == 1 and cfg["model"] in SINGLE_TASK_MODELS
-
-
-def row_name(cfg, weighting=True):
-    """A short name from the configuration: the model, then the task of a single-task run or the weighting of a
-    multi-task one (left out when `weighting` is False), the HRNet when not the paper's, the auxiliary tasks,
-    and the seed when not 0: "mtan dwa", "single semantic", "mtinet w48 +normal,edge", "split dwa seed 1"."""
-    parts = [cfg["model"]]
-    if is_single_task(cfg):
-        parts.append(next(iter(cfg["tasks"])))
-    elif weighting:
-        parts.append(cfg.get("weighting", "equal"))
-    if cfg["model"] in HRNET_MODELS and cfg.get("backbone", DEFAULT_HRNET) != DEFAULT_HRNET:
-        parts.append(cfg["backbone"])
-    if cfg.get("aux_tasks"):
-        parts.append("+" + ",".join(cfg["aux_tasks"]))
-    if cfg.get("seed", 0):
-        parts.append(f"seed {cfg['seed']}")
-    return " ".join(parts)
-
-
-def row_names(runs):
-    """Unique row names. The weighting is named unless every multi-task run uses equal weighting (as in the
-    MTI-Net tables, where it is not what the rows compare); runs that still share a name get their folder's."""
-    weighting = any(cfg.get("weighting", "equal") != "equal" for cfg in (r["config"] for r in runs)
-                    if not is_single_task(cfg))
-    names = [row_name(r["config"], weighting) for r in runs]
-    return [f"{n} [{os.path.basename(os.path.normpath(r['folder']))}]" if names.count(n) > 1 else n
-            for n, r in zip(names, runs)]
-
-
-def evaluation_set(cfg):
-    """The data a run was evaluated on, in words: runs evaluated on different data cannot share a table."""
-    words = [cfg["data"]]
-    if cfg["data"] == "synthetic":
-        words.append(str(cfg.get("resolution")))
-    if cfg["data"] == "cityscapes":
-        words.append(f"{cfg.get('num_classes', 7)} classes")
-    if cfg.get("subset"):
-        words.append(f"(first {cfg['subset']} samples)")
-    return " ".join(words)
-
-
-def check_comparable(runs):
-    """One-line errors for runs that cannot share a table: a folder given twice, runs evaluated on different
-    data (another dataset, resolution, subset or class count), a task with different outputs in two runs."""
-    folders = [os.path.realpath(r["folder"]) for r in runs]
-    for r, folder in zip(runs, folders):
-        if folders.count(folder) > 1:
-            raise SystemExit(f"error: {r['folder']} is given twice to --compare")
-    first = runs[0]
-    for r in runs[1:]:
-        if evaluation_set(r["config"]) != evaluation_set(first["config"]):
-            raise SystemExit(f"error: {first['folder']} ({evaluation_set(first['config'])}) and {r['folder']} "
-                             f"({evaluation_set(r['config'])}) were evaluated on different data: they cannot "
-                             "share a table")
-    channels = {}
-    for r in runs:
-        for task, n in r["config"]["tasks"].items():
-            seen = channels.setdefault(task, (n, r["folder"]))
-            if seen[0] != n:
-                raise SystemExit(f"error: task {task} has {seen[0]} outputs in {seen[1]} but {n} in {r['folder']}: "
-                                 "the task sets cannot share a table")
-
-
-def read_baseline_source(path, epoch, from_eval):
-    """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
-    (the --epoch key) or eval.json ("metrics"). Returns {"folder": path, "data": dataset or None, "numbers"}."""
-    if os.path.isdir(path):
-        run = read_finished_run(path)
-        return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
-    numbers, dataset = read_baseline_file(path, EPOCH_CHOICES[epoch])
-    return {"folder": path, "data": dataset, "numbers": numbers}
-
-
-def find_baselines(runs, named=None):
-    """{task: the run whose numbers are that task's single-task reference}. Without `named` (the --baseline
-    sources), the first single-task run of each task in command-line order whose model is a plain single-task
-    network (single, hrnet-mtl, deeplab), else the first of any single-task model (stan). With `named`, those
-    alone, each task from the first source that has it."""
-    chosen = {}
-    if named:
-        for source in named:
-            for task in source["numbers"]:
-                chosen.setdefault(task, source)
-        return chosen
-    for plain_only in (True, False):
-        for run in runs:
-            cfg = run["config"]
-            if is_single_task(cfg) and (cfg["model"] in PLAIN_SINGLE_TASK_MODELS or not plain_only):
-                chosen.setdefault(next(iter(cfg["tasks"])), run)
-    return chosen
-
-
-def row_delta_m(numbers, reference, tasks, convention):
-    """(Delta_m in %, the tasks it covers) of one row against {task: single-task numbers}, or (None, []) when
-    the convention has nothing to measure. mtinet and libmtl use the row's main tasks that have a baseline; the
-    nyuv2-9 convention needs all of semantic, depth and normal."""
-    if convention == "nyuv2-9":
-        tasks = ["semantic", "depth", "normal"]
-        if not all(t in numbers and t in reference for t in tasks):
-            return None, []
-    if not tasks:
-        return None, []
-    try:
-        return delta_m(numbers, reference, convention=convention, tasks=tasks), tasks
-    except (KeyError, ValueError) as e:  # a baseline metric of 0, a metric missing from a file
-        raise SystemExit(f"error: Delta_m ({convention} convention): {e}") from None
-
-
-def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
-    """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
-    dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers and
-    the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline sources."""
-    if not folders:
-        raise SystemExit("error: --compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
-    runs = [read_finished_run(folder) for folder in folders]
-    check_comparable(runs)
-    for run in runs:
-        run["numbers"], run["source"] = run_numbers(run, epoch, from_eval)
-    if from_eval and len({run["source"] for run in runs}) > 1:
-        raise SystemExit("error: --from-eval: the eval.json files are of different splits ("
-                         + ", ".join(f"{r['folder']}: {r['source']}" for r in runs) + ")")
-    named = None
-    if baseline:
-        named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
-        data = runs[0]["config"]["data"]
-        for source in named:
-            if source["data"] not in (None, data):
-                raise SystemExit(f"error: --baseline {source['folder']} is a {source['data']} run, the compared "
-                                 f"runs are on {data}")
-    baselines = find_baselines(runs, named)
-    reference = {task: source["numbers"][task] for task, source in baselines.items()}
-    rows = []
-    for run, name in zip(runs, row_names(runs)):
-        cfg = run["config"]
-        # Main tasks only: MTI-Net's Delta_m leaves the auxiliary tasks out (train.py does not evaluate them).
-        value, covered = row_delta_m(run["numbers"], reference, [t for t in cfg["tasks"] if t in reference],
-                                     convention)
-        evaluated = 1 if (epoch == "last" or from_eval) else min(10, run["evaluations"] or 10)
-        rows.append({"name": name, "run": run["folder"], "model": cfg["model"], "data": cfg["data"],
-                     "evaluated_on": evaluation_set(cfg), "tasks": list(cfg["tasks"]),
-                     "aux_tasks": list(cfg.get("aux_tasks") or {}),
-                     "params": run["params"], "epochs": run["metrics"]["epochs"], "evaluations": evaluated,
-                     "numbers": run["source"], "metrics": run["numbers"], "delta_m": value,
-                     "delta_m_tasks": covered, "baselines": {t: baselines[t]["folder"] for t in covered}})
-    return rows
-
-
-def comparison_style(rows):
-    """format_table's style: the MTI-Net paper's one metric per task for its datasets (NYUD, PASCAL) and its
-    models, MTAN's CityScapes columns on CityScapes, else MTAN's NYUv2 columns (the synthetic scenes too)."""
-    if rows[0]["data"] in ("nyud", "pascal") or any(r["model"] in HRNET_MODELS for r in rows):
-        return "mtinet"
-    return "mtan-cityscapes" if rows[0]["data"] == "cityscapes" else "mtan"
-
-
-def table_tasks(rows):
-    """Every main task of the table, multi-task rows' order first (a single-task row lists one task)."""
-    tasks = []
-    for row in sorted(rows, key=lambda r: len(r["tasks"]) == 1):  # stable: command-line order otherwise
-        tasks += [t for t in row["tasks"] if t not in tasks]
-    return tasks
-
-
-def format_params(n):
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
-
-def span(values):
-    """"10" for equal values, "2-10" for a range."""
-    lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-CONVENTION_WORDS = {
-    "mtinet": "mtinet convention (Maninis et al. 2019, MTI-Net: one metric per main task; higher is better)",
-    "nyuv2-9": "nyuv2-9 convention (the 9 NYUv2 metrics of semantic, depth and normal; lower is better)",
-    "libmtl": "libmtl convention (every metric, averaged per task, then over tasks; higher is better)",
-}
-
-
-def format_comparison(doc):
-    """The Markdown table of --compare with the lines above it that say which numbers it shows and what
-    Delta_m measures against, and a note under it for rows whose Delta_m leaves tasks out."""
-    rows, tasks = doc["rows"], table_tasks(doc["rows"])
-    epochs, evaluations = span([r["epochs"] for r in rows]), span([r["evaluations"] for r in rows])
-    if doc["from_eval"]:
-        split = rows[0]["numbers"].split(" ", 1)[1]  # "eval.json val split" -> "val split"
-        numbers = f"the eval.json of each run ({split}, from python eval.py --checkpoint)"
-    elif doc["epoch"] == "protocol":
-        numbers = (f"the mean of the last {evaluations} evaluations of each run (the MTAN paper's protocol; "
-                   "--epoch last for the last one)")
-    else:
-        numbers = "the last evaluation of each run (--epoch protocol for the mean of the last 10)"
-    lines = [f"numbers: {numbers}, after {epochs} epochs, data: {rows[0]['evaluated_on']}"]
-    if doc["baselines"]:
-        against = ", ".join(f"{task} {folder}" for task, folder in doc["baselines"].items())
-        lines.append(f"Delta_m: {CONVENTION_WORDS[doc['convention']]}, against {against}")
-    else:
-        lines.append(f"Delta_m: no single-task run of {', '.join(tasks)} among the runs (add them, or pass "
-                     "--baseline)")
-    table = []
-    for r in rows:
-        cells = table_row(r["metrics"], tasks, doc["style"])
-        cells.append(("Params", format_params(r["params"])))
-        cells.append((DELTA_M_HEADER, "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"))
-        table.append((r["name"], cells))
-    lines += ["", format_table(table)]
-    for r in rows:
-        left_out = [t for t in r["tasks"] if t not in r["delta_m_tasks"]]
-        if r["delta_m"] is not None and left_out:
-            lines.append(f"{r['name']}: Delta_m without {', '.join(left_out)} (no single-task baseline)")
-    return "\n".join(lines)
-
-
-def compare_command(args):
-    """`python eval.py --compare RUN ...`: the table (Markdown, or with --json one JSON document) of finished
-    runs; returns the document."""
-    for flag, value in (("--data-root", args.data_root), ("--save-vis", args.save_vis), ("--image", args.image),
-                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench)):
-        if value is not None:
-            raise SystemExit(f"error: {flag} applies to --checkpoint, not --compare (which re-evaluates nothing)")
-    if args.from_eval and args.epoch == "protocol":
-        raise SystemExit("error: --from-eval replaces the last evaluation by eval.json's; it goes with --epoch last, "
-                         "not --epoch protocol")
-    epoch = args.epoch or ("last" if args.from_eval else "protocol")
-    rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
-                        from_eval=args.from_eval)
-    baselines = {}
-    for row in rows:
-        baselines.update(row["baselines"])
-    doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
-           "style": args.style or comparison_style(rows), "data": rows[0]["data"],
-           "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
-    print(json.dumps(doc, indent=2) if args.json else format_comparison(doc))
-    return doc
-
-
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error: `error: argument --lr: must be > 0, got 0` instead of the usage block
-    (train.py's usage alone is 20 lines) followed by the message."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (--help lists every flag)\n")
-
-
-def number_type(kind, low, low_inclusive=True):
-    """An argparse `type`: an int or a finite float at least (or, with low_inclusive=False, above) `low`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if low_inclusive else '>'} {low:g}, got {text}")
-        return value
-    return parse
-
-
-positive_int = number_type(int, 1)
-non_negative_int = number_type(int, 0)
-positive_float = number_type(float, 0.0, low_inclusive=False)
-non_negative_float = number_type(float, 0.0)
-
-
-def build_parser():
-    p = ArgumentParser(description="Evaluate a checkpoint of train.py: the paper's table, eval.json, "
-                       "and optional pictures of predictions and attention masks; or, with --compare, "
-                       "one paper-style table of finished runs.")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
-    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
-                      "from metrics.json (no re-evaluation), with parameters and delta_m against the single-task "
-                      "runs among them")
-    p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
-                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score; --compare: "
-                   "comma-separated run folders or metrics.json / eval.json files of single-task runs, instead of "
-                   "the single-task runs among those compared)")
-    p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
-                   help="delta_m convention (see delta_m's docstring)")
-    p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
-    p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
-    p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: the training's on "
-                   "the device it trained on; on another device that device's default: bf16 on a GPU, fp16 on "
-                   "GPUs without bf16, off on a CPU)")
-    p.add_argument("--batch-size", type=positive_int, metavar="N")
-    p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate only the first N samples")
-    p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, metrics "
-                   "included), print one JSON line and exit (dense datasets)")
-    compare = p.add_argument_group("--compare only")
-    compare.add_argument("--epoch", choices=list(EPOCH_CHOICES), help="protocol: the mean of the last 10 "
-                         "evaluations (the MTAN paper's protocol, default); last: the last evaluation")
-    compare.add_argument("--from-eval", action="store_true", help="the numbers of each run's eval.json (written by "
-                         "--checkpoint) instead of its last evaluation during training")
-    compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
-                         "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
-    compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
-    return p
-
-
-def load_run(args):
-    """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    cfg = dict(ckpt["config"])
-    if args.data_root:
-        cfg["data_root"] = args.data_root
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is available here (drop --device, or pass "
-                         "--device cpu)")
-    trained_on, trained_amp = cfg.get("device"), cfg.get("amp", "off")
-    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if getattr(args, "amp", None):
-        cfg["amp"] = args.amp
-    elif cfg["device"] != trained_on:  # a GPU run's bf16 autocast would run silently (and slowly) on a CPU
-        cfg["amp"] = default_amp(cfg["device"])
-        if cfg["amp"] != trained_amp:
-            print(f"amp {cfg['amp']} on {cfg['device']} (the run trained with amp {trained_amp} on {trained_on}; "
-                  f"--amp chooses)")
-    cfg["compile"] = False  # compiling pays off over many training steps, not one evaluation
-    cfg["channels_last"] = cfg.get("channels_last", False)  # as in training: faster on CPU and GPU alike
-    cfg.setdefault("deterministic", False)
-    try:
-        model = model_from_checkpoint(ckpt)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # model_args of another version, edited by hand
-        raise SystemExit(f"error: {args.checkpoint} records a model this code cannot build ({type(e).__name__}: "
-                         f"{e})") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"error: the weights in {args.checkpoint} do not fit a {cfg['model']} model: "
-                         f"{first_line(e)}") from None
-    device = torch.device(cfg["device"])
-    model = model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.preserve_format)
-    return cfg, model.eval(), device
-
-
-def input_normalisation(cfg, device):
-    """ImageNet statistics for a run trained from ImageNet weights (--pretrained), else the identity."""
-    if not cfg.get("pretrained"):
-        return torch.nn.Identity()
-    import mtinet
-
-    return mtinet.ImageNetNormalisation().to(device)
-
-
-def evaluation_split(cfg, args):
-    import data
-
-    try:
-        dataset, _ = data.build_dataset(cfg["data"], cfg["data_root"], args.split, **dataset_options(cfg))
-    except Exception as e:
-        raise SystemExit(f"error: {e}") from None
-    subset = args.subset or cfg.get("subset")
-    if subset:
-        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
-    return dataset
-
-
-def evaluation_loader(dataset, cfg):
-    """The split in order, one pass; batch 1 where targets keep each image's size (PASCAL val)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=1 if variable_size(dataset) else cfg["batch_size"],
-                                       num_workers=cfg.get("workers", 0), pin_memory=cfg["device"] == "cuda")
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    with one_line_errors():  # a damaged dataset file, a full disk, an unwritable folder: one line
-        if args.compare is not None:
-            return compare_command(args)
-        return evaluate_checkpoint(args)
-
-
-def evaluate_checkpoint(args):
-    for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
-                        ("--json", args.json)):
-        if value:
-            raise SystemExit(f"error: {flag} applies to --compare, not --checkpoint")
-    cfg, model, device = load_run(args)
-    configure_torch(cfg)  # on a GPU the cuDNN autotuner and TF32 of training; the checkpoint's --deterministic
-    normalise = input_normalisation(cfg, device)
-    if args.image:
-        return predict_image(args, cfg, model, device, normalise)
-    if args.batch_size:
-        cfg["batch_size"] = args.batch_size
-    if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
-        os.makedirs(args.save_vis, exist_ok=True)
-    if is_decathlon(cfg):
-        if args.bench:
-            raise SystemExit("error: --bench times the dense datasets' evaluation; not the Decathlon's")
-        return evaluate_decathlon_checkpoint(args, cfg, model, device)
-    dataset = evaluation_split(cfg, args)
-    check_first_samples(model, dataset, args.split)
-    loader = evaluation_loader(dataset, cfg)
-    if args.bench:
-        return bench_evaluation(args, cfg, model, loader, device, normalise)
-    results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
-    rows = [(f"{cfg['model']} ({args.split})", results)]
-    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
-              "tasks": cfg["tasks"], "metrics": results}
-    if args.baseline:
-        baseline = read_baseline(args.baseline)
-        rows.append(("baseline", baseline))
-        try:
-            report["delta_m"] = delta_m(results, baseline, convention=args.convention)
-        except (KeyError, ValueError) as e:  # a task or a metric missing, a metric of 0
-            raise SystemExit(f"error: --baseline {args.baseline}: no delta_m ({e.args[0]}); it must be the "
-                             f"eval.json or metrics.json of a run on the same tasks") from None
-        report["delta_m_convention"] = args.convention
-    print(format_table(rows, cfg["tasks"]))
-    if "delta_m" in report:
-        print(f"delta_m ({args.convention} convention) = {report['delta_m']:+.2f} %")
-    write_report(report, args.checkpoint)
-    if args.save_vis:
-        save_visualisations(args, cfg, model, dataset, device, normalise)
-    return report
-
-
-def bench_evaluation(args, cfg, model, loader, device, normalise):
-    """--bench N: the speed of evaluating the split as training evaluates it (`evaluate`: loading, forward,
-    metric updates and the final reduction to numbers), the median of N passes after a one-batch warm-up.
-    Prints one JSON line and returns it as a dict; writes no file."""
-    batch = next(iter(loader))
-    run_split = lambda batches: evaluate(model, batches, cfg["tasks"], device, cfg["amp"], cfg["channels_last"],
-                                         normalise)  # ends by reading the metrics
-    run_split([batch])  # warm-up: autotuning, lazy state
-    clock = DeviceClock(device)
-    clock.start()
-    for _ in range(args.bench):
-        run_split(loader)
-        clock.mark()
-    median = clock.median_interval()
-    images = len(loader.dataset)
-    result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
-              "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
-              **speed_fields(cfg, device, batch["image"]), "batch_size": loader.batch_size}
-    print(strict_json(result))
-    return result
-
-
-def evaluate_decathlon_checkpoint(args, cfg, model, device):
-    """Per-domain top-1 accuracy, the mean and the Decathlon score. The official domains are scored against
-    the paper's Finetune baseline; the synthetic ones against single-domain networks trained by train.py:
-
-        python train.py --model wrn-mtan --data synthetic-decathlon --task floor --out runs/single-floor
-        ... (one run per domain), then
-        python eval.py --checkpoint runs/NAME/last.pt --baseline runs/single-floor/eval.json,...
-
-    (each baseline's eval.json comes from `python eval.py --checkpoint runs/single-DOMAIN/last.pt`).
-    Each domain's BN statistics are re-estimated from its training split first, as during training
-    (calibrate_batchnorm). With `--split test` on the official data and ROOT/annotations/
-    <domain>_test_stripped.json present, the predictions go to results.json in the challenge's format."""
-    import data
-
-    domains = list(cfg["tasks"])
-    try:
-        calibration, _ = data.build_decathlon(cfg["data"], cfg["data_root"], "train", domains=domains,
-                                              num_samples=cfg.get("subset"))
-        if args.split == "test" and cfg["data"] == "decathlon" and test_annotations(cfg["data_root"], domains):
-            return write_decathlon_results(args, cfg, model, device, calibration)
-        sets, _ = data.build_decathlon(cfg["data"], cfg["data_root"], args.split, domains=domains,
-                                       num_samples=args.subset or cfg.get("subset"))
-    except Exception as e:
-        raise SystemExit(f"error: {e}") from None
-    if any(label < 0 for s in sets.values() for _, label in getattr(s, "files", [])):  # official test split
-        raise SystemExit(f"error: the {args.split} split has no labels; for the official test split put the "
-                         "challenge's annotations/<domain>_test_stripped.json files in the data root")
-    loaders = {d: evaluation_loader(s, cfg) for d, s in sets.items()}
-    results = evaluate_decathlon(model, loaders, cfg, device, calibration)
-    baseline = decathlon_baseline(args, sets)
-    rows = [(f"{cfg['model']} ({args.split})", results)]
-    if args.baseline:
-        rows.append(("baseline", {d: {"accuracy": baseline[d] / 100} for d in domains}))
-    print(format_decathlon_table(rows, baseline))
-    accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
-    report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
-              "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
-              "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
-    if baseline:
-        report["decathlon_score"] = decathlon_score(accuracy, baseline)
-        if len(accuracy) < len(FINETUNE) and cfg["data"] == "decathlon":
-            print(f"(score over {len(accuracy)} domains: at most {1000 * len(accuracy)} points)")
-    elif cfg["data"] == "synthetic-decathlon":
-        print("no Decathlon score: pass --baseline with the eval.json files of single-domain runs "
-              "(see `python eval.py --help` and the README)")
-    write_report(report, args.checkpoint)
-    return report
-
-
-
-def decathlon_baseline(args, sets):
-    """{domain: accuracy %} that the score measures against, for exactly the evaluated domains: the
-    single-domain runs of --baseline, else the paper's Finetune row for official domains, else None."""
-    domains = list(sets)
-    if args.baseline:
-        baseline = read_decathlon_baseline(args.baseline)
-        missing = [d for d in domains if d not in baseline]
-        if missing:
-            raise SystemExit(f"error: --baseline has no accuracy for {', '.join(missing)}: pass the eval.json of "
-                             "one single-domain run per domain, comma separated")
-        return measurable_baseline({d: baseline[d] for d in domains}, {d: len(s) for d, s in sets.items()})
-    if set(domains) <= set(FINETUNE):  # official domains, maybe not all ten
-        return {d: FINETUNE[d] for d in domains}
-    return None
-
-
-def measurable_baseline(baseline, sizes):
-    """A baseline that is 100 % right on a domain leaves the score nothing to scale by (E_max = 2 x 0). On a split
-    of N images the smallest error that can be measured is one image, 100 / N %: a perfect baseline is taken to
-    have made that one mistake, so the score stays defined and a perfect model still earns the domain's 1000."""
-    adjusted = dict(baseline)
-    for domain, size in sizes.items():
-        if adjusted.get(domain, 0.0) >= 100.0:
-            adjusted[domain] = 100.0 - 100.0 / size
-            print(f"baseline {domain}: 100 % on {size} images; its error is taken as one image, "
-                  f"{100.0 / size:.2f} %, so that the score is defined")
-    return adjusted
-
-
-def read_decathlon_baseline(paths):
-    """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
-    merged = {}
-    for path in paths.split(","):
-        try:
-            with open(path) as f:
-                accuracy = json.load(f)["accuracy"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
-                raise ValueError("an accuracy is not a number")
-            merged.update(accuracy)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SystemExit(f"error: --baseline {path}: not an eval.json of a Decathlon run ({e})") from None
-    return merged
-
-
-def run_folder(checkpoint):
-    """The run folder of --checkpoint, which names either the folder or a file in it."""
-    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-
-
-def write_report(report, checkpoint):
-    """eval.json beside the checkpoint, written atomically. Non-finite metrics (a diverged model, or a split
-    without a valid target) are refused: they would replace a good eval.json with one no strict parser reads."""
-    path = os.path.join(run_folder(checkpoint), "eval.json")
-    bad = non_finite_metrics(report["metrics"])
-    if bad:
-        raise SystemExit(f"error: non-finite metrics ({', '.join(bad)}): the model diverged or the split has no "
-                         f"valid target for them; {path} was not written")
-    write_text_atomic(strict_json(report, indent=2), path)
-    print(f"wrote {path}")
-
-
-def read_baseline(path, key="final"):
-    """The metrics of a baseline run: eval.json ("metrics") or train.py's metrics.json (`key`: "final", or
-    "mean_last_10" for --compare's protocol), checked to be {task: {metric: number}}."""
-    return read_baseline_file(path, key)[0]
-
-
-def read_baseline_file(path, key="final"):
-    """(metrics, the dataset the file names or None) of a baseline's eval.json or metrics.json."""
-    try:
-        with open(path) as f:
-            blob = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
-                         f"({type(e).__name__}: {e})") from None
-    metrics = next((blob[k] for k in ("metrics", key) if isinstance(blob, dict) and k in blob), None)
-    if metrics is None:
-        raise SystemExit(f"error: --baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
-    numbers = isinstance(metrics, dict) and all(
-        isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         for v in values.values()) for values in metrics.values())
-    if not numbers:
-        raise SystemExit(f"error: --baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
-                         f"'{key}', as eval.py and train.py write them")
-    return metrics, blob.get("data")
-
-
-
-# ----------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------
-
-
-def task_picture(task, tensor, num_classes, truth=None):
-    """A (H, W, 3) uint8 picture of one task's target or prediction (data.py's colour maps). A depth
-    prediction given its `truth` is drawn on the truth's range, so equal colours mean equal depths."""
-    import data
-
-    if task in ("semantic", "parts"):
-        labels = tensor.argmax(0) if tensor.dim() == 3 else tensor
-        return data.colorize_semantic(labels.cpu(), num_classes)
-    if task == "depth":
-        valid = tensor.new_zeros(0) if truth is None else truth[truth > 0]
-        scale = dict(min_depth=float(valid.min()), max_depth=float(valid.max())) if valid.numel() else {}
-        return data.colorize_depth(tensor.float().cpu(), **scale)
-    if task == "normal":
-        return data.colorize_normal(tensor.float().cpu())
-    probability = torch.sigmoid(tensor.float()) if tensor.min() < 0 or tensor.max() > 1 else tensor.float()
-    grey = (probability[0].clamp(0, 1) * 255).byte().cpu().numpy()
-    return grey[..., None].repeat(3, axis=2)
-
-
-def save_png(array, path):
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
-
-
-def save_row(tiles, names, path):
-    """(H, W, 3) uint8 pictures side by side, 2 white pixels apart, each named in a strip above it."""
-    from PIL import Image, ImageDraw
-
-    height, gap, strip = tiles[0].shape[0], 2, 14
-    widths = [t.shape[1] for t in tiles]
-    row = Image.new("RGB", (sum(widths) + gap * (len(tiles) - 1), height + strip), "white")
-    draw, x = ImageDraw.Draw(row), 0
-    for tile, name, width in zip(tiles, names, widths):
-        row.paste(Image.fromarray(tile), (x, strip))
-        draw.text((x + 2, 1), name, fill="black")
-        x += width + gap
-    row.save(path)
-
-
-def image_picture(image):
-    return (image.clamp(0, 1).permute(1, 2, 0) * 255).byte().cpu().numpy()
-
-
-def model_outputs(model, image, with_attention):
-    """Predictions (and MTAN's attention masks when asked and available) for a (1, 3, H, W) batch."""
-    with torch.no_grad():
-        if with_attention:
-            return model(image, return_attention=True)
-        return model(image), None
-
-
-def has_attention(model):
-    return "return_attention" in inspect.signature(model.forward).parameters
-
-
-def attention_picture(mask):
-    """The first encoder attention mask of a task (C, H, W) as a picture: the channel mean, rescaled per
-    image as in the MTAN paper's Fig. 5, in a blue-to-yellow colour map."""
-    import data
-
-    mean = mask.float().mean(0)
-    mean = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
-    return data.colorize_depth(mean[None] + 1e-3)
-
-
-def save_visualisations(args, cfg, model, dataset, device, normalise):
-    """One PNG per sample: the input, then ground truth and prediction of every task; for MTAN one more PNG
-    with the first encoder stage's attention mask of each task (the paper's Fig. 5)."""
-    os.makedirs(args.save_vis, exist_ok=True)
-    attention_wanted = has_attention(model)
-    for i in range(min(args.num_vis, len(dataset))):
-        sample = dataset[i]
-        image = sample["image"][None].to(device)
-        preds, attention = model_outputs(model, normalise(image), attention_wanted)
-        tiles, names = [image_picture(sample["image"])], ["input"]
-        for task, channels in cfg["tasks"].items():
-            tiles += [task_picture(task, sample[task], channels),
-                      task_picture(task, preds[task][0], channels, truth=sample[task])]
-            names += [f"{task} truth", f"{task} predicted"]
-        save_row(tiles, names, os.path.join(args.save_vis, f"{i:03d}_gt_pred.png"))
-        if attention:
-            masks = [attention_picture(attention[task][0][0]) for task in cfg["tasks"]]
-            save_row([tiles[0]] + masks, ["input"] + [f"{task} attention" for task in cfg["tasks"]],
-                     os.path.join(args.save_vis, f"{i:03d}_attention.png"))
-    print(f"wrote {min(args.num_vis, len(dataset))} samples to {args.save_vis} (columns: input, then ground "
-          f"truth and prediction of {', '.join(cfg['tasks'])})")
-
-
-def predict_image(args, cfg, model, device, normalise):
-    """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
-    predictions resized back to the original size, one PNG per task beside the image."""
-    array = read_image(args.image)
-    height, width = array.shape[:2]
-    if cfg["data"] == "synthetic":
-        import data
-
-        size = data.parse_resolution(cfg["resolution"], flag="--resolution")
-    else:
-        size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
-    image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
-    preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear")), False)
-    stem = os.path.splitext(args.image)[0]
-    written = []
-    for task, channels in cfg["tasks"].items():
-        pred = F.interpolate(preds[task].float(), size=(height, width), mode="bilinear")[0]
-        path = f"{stem}_{task}.png"
-        save_png(task_picture(task, pred, channels), path)
-        written.append(path)
-    print("wrote " + ", ".join(written))
-    return written
-
-
-def read_image(path):
-    """(H, W, 3) float32 in [0, 1] from an image file of any bit depth. 8-bit files divide by 255; 16-bit and
-    32-bit integer files by their type's maximum; float files (mode F) are used as they are when they lie in
-    [0, 1] and rescaled from their own minimum and maximum otherwise. PIL's convert("RGB") would instead clip
-    16-bit values to 255 (an all-white picture) and float ones to 0 or 255. A rescaling is said on one line."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as picture:
-            mode = picture.mode
-            if mode in ("I", "F") or mode.startswith("I;16"):
-                array = np.asarray(picture, dtype=np.float64)
-            else:
-                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
-    except OSError as e:
-        raise SystemExit(f"error: cannot read --image {path}: {e}") from None
-    if array.ndim == 3:
-        return array
-    if not np.isfinite(array).all():
-        raise SystemExit(f"error: --image {path} holds NaN or infinite values")
-    low, high = float(array.min()), float(array.max())
-    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
-        scale, how = (0.0, 65535.0), "a 16-bit image: values divided by 65535"
-    elif mode == "I":
-        scale, how = (0.0, 2.0 ** 31 - 1), "a 32-bit image: values divided by 2^31 - 1"
-    elif low >= 0 and high <= 1:
-        scale, how = (0.0, 1.0), None
-    else:
-        scale, how = (low, max(high, low + 1e-12)), f"a float image in [{low:.4g}, {high:.4g}]: rescaled"
-    if how:
-        print(f"note: --image {path} is {how} to [0, 1] (grey, used for all three channels)")
-    grey = ((array - scale[0]) / (scale[1] - scale[0])).clip(0, 1).astype(np.float32)
-    return np.repeat(grey[..., None], 3, axis=2)
-
-
-# ---- training curves (train.py's curves.png) ----------------------------------------------------------------
-
-
-def save_panels(panels, path, width=360, height=260):
-    """Side-by-side line plots drawn with pillow. panels: [(title, {line name: values}, tick label of a
-    y value)], one panel per entry."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width * len(panels), height), "white")
-    draw = ImageDraw.Draw(image)
-    for i, (title, series, tick) in enumerate(panels):
-        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
-    image.save(path)
-
-
-def rescaled(values):
-    """Values mapped linearly onto [0, 1] (their own range), for lines on different scales in one panel."""
-    finite = [v for v in values if math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
-
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def plot_panel(draw, box, title, series, tick):
-    x0, y0, x1, y1 = box
-    left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
-    draw.rectangle((left, top, right, bottom), outline="black")
-    draw.text((left, y0 + 5), title, fill="black")
-    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    draw.text((x0 + 4, top), tick(hi), fill="black")
-    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
-    for k, (name, vs) in enumerate(series.items()):
-        colour = PALETTE[k % len(PALETTE)]
-        n = max(len(vs) - 1, 1)
-        points = [(left + (right - left) * j / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
-                  for j, v in enumerate(vs) if math.isfinite(v)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        elif points:
-            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
-        draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
-
-
-# ----------------------------------------------------------------------------
-# Appendix: the Visual Decathlon challenge's results format
-# ----------------------------------------------------------------------------
-#
-# The Decathlon server takes one JSON list of {"image_id", "category_id"} for the test images, ids as in the
-# devkit's COCO-style ROOT/annotations/<domain>_test_stripped.json ("images": id and file_name; "categories":
-# id). Class index i (the i-th class folder in sorted order, as ImageFolder numbers them) is taken to be the
-# i-th category in sorted id order. This is the assumption of the official MTAN script coco_results.py, and it
-# holds when the class folders sort like the category ids (the devkit numbers both in the same order).
-
-
-def test_annotations(root, domains):
-    """{domain: path of its test annotations} for the domains that have the file."""
-    paths = {d: os.path.join(str(root), "annotations", f"{d}_test_stripped.json") for d in domains}
-    return {d: p for d, p in paths.items() if os.path.isfile(p)}
-
-
-def read_test_annotations(root, path):
-    """([(image id, image path)], [category ids sorted]) from a *_test_stripped.json. A file_name reads
-    "data/<domain>/test/..." in the devkit: the path under ROOT is what follows "data/"."""
-    import data
-
-    try:
-        with open(path) as f:
-            blob = json.load(f)
-        images = [(int(im["id"]), str(im["file_name"])) for im in blob["images"]]
-        categories = sorted(int(c["id"]) for c in blob["categories"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
-    prefix = "data/"
-    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
-    return files, categories
-
-
-def write_decathlon_results(args, cfg, model, device, calibration):
-    """Predict every annotated test image of each domain and write results.json beside the checkpoint."""
-    import data
-
-    results, counts = [], {}
-    for domain, path in test_annotations(cfg["data_root"], list(cfg["tasks"])).items():
-        files, categories = read_test_annotations(cfg["data_root"], path)
-        dataset = data.Decathlon(cfg["data_root"], domain, "train", train=False)  # the classes and transform
-        if len(categories) != len(dataset.classes):
-            raise data.DatasetError(f"{path}: {len(categories)} categories, but {len(dataset.classes)} class "
-                                    f"folders in {os.path.join(cfg['data_root'], domain, 'train')}")
-        dataset.files = [(p, -1) for _, p in files]  # the annotated test images instead of the training ones
-        index = list(cfg["tasks"]).index(domain)
-        saved = calibrate_batchnorm(model, calibration[domain], index, cfg, device)
-        with torch.no_grad(), autocast(cfg["amp"], device):
-            predicted = torch.cat([model(batch["image"].to(device), index).argmax(1).cpu()
-                                   for batch in evaluation_loader(dataset, cfg)])
-        restore_batchnorm(saved)
-        results += [{"image_id": i, "category_id": categories[c]} for (i, _), c in zip(files, predicted.tolist())]
-        counts[domain] = len(files)
-    out = os.path.join(run_folder(args.checkpoint), "results.json")
-    write_text_atomic(json.dumps(results), out)
-    print(f"wrote {out}: {len(results)} test predictions ({', '.join(f'{d} {n}' for d, n in counts.items())})")
-    return {"results": out, "predictions": counts}
 
 if __name__ == "__main__":
     main()

@@ -1,29 +1,31 @@
 """Train any model of this repository on any dataset: `python train.py --model mtinet --data nyuv2`.
 
-Sections 1-4 are the training, to be read top to bottom:
+Sections 1-5 are the training, to be read top to bottom:
 
 1. Losses, one per task, written once (the MTAN recipe and the MTI-Net recipe).
 2. Task weighting: equal, uncertainty (Kendall et al.) and DWA (MTAN paper, Eq. 7). Each is a small class that
    depends on torch only, so it can be lifted into another training loop.
 3. The loop, on one screen: `run_training` (the epochs, where DWA updates its weights) -> `train_one_epoch`
-   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step).
-4. Models, recipes and configuration: which class each `--model` builds, the published recipe of each model
-   family, every configuration key with its default, and the `Run` that holds one run's state.
+   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step), and the checks
+   after each epoch.
+4. The loop's helpers, in the order it calls them: the schedule and the optimiser, the batches, the progress
+   line, the run folder's log, checkpoint and final table, and the few torchrun helpers.
+5. Models, recipes and configuration: which class each `--model` builds and what else it implies
+   (`ModelSpec`), the published recipe of each model family, and every configuration key with its default.
 
-Sections 5-10 are machinery you can skip on a first reading: 5. the Visual Decathlon (a classification
-benchmark with its own loop), 6. batches and data checks, 7. multi-GPU (torchrun), 8. the run folder (its
-lock, checkpoints, logs, what a failed run keeps), 9. `--bench`, 10. the command line and its one-line errors.
+Sections 6-11 are machinery you can skip on a first reading: 6. the Visual Decathlon (a classification
+benchmark with its own loop), 7. the data checks before training and --data-on-device, 8. joining torchrun's
+process group, 9. the run folder (its lock, checkpoints, curves), 10. `--bench`, 11. the command line.
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
-enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics live
-in eval.py (train.py imports eval.py, never the other way round).
+enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics
+live in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
 import math
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,22 +40,33 @@ import eval as evaluation  # `eval` is a Python builtin; the module keeps its fi
 import mtan
 import mtinet
 
-# ----------------------------------------------------------------------------------------------------------
+UsageError = evaluation.UsageError  # a user's mistake: `error: ...` on one line (eval.py, appendix D)
+
+# ------------------------------------------------------------------------------------------------------------
 # 1. Losses
 #
 # Every loss returns a 0-dim fp32 tensor and divides by `mask.sum().clamp_min(1)`: the count stays on the
 # device (the official code's `torch.nonzero(...).size(0)` forces a host sync every step), and a batch with no
 # valid pixel gives a loss of 0 instead of NaN.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def cross_entropy_loss(logits, target):
     """Semantic segmentation and human parts: pixel-wise cross entropy, label -1 ignored (MTAN Eq. 5)."""
     if logits.is_cuda and torch.are_deterministic_algorithms_enabled():  # --deterministic on a GPU (eval.py)
-        total = evaluation.deterministic_cross_entropy_sum(logits.float(), target)
+        total = deterministic_cross_entropy_sum(logits.float(), target)
     else:
         total = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
     return total / (target != -1).sum().clamp_min(1)
+
+
+def deterministic_cross_entropy_sum(logits, target):
+    """F.cross_entropy(logits, target, ignore_index=-1, reduction="sum") for (B, C, H, W) logits, from kernels
+    that are deterministic on a GPU (the loss above under --deterministic there): torch's CUDA 2-D nll_loss
+    sums with atomic adds, in an order that changes from run to run; a one-hot selection and a plain sum do
+    not. It costs a (B, C, H, W) mask."""
+    classes = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    chosen = target.unsqueeze(1) == classes  # the label's class; label -1 (ignored) chooses none
+    return -torch.where(chosen, F.log_softmax(logits, dim=1), 0).sum()
 
 
 def depth_l1_loss(pred, target):
@@ -86,8 +99,8 @@ def normal_l1_loss(pred, target):
 
 
 def balanced_bce_loss(logits, target, pos_weight=None):
-    """Edges and saliency: binary cross entropy with positives weighted by w and negatives by 1 - w,
-    summed and divided by the number of pixels (MTI-Net's `BalancedCrossEntropyLoss`).
+    """Edges and saliency: binary cross entropy with positives weighted by w and negatives by 1 - w, summed
+    and divided by the number of pixels (MTI-Net's `BalancedCrossEntropyLoss`).
 
     Edges use the fixed w = 0.95; saliency uses w = (#negatives / #pixels) of the batch."""
     positive = (target >= 0.5).float()
@@ -141,13 +154,12 @@ def multitask_losses(outputs, batch, loss_tasks, normal_loss):
     return torch.stack(losses)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. Task weighting
 #
 # Each weighting turns the (K,) vector of task losses into one scalar to back-propagate. All three keep their
 # state as tensors or plain lists, so a checkpoint stores them and resume is exact.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 class EqualWeighting(nn.Module):
     """Equal weighting: the plain sum of the task losses (the official code sums, it does not average)."""
@@ -167,10 +179,10 @@ class EqualWeighting(nn.Module):
 
 
 class UncertaintyWeighting(nn.Module):
-    """Kendall, Gal and Cipolla (CVPR 2018) as the official MTAN code applies it: one learned log-variance
-    s_k per task and the loss sum_k exp(-s_k)/2 * L_k + s_k/2, the same form for every task (classification
-    included). s starts at -0.5, so every task starts with the weight exp(0.5)/2 = 0.8244.
-    The total can become negative: the s_k/2 terms are not bounded below."""
+    """Kendall, Gal and Cipolla (CVPR 2018) as the official MTAN code applies it: one learned log-variance s_k
+    per task and the loss sum_k exp(-s_k)/2 * L_k + s_k/2, the same form for every task (classification
+    included). s starts at -0.5, so every task starts with the weight exp(0.5)/2 = 0.8244. The total can
+    become negative: the s_k/2 terms are not bounded below."""
 
     def __init__(self, num_tasks, initial=-0.5):
         super().__init__()
@@ -194,8 +206,8 @@ class DynamicWeightAverage(nn.Module):
         lambda_k(t) = K * exp(w_k(t-1) / T) / sum_i exp(w_i(t-1) / T)
 
     L_k(t) is the mean over the training batches of epoch t of the *unweighted* loss of task k (the author
-    confirmed: unweighted, issue #53). For the first two epochs there is no ratio yet and lambda = 1.
-    The weights sum to K and stay fixed for a whole epoch."""
+    confirmed: unweighted, lorenmt/mtan issue #53). For the first two epochs there is no ratio yet and
+    lambda = 1. The weights sum to K and stay fixed for a whole epoch."""
 
     def __init__(self, num_tasks, temperature=2.0):
         super().__init__()
@@ -235,14 +247,13 @@ def build_weighting(name, num_tasks, temperature=2.0):
     raise ValueError(f"--weighting must be one of equal, uncertainty, dwa (got {name!r})")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. The loop
 #
 # Three functions, each calling the next. Nothing inside an epoch waits for the device: the losses are summed
 # on the device and read once per epoch, so a GPU never idles while Python catches up. The batches of an epoch
 # depend only on (seed, epoch), which makes a resumed run continue exactly where the killed one stopped.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def run_training(cfg, resume_from=None):
     """Train (or continue) a dense multi-task run; returns the final metrics, also written to metrics.json."""
@@ -255,7 +266,7 @@ def run_training(cfg, resume_from=None):
         weights = run.weighting.weights().tolist()  # lambda_k(t): DWA's weights stay fixed for the whole epoch
         mean_losses = train_one_epoch(run, epoch)  # (K,) epoch means of the task losses, on the host
         run.weighting.end_epoch(mean_losses[:len(cfg["tasks"])].tolist())  # DWA, Eq. (7): next epoch's weights
-        record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
+        record = {"epoch": epoch + 1, "lr": float(run.optimizer.param_groups[0]["lr"]),  # learning_rate(cfg, epoch)
                   "train_loss": dict(zip(run.loss_tasks, mean_losses.tolist())),
                   "task_weights": dict(zip(cfg["tasks"], weights))}
         if evaluation_due(cfg, epoch):
@@ -264,8 +275,7 @@ def run_training(cfg, resume_from=None):
                                                 cfg["channels_last"], run.normalise)
         record["seconds"] = round(time.time() - start, 2)
         save_epoch(run, record)  # log.jsonl, last.pt (atomic), curves.png
-    return finish(run, lambda rows: evaluation.format_table(rows, cfg["tasks"]),
-                  yardstick=trivial_baseline if cfg["data"] == "synthetic" else None)
+    return finish(run)  # metrics.json and the final table
 
 
 def train_one_epoch(run, epoch):
@@ -273,34 +283,28 @@ def train_one_epoch(run, epoch):
     all ranks): DWA's L_k(t), and the log's training losses."""
     cfg, device = run.cfg, run.device
     run.model.train()
-    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    set_learning_rate(run.optimizer, cfg, epoch)
     batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch)
     augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
     loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
-    total_sum = torch.zeros((), device=device)
-    first_losses = torch.zeros_like(loss_sum)  # the first step's: check_finite's reference in the first epoch
-    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"] * world_size(), is_main())
+    first = torch.zeros_like(loss_sum)  # the first step's losses: the reference of check_epoch in epoch 1
+    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"])
     for step, batch in enumerate(batches):
-        losses, total = run.step(prepare_batch(run, batch, augment))  # training_step, or its CUDA graph
+        losses = run.step(prepare_batch(run, batch, augment))  # training_step, or its CUDA graph's replay
         loss_sum += losses
-        total_sum += total
         if step == 0:
-            first_losses = losses
-        progress.maybe_print(step, total_sum)  # reads the loss (a sync) only when it prints, every 5 s
+            first = losses.clone()  # a CUDA graph returns its losses in the same tensors every step
+        progress.maybe_print(step, loss_sum)  # reads the loss (a sync) only when it prints, every 5 s
     counts = all_reduce(torch.tensor(float(len(batches)), device=device))
-    mean_losses = all_reduce(loss_sum) / counts.clamp_min(1)
-    first_losses = all_reduce(first_losses) / world_size()
-    mean_losses, first_losses = torch.stack([mean_losses, first_losses]).cpu()  # the one sync of the epoch
-    names = run.loss_tasks
-    check_finite(run, dict(zip(names, mean_losses.tolist())), epoch, dict(zip(names, first_losses.tolist())))
-    if not run.history:  # the first epoch of the run: did every task see a label? (section 6)
-        check_labels_seen(run, mean_losses.tolist())
-    return mean_losses
+    means = torch.stack([all_reduce(loss_sum) / counts.clamp_min(1), all_reduce(first) / world_size()]).cpu()
+    mean_losses, first_losses = (dict(zip(run.loss_tasks, m.tolist())) for m in means)  # the one sync, above
+    check_epoch(run, mean_losses, epoch, first_losses)  # diverged? every task's labels seen?
+    return means[0]
 
 
 def training_step(run, batch):
-    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed
-    task weights, before `--weighting`) and the total that was back-propagated, both still on the device."""
+    """One optimiser step on a batch already on the device. Returns the (K,) task losses (after the fixed task
+    weights, before `--weighting`), still on the device."""
     with evaluation.autocast(run.cfg["amp"], run.device):  # bf16/fp16 forward with --amp; losses in fp32
         outputs = run.compiled(run.normalise(batch["image"]), **run.forward_kwargs)
     losses = multitask_losses(outputs, batch, run.loss_tasks, run.cfg["normal_loss"]) * run.task_weights
@@ -313,7 +317,7 @@ def training_step(run, batch):
     average_gradients_across_ranks(run.weighting)  # DDP averages the model's; uncertainty's live outside it
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return losses.detach(), total.detach()
+    return losses.detach()
 
 
 def prepare_batch(run, batch, augment):
@@ -335,10 +339,10 @@ class CudaGraphStep:
     Python launches them more slowly than the GPU runs them, so the GPU waits on the host most of the step. A
     CUDA graph is the recorded sequence of those kernels with their arguments and memory addresses; one
     `replay()` launches all of them (PyTorch docs, "CUDA Graphs", whole-network capture). What it asks for:
-    * fixed addresses: each batch is copied into `self.batch`, the tensors the graph reads, and the losses are
-      returned in the same output tensors every step (the loop adds them up before the next replay);
-    * nothing on the host inside the step: the optimiser is built with `capturable=True` and reads its
-      learning rate from a device tensor (set_learning_rate fills it in place), DWA's weights are a device buffer;
+    * fixed addresses: each batch is copied into `self.batch`, the tensors the graph reads, and the losses come
+      back in the same output tensor every step (the loop adds them up before the next replay);
+    * nothing on the host inside the step: the optimiser is built with `capturable=True` and reads its learning
+      rate from a device tensor (set_learning_rate fills it in place), DWA's weights are a device buffer;
     * static shapes: a smaller last batch runs eagerly instead.
     The first steps run eagerly on a side stream, so that lazy initialisations and the optimiser's state exist
     before the recording; recording runs nothing, so every batch is trained exactly once."""
@@ -353,22 +357,22 @@ class CudaGraphStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = training_step(self.run, batch)
+                losses = training_step(self.run, batch)
             torch.cuda.current_stream().wait_stream(side)
-            return out
+            return losses
         if self.graph is None:  # record once
             for group in self.run.optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.run.device)
             self.batch, self.shapes = {key: value.clone() for key, value in batch.items()}, shapes
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.outputs = training_step(self.run, self.batch)  # (K,) losses and the total, static
+                self.losses = training_step(self.run, self.batch)  # (K,), the graph's output tensor
         if shapes != self.shapes:  # a smaller last batch
             return training_step(self.run, batch)
         for key, value in batch.items():
             self.batch[key].copy_(value)
         self.graph.replay()
-        return self.outputs
+        return self.losses
 
 
 def evaluation_due(cfg, epoch):
@@ -378,221 +382,78 @@ def evaluation_due(cfg, epoch):
 
 EXPLOSION = 1e4  # a training loss this many times its reference has diverged, even while it is still finite
 
-
-def check_finite(run, losses, epoch, first_losses=None):
-    """Stop a diverged run before its weights overwrite the last good checkpoint (host-side, once per epoch).
-    `losses` are the epoch means {task: value}. A loss diverged when it is non-finite, or when it exceeds
-    EXPLOSION times its reference: the task's mean over the first epoch, or in the first epoch its loss at
-    the first step (`first_losses`). The message names the likely cause (divergence_hint, section 8)."""
-    reference = run.history[0]["train_loss"] if run.history else (first_losses or {})
-    since = "the first epoch" if run.history else "the first step"
+def check_epoch(run, losses, epoch, first=None):
+    """The checks after an epoch, on the host (nothing is checked per step). A diverged run stops before its
+    weights overwrite the last good checkpoint: a loss of `losses` (the epoch means {task: value}) diverged
+    when it is non-finite or above EXPLOSION times its reference, the mean over the first epoch (in the first
+    epoch: `first`, the first step's). The training samples are finite (data.py checks images and turns NaN or
+    inf targets into the 'invalid' marker as it reads them), so the cause is the optimisation. After a dense
+    run's first epoch: did every task see a label (section 6)?"""
+    reference, since = (run.history[0]["train_loss"], "the first epoch") if run.history else (first or {},
+                                                                                         "the first step")
     bad = [t for t, v in losses.items() if not math.isfinite(v)]
     exploded = [f"{t} {v:.3g} against {reference[t]:.3g}" for t, v in losses.items()
                 if math.isfinite(v) and reference.get(t, 0) > 0 and v > EXPLOSION * reference[t]]
-    if bad:
-        raise FloatingPointError(f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training); "
-                                 f"{divergence_hint(run, non_finite=True)}")
-    if exploded:
-        raise FloatingPointError(f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its "
-                                 f"value in {since}): {', '.join(exploded)}; {divergence_hint(run)}")
+    if bad or exploded:
+        what = (f"non-finite loss for {', '.join(bad)} in epoch {epoch + 1} (training)" if bad else
+                f"the training loss exploded in epoch {epoch + 1} (above {EXPLOSION:g} times its value in "
+                f"{since}): {', '.join(exploded)}")
+        amp = " or --amp off" if run.cfg["amp"] == "fp16" else ""
+        raise FloatingPointError(f"{what}; {kept(run)}. The training samples are finite, so the model "
+                                 f"diverged: try a lower --lr (this run: {run.cfg['lr']:g}){amp}")
+    if not run.history and run.cfg["data"] not in DECATHLON_DATASETS:
+        check_labels_seen(run, losses)
 
 
-def set_learning_rate(optimizer, lr):
-    for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):  # read by a CUDA graph (CudaGraphStep): the same tensor, a new value
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+def check_labels_seen(run, mean_losses):
+    """End of a run's first epoch: did every task see a label? A task's epoch-mean loss equals the loss of a
+    batch without any valid target (0; 1 for the cosine normal loss: 1 - 0) only when it saw (almost) none.
+    Only then are its valid targets counted, over the training split on the host, so the check costs nothing
+    per step; none at all stops the run with one line: its head would train for days on nothing."""
+    cfg, suspects = run.cfg, []
+    for task, mean in mean_losses.items():
+        weight = cfg["task_weights"].get(task, 1.0)
+        empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
+        if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
+            suspects.append(task)
+    if not suspects:
+        return
+    counts = torch.zeros(len(suspects), dtype=torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        for batch in make_loader(run.train_set, dict(cfg, device="cpu"), 0, train=False):
+            counts += torch.stack([valid_targets(task, batch[task]).double() for task in suspects])
+    counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
+    empty = [task for task, count in zip(suspects, counts) if count == 0]
+    if empty:
+        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
+        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
+        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
+        raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
+                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
+                                f"0); a head without labels learns nothing: check the files, or leave the task "
+                                f"out with --tasks")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Models, recipes and configuration
+def valid_targets(task, target):
+    """How many targets of a batch the loss of `task` counts (the masks of section 1); None for tasks whose
+    every pixel is a target (edges, saliency)."""
+    if task in ("semantic", "parts"):
+        return (target != -1).sum()
+    if task == "depth":
+        return (target != 0).sum()
+    if task == "normal":
+        return normal_validity(target).sum()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. The run and the loop's helpers: schedule and optimiser, batches, progress, torchrun, the run folder
 #
-# RECIPES holds each model family's published training recipe, MODELS says which class every `--model` builds,
-# DEFAULTS lists every configuration key. A run's configuration is one merge, later sources winning:
-# DEFAULTS < the family's recipe < the synthetic-data preset < the flags the user typed (`resolve_config`).
-# ----------------------------------------------------------------------------------------------------------
-
-RECIPES = {
-    # MTAN paper / official code: Adam 1e-4, StepLR(100, 0.5) stepped per epoch, 200 epochs, batch 2.
-    "segnet": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="step", step_size=100, epochs=200,
-                   batch_size=2, normal_loss="cosine", drop_last=False),
-    # MTI-Net official configs: Adam 1e-4 with (coupled L2) weight decay 1e-4, poly decay per epoch,
-    # 100 epochs, batch 8 with drop_last.
-    "hrnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
-                  batch_size=8, normal_loss="l1", drop_last=True),
-    # MTAN's Visual Decathlon code: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-5, StepLR(50, 0.5),
-    # 300 epochs over all domains, then 100 epochs fine-tuning every domain but ImageNet with a fresh SGD at
-    # lr 0.01; batch 128.
-    # MTI-Net official configs for the ResNet-50 (dilated, DeepLabv3 heads) models on NYUD: Adam 1e-4, weight
-    # decay 1e-4, poly, 100 epochs, batch 8. MTAN-DeepLabv3 ships without a trainer; it trains with this one.
-    "resnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
-                   batch_size=8, normal_loss="l1", drop_last=True),
-    "wrn": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, schedule="step", step_size=50, epochs=300,
-                finetune_epochs=100, finetune_lr=0.01, batch_size=128, normal_loss=None, drop_last=False,
-                wrn_depth=28),
-}
-
-# The embedded synthetic scenes are a smoke test and a teaching aid, not a benchmark: on them the default is a
-# quarter-width network at 96x128, a larger learning rate and a handful of epochs, so that a CPU run ends in
-# minutes. The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of
-# the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in about
-# four minutes on a 2-core CPU, a minute of it rendering (val: 94.5 / 100 / 53 / 72.5 % where chance is 33 / 50
-# / 25 / 17 %). Fewer steps (e.g. batch 50 on 400 images) leave the harder domains at chance; lr 0.02 learns
-# faster early on than the recipe's 0.1 and ends as well. Every value can be overridden by a flag.
-SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=320,
-                        eval_every=2)
-SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_epochs=2, batch_size=16,
-                                  lr=0.02, step_size=4)
-PRESETS = {"synthetic": SYNTHETIC_PRESET, "synthetic-decathlon": SYNTHETIC_DECATHLON_PRESET}
-QUICKSTART = dict(weighting="dwa")  # `python train.py` with no argument: MTAN with DWA, the paper's method
-
-# MTI-Net's fixed task weights (official configs): chosen so the task losses have similar magnitudes. They
-# multiply each task's loss before `--weighting` combines the main tasks.
-MTINET_TASK_WEIGHTS = {"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50.0, "parts": 2.0,
-                       "saliency": 5.0}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One `--model`: the recipe family that trains it, the class that builds it, and its constructor's
-    arguments as a function of the configuration. The checkpoint records the class and the arguments, so
-    eval.py rebuilds the model without this table."""
-    family: str  # a key of RECIPES
-    cls: type  # a class of mtan.py or mtinet.py
-    kwargs: Callable[[dict], dict]  # cfg -> keyword arguments of cls (plain values: they go into last.pt)
-    single_task: bool = False  # needs --task
-
-
-def _segnet(variant):
-    return lambda cfg: dict(tasks=dict(cfg["tasks"]), variant=variant, width=cfg["width"])
-
-
-def _width(cfg):
-    return dict(tasks=dict(cfg["tasks"]), width=cfg["width"])
-
-
-def _hrnet(cfg, aux=True):
-    kwargs = dict(tasks=dict(cfg["tasks"]), backbone=cfg["backbone"])
-    if aux:
-        kwargs["aux_tasks"] = dict(cfg["aux_tasks"]) or None
-    return kwargs
-
-
-MODELS = {
-    # MTAN paper, Table 2: the SegNet family (mtan.py)
-    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True),  # One Task
-    "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
-    "split": ModelSpec("segnet", mtan.SegNet, _segnet("standard")),
-    "split-wide": ModelSpec("segnet", mtan.SegNet, _segnet("wide")),
-    "split-deep": ModelSpec("segnet", mtan.SegNet, _segnet("deep")),
-    "dense": ModelSpec("segnet", mtan.DenseSegNet, _width),
-    "cross-stitch": ModelSpec("segnet", mtan.CrossStitchSegNet, _width),
-    "mtan": ModelSpec("segnet", mtan.MTAN, _width),
-    # MTI-Net paper: the HRNet family (mtinet.py)
-    "mtinet": ModelSpec("hrnet", mtinet.MTINet, lambda cfg: dict(_hrnet(cfg), fpm_softmax=cfg["fpm_softmax"])),
-    "padnet": ModelSpec("hrnet", mtinet.PADNet, _hrnet),
-    "hrnet-mtl": ModelSpec("hrnet", mtinet.HRNetMultiTask, lambda cfg: _hrnet(cfg, aux=False)),
-    # The dilated ResNet-50 family (mtan.py): the official MTAN repository's MTAN-DeepLabv3, and the DeepLabv3
-    # baselines of MTI-Net's ResNet-50 tables (one task: single-task; several: a shared backbone).
-    "mtan-deeplab": ModelSpec("resnet", mtan.MTANDeepLabv3, _width),
-    "deeplab": ModelSpec("resnet", mtan.DeepLabv3, _width),
-    # MTAN paper, Table 4: Visual Decathlon, one classifier per domain; `tasks` maps domain -> classes.
-    # `--width` scales the widening factor 4 of WRN-28-4.
-    "wrn-mtan": ModelSpec("wrn", mtan.WideResNetMTAN, lambda cfg: dict(
-        num_classes=list(cfg["tasks"].values()), domains=list(cfg["tasks"]), depth=cfg["wrn_depth"],
-        widen_factor=max(1, round(4 * cfg["width"])))),
-}
-DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
-DECATHLON_DATASETS = list(evaluation.DECATHLON_DATASETS)
-
-DEFAULTS = dict(
-    # what to train
-    model="mtan",  # a key of MODELS
-    data="synthetic",  # a dataset of data.py
-    data_root=None,  # the dataset folder; None: data/<name> under the working directory
-    tasks=None, aux_tasks=None,  # {task: channels}, resolved from the dataset and --task/--tasks/--aux-tasks
-    task_weights=None,  # {task: fixed loss weight}: MTI-Net's recipe, or --task-weights
-    weighting="equal",  # how the main task losses combine: equal, uncertainty or dwa
-    temperature=2.0,  # DWA's temperature T (MTAN paper, Eq. 7)
-    augment=False,  # MTAN's scale-crop-flip (NYUv2 and co.) or MTI-Net's PASCAL augmentation
-    pretrained=None,  # ImageNet weights of the backbone (HRNet or ResNet-50)
-    fpm_softmax="tasks",  # MTI-Net's FPM softmax grouping: "tasks" (the paper) or "official" (the code)
-    backbone="w18-small-v2",  # the HRNet of mtinet, padnet, hrnet-mtl: w18-small-v2 (the paper's), w18, w32, w48
-    width=1.0,  # SegNet / ResNet-50 channel multiplier (1.0 = the paper); wrn-mtan: scales the widening factor
-    wrn_depth=28,  # wrn-mtan: depth of the wide ResNet, 6n + 4
-    num_classes=7,  # CityScapes: 2, 7 or 19 classes
-    # the recipe (set by RECIPES for each family; listed here so every key has a documented default)
-    optimizer="adam", lr=1e-4, weight_decay=0.0,  # "adam" or "sgd" (momentum 0.9, Nesterov)
-    schedule="step", step_size=100,  # "step": halve every step_size epochs; "poly": (1 - e/E)^0.9
-    epochs=200, batch_size=2, drop_last=False,
-    normal_loss="cosine",  # "cosine" (MTAN) or "l1" (MTI-Net)
-    finetune_epochs=0, finetune_lr=None,  # wrn-mtan: the second, fine-tuning phase
-    # the run
-    out=None,  # the run folder; None: runs/<model>-<data>-<time>
-    eval_every=1,  # evaluate every N epochs (and after the last)
-    subset=None,  # use only the first N samples of each split
-    resolution=None,  # HxW of the synthetic scenes
-    seed=0,  # model init, batch order, augmentation
-    deterministic=False,  # torch's deterministic algorithms
-    # speed
-    device=None,  # None: cuda when available, else cpu
-    amp=None,  # None: bf16 (fp16 without bf16) on a GPU, off on a CPU
-    channels_last=True,  # NHWC memory format: faster on CPU and GPU
-    compile=False,  # torch.compile the model
-    cuda_graph=None,  # None: the training step as one CUDA graph wherever it applies (CudaGraphStep)
-    fused=True,  # fused optimiser step (off only for the benchmark's baseline)
-    workers=0,  # DataLoader worker processes
-    data_on_device=False,  # hold the training split on the device
-    peak_tflops=None,  # the device's peak TFLOP/s for the MFU of --bench
-    sync_bn=False,  # SyncBatchNorm across GPUs under torchrun
-)
-
-
-def build_model(cfg):
-    """The model of a resolved configuration, on the CPU."""
-    spec = MODELS[cfg["model"]]
-    return spec.cls(**spec.kwargs(cfg))
-
-
-def model_args(cfg):
-    """What the checkpoint records so that eval.py can rebuild the model: module, class and arguments."""
-    spec = MODELS[cfg["model"]]
-    return {"module": spec.cls.__module__, "class": spec.cls.__name__, "kwargs": spec.kwargs(cfg)}
-
-
-def learning_rate(cfg, epoch):
-    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
-    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
-    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
-        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
-    if cfg["schedule"] == "step":
-        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
-    if cfg["schedule"] == "poly":
-        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
-    return cfg["lr"]
-
-
-def total_epochs(cfg):
-    return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
-
-
-def build_optimizer(cfg, params, device, lr=None):
-    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4): on a 2-core CPU,
-    # Adam's step over MTAN's 44M parameters takes 24 ms fused against 117 ms with the default per-parameter
-    # loop. With fp16, GradScaler hands its inf check to the fused kernel instead of reading it on the host.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
-    lr = cfg["lr"] if lr is None else lr
-    if cfg["optimizer"] == "sgd":
-        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
-        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
-        # path handles that and is still one multi-tensor update.
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
-                               foreach=True)
-    if cfg.get("cuda_graph") and device.type == "cuda":  # its step counters on the device (CudaGraphStep)
-        fused["capturable"] = True
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
-
+# What the loop calls on every run, in the order it calls them. Under torchrun (`torchrun --nproc_per_node=N
+# train.py ...`) each rank trains on its shard and DDP averages the model's gradients; everything averaged
+# over an epoch (the DWA losses, the metric accumulators) is summed across ranks, so every rank computes the
+# same task weights and the evaluation equals a single-process one. Only rank 0 prints and writes files.
+# ------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -636,7 +497,7 @@ def setup_run(cfg, resume_from=None):
     loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
     run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
               normalise=normalise, loss_tasks=loss_tasks,
-              forward_kwargs={"return_aux": True} if isinstance(model, (mtinet.MTINet, mtinet.PADNet)) else {},
+              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
               task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
               weighting=weighting, optimizer=build_optimizer(cfg, params, device),
               scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
@@ -659,22 +520,439 @@ def setup_run(cfg, resume_from=None):
     return run
 
 
+def open_run_folder(run):
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
+    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    if is_main():
+        os.makedirs(run.cfg["out"], exist_ok=True)
+        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
+                                     os.path.join(run.cfg["out"], "log.jsonl"))
+    say(describe(run))
+
+
+def describe(run):
+    cfg = run.cfg
+    params = sum(p.numel() for p in run.model.parameters())
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
+            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
+            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
+            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+
+
+def set_learning_rate(optimizer, cfg, epoch):
+    lr = learning_rate(cfg, epoch)
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):  # read by a CUDA graph (CudaGraphStep): the same tensor, a new value
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def learning_rate(cfg, epoch):
+    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
+    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
+    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
+        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
+    if cfg["schedule"] == "step":
+        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
+    if cfg["schedule"] == "poly":
+        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
+    return cfg["lr"]
+
+
+def build_optimizer(cfg, params, device, lr=None):
+    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times
+    # faster than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf
+    # check to the fused kernel instead of reading it on the host.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
+    lr = cfg["lr"] if lr is None else lr
+    if cfg["optimizer"] == "sgd":
+        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
+        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
+        # path handles that and is still one multi-tensor update.
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
+                               foreach=True)
+    if cfg.get("cuda_graph") and device.type == "cuda":  # its step counters on the device (CudaGraphStep)
+        fused["capturable"] = True
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
+
+
+def make_loader(dataset, cfg, epoch, train):
+    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
+    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
+    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
+    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+    drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
+    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
+    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
+    sampler = None
+    if world_size() > 1 and train:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    elif world_size() > 1:
+        sampler = list(range(rank(), len(dataset), world_size()))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        generator=generator if train and sampler is None else None, drop_last=drop_last,
+        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
+
+
+def epoch_batches(run, epoch):
+    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
+    if run.train_tensors is not None:
+        return DeviceBatches(run.train_tensors, run.cfg, epoch)
+    return make_loader(run.train_set, run.cfg, epoch, train=True)
+
+
+class Progress:
+    """A progress line every `every` seconds, printed by rank 0: epoch, step, loss, images/s (of all ranks),
+    ETA. Reading the loss is the only host-device synchronisation of the training loop, and it happens only
+    when a line is printed."""
+
+    def __init__(self, epoch, num_epochs, steps, batch_size, every=5.0, name=""):
+        self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
+        self.batch_size = batch_size * world_size()  # the images of one step over all ranks
+        self.name = f"{name}  " if name else ""  # the Decathlon's domain
+        self.enabled, self.every, self.start, self.last = is_main(), every, time.time(), time.time()
+
+    def maybe_print(self, step, loss_sum):
+        """`loss_sum`: the running sum of the step losses, a tensor on the device (its elements summed)."""
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
+            return
+        self.last = now
+        rate = (step + 1) * self.batch_size / (now - self.start)
+        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
+        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
+              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s",
+              flush=True)
+
+
+all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def average_gradients_across_ranks(module):
+    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
+    if world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce(p.grad).div_(world_size())
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
+    statistics on its own last batches, and the evaluation must use one set of weights."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+
+
+def save_epoch(run, record):
+    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png. An epoch
+    whose val metrics are not finite is not saved: the run stops, and last.pt keeps the last good epoch."""
+    say(summary_line(record))
+    bad = evaluation.non_finite_metrics(record.get("val", {}))
+    if bad:
+        raise FloatingPointError(f"non-finite val metrics ({', '.join(bad)}) in epoch {record['epoch']}: the model "
+                                 f"diverged, or the val split has no valid target for them; {kept(run)}")
+    run.history.append(record)
+    if is_main():
+        out = run.cfg["out"]
+        save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(evaluation.strict_json(record) + "\n")
+        draw_curves(run.history, os.path.join(out, "curves.png"))
+
+
+def summary_line(record):
+    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
+    text = f"epoch {record['epoch']} done: train loss [{losses}]"
+    if "task_weights" in record:
+        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
+    text += f" lr {record['lr']:.2e}"
+    if "val" in record:
+        text += "\n  val " + evaluation.format_metrics(record["val"])
+    return text
+
+
+def kept(run):
+    """What a run stopped by an error leaves: the checkpoint of its last good epoch, if any."""
+    if not run.history:
+        return "stopped before writing a checkpoint"
+    return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
+
+
+def finish(run):
+    """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
+    plus on the synthetic scenes the metrics of a constant predictor (`trivial_baseline`) as a yardstick."""
+    cfg = run.cfg
+    evaluated = [r["val"] for r in run.history if "val" in r]
+    last10 = evaluated[-10:]
+    result = {"final": evaluated[-1], "mean_last_10": evaluation.average_results(last10),
+              "epochs": len(run.history), "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
+              "next_task_weights": run.weighting.weights().tolist()}
+    if not is_main():
+        return result
+    rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
+    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
+    if cfg["data"] == "synthetic" and world_size() == 1:
+        result["trivial"] = trivial_baseline(run)
+        rows.append(("trivial predictor", result["trivial"]))
+    evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
+    print("\nfinal evaluation (val split):")
+    if cfg["data"] in DECATHLON_DATASETS:
+        print(evaluation.format_decathlon_table(rows))
+    else:
+        print(evaluation.format_table(rows, cfg["tasks"]))
+    return result
+
+
+@torch.no_grad()
+def trivial_baseline(run):
+    """Metrics of the best input-independent predictor, as a yardstick for the final table: the most frequent
+    training class, the mean training depth, the mean training normal direction (edges: none)."""
+    cfg, device, tasks = run.cfg, run.device, run.cfg["tasks"]
+    constants = {"semantic": torch.zeros(tasks.get("semantic", 1), device=device),
+                 "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
+    for batch in make_loader(run.train_set, cfg, 0, train=False):
+        batch = evaluation.to_device(batch, device)
+        # masks multiply in rather than index: boolean indexing would wait for the device on every batch
+        if "semantic" in tasks:
+            labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
+            constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
+        if "depth" in tasks:
+            valid = (batch["depth"] != 0).float()
+            constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
+        if "normal" in tasks:
+            constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
+    prediction = {"semantic": (constants["semantic"] == constants["semantic"].max()).float(),
+                  "depth": constants["depth"][:1] / constants["depth"][1].clamp_min(1),
+                  "normal": F.normalize(constants["normal"], dim=0), "edge": torch.full((1,), -10.0, device=device)}
+
+    class Constant(nn.Module):
+        def forward(self, image):
+            shape = (image.shape[0], -1, *image.shape[-2:])
+            return {t: prediction[t].view(1, -1, 1, 1).expand(shape) for t in tasks}
+
+    loader = make_loader(run.val_set, cfg, 0, train=False)
+    return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
+                               cfg["amp"], cfg["channels_last"])
+
+
+def say(text):
+    if is_main():
+        print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. Models, recipes and configuration
+#
+# RECIPES holds each model family's published training recipe, MODELS says which class every `--model` builds,
+# DEFAULTS lists every configuration key. A run's configuration is one merge, later sources winning:
+# DEFAULTS < the family's recipe < the synthetic-data preset < the flags the user typed (`resolve_config`).
+# ------------------------------------------------------------------------------------------------------------
+
+RECIPES = {
+    # MTAN paper / official code: Adam 1e-4, StepLR(100, 0.5) stepped per epoch, 200 epochs, batch 2.
+    "segnet": dict(optimizer="adam", lr=1e-4, weight_decay=0.0, schedule="step", step_size=100, epochs=200,
+                   batch_size=2, normal_loss="cosine", drop_last=False),
+    # MTI-Net official configs: Adam 1e-4 with (coupled L2) weight decay 1e-4, poly decay per epoch, 100
+    # epochs, batch 8 with drop_last; fixed task weights, chosen so the task losses have similar magnitudes
+    # (they multiply each task's loss before `--weighting` combines the main tasks).
+    "hrnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
+                  batch_size=8, normal_loss="l1", drop_last=True,
+                  task_weights={"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50.0, "parts": 2.0,
+                                "saliency": 5.0}),
+    # MTAN's Visual Decathlon code: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-5, StepLR(50, 0.5),
+    # 300 epochs over all domains, then 100 epochs fine-tuning every domain but ImageNet with a fresh SGD at
+    # lr 0.01; batch 128. MTI-Net official configs for the ResNet-50 (dilated, DeepLabv3 heads) models on
+    # NYUD: Adam 1e-4, weight decay 1e-4, poly, 100 epochs, batch 8. MTAN-DeepLabv3 ships without a trainer;
+    # it trains with this one.
+    "resnet": dict(optimizer="adam", lr=1e-4, weight_decay=1e-4, schedule="poly", step_size=0, epochs=100,
+                   batch_size=8, normal_loss="l1", drop_last=True),
+    "wrn": dict(optimizer="sgd", lr=0.1, weight_decay=5e-5, schedule="step", step_size=50, epochs=300,
+                finetune_epochs=100, finetune_lr=0.01, batch_size=128, normal_loss=None, drop_last=False,
+                wrn_depth=28),
+}
+
+
+# The embedded synthetic scenes are a smoke test and a teaching aid, not a benchmark: on them the default is a
+# quarter-width network at 96x128, a larger learning rate and a handful of epochs, so that a CPU run ends in
+# minutes. The synthetic Decathlon domains are 64x64 with 800 training images each: a WRN-10-1 (width 0.25 of
+# the widening factor 4) for 8 + 2 epochs of batch 16 (50 steps per domain and epoch) learns all four in
+# minutes on a CPU (README, "Visual Decathlon"). Fewer steps (e.g. batch 50 on 400 images) leave the harder
+# domains at chance; lr 0.02 learns faster early on than the recipe's 0.1 and ends as well. Every value can be
+# overridden by a flag.
+SYNTHETIC_PRESET = dict(width=0.25, resolution="96x128", epochs=12, batch_size=8, lr=1e-3, subset=320,
+                        eval_every=2)
+SYNTHETIC_DECATHLON_PRESET = dict(width=0.25, wrn_depth=10, epochs=8, finetune_epochs=2, batch_size=16,
+                                  lr=0.02, step_size=4)
+PRESETS = {"synthetic": SYNTHETIC_PRESET, "synthetic-decathlon": SYNTHETIC_DECATHLON_PRESET}
+QUICKSTART = dict(weighting="dwa")  # `python train.py` with no argument: MTAN with DWA, the paper's method
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Every fact of one `--model`: the recipe family that trains it, the class that builds it, its
+    constructor's arguments as a function of the configuration, and how it takes tasks. The checkpoint records
+    the class and the arguments (so eval.py rebuilds the model without this table), and the configuration
+    records the family and whether the run is a single-task one (what `eval.py --compare` needs)."""
+    family: str  # a key of RECIPES
+    cls: type  # a class of mtan.py or mtinet.py
+    kwargs: Callable[[dict], dict]  # cfg -> keyword arguments of cls (plain values: they go into last.pt)
+    single_task: bool = False  # a single-task network: needs --task
+    one_task: bool = False  # takes --task too: then a single-task network (wrn-mtan: one Decathlon domain)
+    baseline: bool = False  # on one task, a plain single-task network: --compare's reference for Delta_m
+    aux: bool = False  # deep supervision: takes --aux-tasks, and forward(return_aux=True) in training
+
+
+def _segnet(variant):
+    return lambda cfg: dict(tasks=dict(cfg["tasks"]), variant=variant, width=cfg["width"])
+
+
+def _width(cfg):
+    return dict(tasks=dict(cfg["tasks"]), width=cfg["width"])
+
+
+def _hrnet(cfg, aux=True):
+    kwargs = dict(tasks=dict(cfg["tasks"]), backbone=cfg["backbone"])
+    if aux:
+        kwargs["aux_tasks"] = dict(cfg["aux_tasks"]) or None
+    return kwargs
+
+
+MODELS = {
+    # MTAN paper, Table 2: the SegNet family (mtan.py)
+    "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True,  # One Task
+                        baseline=True),
+    "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
+    "split": ModelSpec("segnet", mtan.SegNet, _segnet("standard")),
+    "split-wide": ModelSpec("segnet", mtan.SegNet, _segnet("wide")),
+    "split-deep": ModelSpec("segnet", mtan.SegNet, _segnet("deep")),
+    "dense": ModelSpec("segnet", mtan.DenseSegNet, _width),
+    "cross-stitch": ModelSpec("segnet", mtan.CrossStitchSegNet, _width),
+    "mtan": ModelSpec("segnet", mtan.MTAN, _width),
+    # MTI-Net paper: the HRNet family (mtinet.py)
+    "mtinet": ModelSpec("hrnet", mtinet.MTINet, lambda cfg: dict(_hrnet(cfg), fpm_softmax=cfg["fpm_softmax"]),
+                        aux=True),
+    "padnet": ModelSpec("hrnet", mtinet.PADNet, _hrnet, aux=True),
+    "hrnet-mtl": ModelSpec("hrnet", mtinet.HRNetMultiTask, lambda cfg: _hrnet(cfg, aux=False), one_task=True,
+                           baseline=True),
+    # The dilated ResNet-50 family (mtan.py): the official MTAN repository's MTAN-DeepLabv3, and the DeepLabv3
+    # baselines of MTI-Net's ResNet-50 tables (one task: single-task; several: a shared backbone).
+    "mtan-deeplab": ModelSpec("resnet", mtan.MTANDeepLabv3, _width),
+    "deeplab": ModelSpec("resnet", mtan.DeepLabv3, _width, one_task=True, baseline=True),
+    # MTAN paper, Table 4: Visual Decathlon, one classifier per domain; `tasks` maps domain -> classes.
+    # `--width` scales the widening factor 4 of WRN-28-4.
+    "wrn-mtan": ModelSpec("wrn", mtan.WideResNetMTAN, lambda cfg: dict(
+        num_classes=list(cfg["tasks"].values()), domains=list(cfg["tasks"]), depth=cfg["wrn_depth"],
+        widen_factor=max(1, round(4 * cfg["width"]))), one_task=True),
+}
+
+
+DENSE_DATASETS = ["synthetic", "nyuv2", "cityscapes", "nyud", "pascal"]
+DECATHLON_DATASETS = list(evaluation.DECATHLON_DATASETS)
+
+
+DEFAULTS = dict(
+    # what to train
+    model="mtan",  # a key of MODELS
+    data="synthetic",  # a dataset of data.py
+    data_root=None,  # the dataset folder; None: data/<name> under the working directory
+    tasks=None, aux_tasks=None,  # {task: channels}, resolved from the dataset and --task/--tasks/--aux-tasks
+    task_weights=None,  # {task: fixed loss weight}: the recipe's (MTI-Net's), then --task-weights on top
+    family=None, single_task=False, baseline=False,  # recorded from MODELS for eval.py --compare
+    weighting="equal",  # how the main task losses combine: equal, uncertainty or dwa
+    temperature=2.0,  # DWA's temperature T (MTAN paper, Eq. 7)
+    augment=False,  # MTAN's scale-crop-flip (NYUv2 and co.) or MTI-Net's PASCAL augmentation
+    pretrained=None,  # ImageNet weights of the backbone (HRNet or ResNet-50)
+    fpm_softmax="tasks",  # MTI-Net's FPM softmax grouping: "tasks" (the paper) or "official" (the code)
+    backbone="w18-small-v2",  # the HRNet of mtinet, padnet, hrnet-mtl: w18-small-v2 (the paper's), w18, w32, w48
+    width=1.0,  # SegNet / ResNet-50 channel multiplier (1.0 = the paper); wrn-mtan: scales the widening factor
+    wrn_depth=28,  # wrn-mtan: depth of the wide ResNet, 6n + 4
+    num_classes=7,  # CityScapes: 2, 7 or 19 classes
+    # the recipe (set by RECIPES for each family; listed here so every key has a documented default)
+    optimizer="adam", lr=1e-4, weight_decay=0.0,  # "adam" or "sgd" (momentum 0.9, Nesterov)
+    schedule="step", step_size=100,  # "step": halve every step_size epochs; "poly": (1 - e/E)^0.9
+    epochs=200, batch_size=2, drop_last=False,
+    normal_loss="cosine",  # "cosine" (MTAN) or "l1" (MTI-Net)
+    finetune_epochs=0, finetune_lr=None,  # wrn-mtan: the second, fine-tuning phase
+    # the run
+    out=None,  # the run folder; None: runs/<model>-<data>-<time>
+    eval_every=1,  # evaluate every N epochs (and after the last)
+    subset=None,  # use only the first N samples of each split
+    resolution=None,  # HxW of the synthetic scenes
+    seed=0,  # model init, batch order, augmentation
+    deterministic=False,  # torch's deterministic algorithms
+    # speed
+    device=None,  # None: cuda when available, else cpu
+    amp=None,  # None: bf16 (fp16 without bf16) on a GPU, off on a CPU
+    channels_last=True,  # NHWC memory format: faster on CPU and GPU
+    compile=False,  # torch.compile the model
+    cuda_graph=None,  # None: the training step as one CUDA graph wherever it applies (CudaGraphStep)
+    fused=True,  # fused optimiser step (off only for the benchmark's baseline)
+    workers=0,  # DataLoader worker processes
+    data_on_device=False,  # hold the training split on the device
+    peak_tflops=None,  # the device's peak TFLOP/s for the MFU of --bench
+    sync_bn=False,  # SyncBatchNorm across GPUs under torchrun
+)
+
+
+def model_facts(model, tasks):
+    """What the configuration records of MODELS for eval.py --compare: the family, whether the run is a
+    single-task one, and whether it is a plain single-task network (a baseline for Delta_m)."""
+    spec = MODELS[model]
+    single_task = len(tasks) == 1 and (spec.single_task or spec.one_task)
+    return {"family": spec.family, "single_task": single_task, "baseline": single_task and spec.baseline}
+
+
+def build_model(cfg):
+    """The model of a resolved configuration, on the CPU."""
+    spec = MODELS[cfg["model"]]
+    return spec.cls(**spec.kwargs(cfg))
+
+
+def model_args(cfg):
+    """What the checkpoint records so that eval.py can rebuild the model: module, class and arguments."""
+    spec = MODELS[cfg["model"]]
+    return {"module": spec.cls.__module__, "class": spec.cls.__name__, "kwargs": spec.kwargs(cfg)}
+
+
+def total_epochs(cfg):
+    return cfg["epochs"] + (cfg.get("finetune_epochs") or 0)
+
+
 def wrap_for_training(model, cfg, device):
     """The module the training step calls: DDP under torchrun (SyncBatchNorm with --sync-bn), then
     torch.compile with --compile. Evaluation and checkpoints use the plain model underneath."""
     if world_size() > 1:
         if cfg["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and classifier);
-        # telling DDP so costs a graph traversal per step, so no other model does (tests/test_speed.py checks that
-        # every dense model trains every parameter).
+        # Only wrn-mtan has parameters without a gradient (each step trains one domain's chain and
+        # classifier); telling DDP so costs a graph traversal per step, so no other model does
+        # (tests/test_speed.py checks that every dense model trains every parameter).
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg["model"] == "wrn-mtan" and len(cfg["tasks"]) > 1)
     if cfg["compile"] and cfg["data"] in DECATHLON_DATASETS:
-        # dynamo specialises on the domain index (it picks the chain and the classifier): one graph per domain,
-        # and one more when a smaller last batch makes the batch size dynamic. Past its recompile limit (8) it
-        # would run the remaining domains eagerly without a word, so the limit is raised to what they need.
+        # dynamo specialises on the domain index (it picks the chain and the classifier): one graph per
+        # domain, and one more when a smaller last batch makes the batch size dynamic. Past its recompile
+        # limit (8) it would run the remaining domains eagerly without a word, so the limit is raised to what
+        # they need.
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 2 * len(cfg["tasks"]))
     return torch.compile(model) if cfg["compile"] else model
@@ -717,19 +995,18 @@ def load_pretrained(model, path):
     say(f"loaded ImageNet {kind} weights from {path}; skipped {len(skipped)} classifier keys")
 
 
-# ==========================================================================================================
-# Appendix: the machinery. Sections 5-10 are not needed to understand the training of MTAN or MTI-Net.
-# ==========================================================================================================
+# ============================================================================================================
+# Appendix: the machinery. Sections 6-11 are not needed to understand the training of MTAN or MTI-Net.
+# ============================================================================================================
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. The Visual Decathlon (wrn-mtan, MTAN paper Sec. 4.3)
+# ------------------------------------------------------------------------------------------------------------
+# 6. The Visual Decathlon (wrn-mtan, MTAN paper Sec. 4.3)
 #
 # Classification domains never share a batch: as in the official code, each epoch visits the domains in turn,
 # each with a full pass over its own training data, its own attention chain and classifier, and plain cross
 # entropy. No task weighting is involved. After `epochs` epochs comes the fine-tuning phase: a fresh SGD at
 # `finetune_lr` for `finetune_epochs` more epochs over every domain but ImageNet.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def run_decathlon(cfg, resume_from=None):
     """The Decathlon's counterpart of run_training: per-domain passes, accuracy, and each domain evaluated
@@ -741,7 +1018,7 @@ def run_decathlon(cfg, resume_from=None):
         start = time.time()
         torch.manual_seed(cfg["seed"] * 1000 + epoch)  # the random crops and flips: the same after a resume
         stats = train_decathlon_epoch(run, epoch)
-        check_finite(run, {d: v["loss"] for d, v in stats.items()}, epoch)
+        check_epoch(run, {d: v["loss"] for d, v in stats.items()}, epoch)
         record = {"epoch": epoch + 1, "lr": learning_rate(cfg, epoch),
                   "train_loss": {d: v["loss"] for d, v in stats.items()},
                   "train_accuracy": {d: v["accuracy"] for d, v in stats.items()}}
@@ -750,7 +1027,7 @@ def run_decathlon(cfg, resume_from=None):
             record["val"] = evaluation.evaluate_decathlon(run.model, val_loaders, cfg, run.device, run.train_set)
         record["seconds"] = round(time.time() - start, 2)
         save_epoch(run, record)
-    return finish(run, evaluation.format_decathlon_table)
+    return finish(run)
 
 
 def decathlon_domains(cfg, epoch):
@@ -764,15 +1041,14 @@ def train_decathlon_epoch(run, epoch):
     if epoch == cfg["epochs"]:  # the fine-tuning phase starts with a new optimiser (no momentum carried over)
         run.optimizer = build_optimizer(cfg, run.model.parameters(), device, cfg["finetune_lr"])
     run.model.train()
-    set_learning_rate(run.optimizer, learning_rate(cfg, epoch))
+    set_learning_rate(run.optimizer, cfg, epoch)
     stats, domains = {}, decathlon_domains(cfg, epoch)
     for index, domain in enumerate(cfg["tasks"]):  # index: the domain's attention chain and classifier
         if domain not in domains:
             continue
         loader = make_loader(run.train_set[domain], cfg, epoch * 100 + index, train=True)
         totals = torch.zeros(3, device=device)  # loss sum, correct, count: on the device, no sync per step
-        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"] * world_size(), is_main(),
-                            name=domain)
+        progress = Progress(epoch, total_epochs(cfg), len(loader), cfg["batch_size"], name=domain)
         for step, batch in enumerate(loader):
             image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with evaluation.autocast(cfg["amp"], device):
@@ -789,88 +1065,20 @@ def train_decathlon_epoch(run, epoch):
     return stats
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Batches, and the checks of the data: the first samples before training, the labels after the first epoch
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_loader(dataset, cfg, epoch, train):
-    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches.
-    Under torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch)
-    and evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
-    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
-    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
-    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
-    sampler = None
-    if world_size() > 1 and train:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    elif world_size() > 1:
-        sampler = list(range(rank(), len(dataset), world_size()))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        generator=generator if train and sampler is None else None, drop_last=drop_last,
-        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
-
-
-def epoch_batches(run, epoch):
-    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
-    if run.train_tensors is not None:
-        return DeviceBatches(run.train_tensors, run.cfg, epoch)
-    return make_loader(run.train_set, run.cfg, epoch, train=True)
-
+# ------------------------------------------------------------------------------------------------------------
+# 7. The data before training: the first samples checked, the training split held on the device
+# ------------------------------------------------------------------------------------------------------------
 
 def check_first_samples(cfg, model, train_set, val_set):
-    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read (data.py
-    checks their labels and image range as it reads them) and their size is checked against the model, before
-    the first step. The random state is left as it was (PASCAL's training samples draw their augmentation)."""
+    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read
+    (data.py checks their labels and image range as it reads them) and their size is checked against the
+    model, before the first step. The random state is left as it was (PASCAL's training samples draw their
+    augmentation)."""
     if cfg["data"] in DECATHLON_DATASETS:
         return
     with torch.random.fork_rng(devices=[]):
         for split, dataset in (("train", train_set), ("val", val_set)):
             evaluation.check_first_samples(model, dataset, split)
-
-
-def valid_targets(task, target):
-    """How many targets of a batch the loss of `task` counts (the masks of section 1); None for tasks whose
-    every pixel is a target (edges, saliency)."""
-    if task in ("semantic", "parts"):
-        return (target != -1).sum()
-    if task == "depth":
-        return (target != 0).sum()
-    if task == "normal":
-        return normal_validity(target).sum()
-    return None
-
-
-def check_labels_seen(run, mean_losses):
-    """End of a run's first epoch: did every task see a label? A task's epoch-mean loss equals the loss of a
-    batch without any valid target (0; 1 for the cosine normal loss: 1 - 0) only when it saw (almost) none.
-    Only then are its valid targets counted, over the training split on the host, so the check costs nothing
-    per step; none at all stops the run with one line: its head would train for days on nothing."""
-    cfg, suspects = run.cfg, []
-    for task, mean in zip(run.loss_tasks, mean_losses):
-        weight = cfg["task_weights"].get(task, 1.0)
-        empty = weight * (1.0 if task == "normal" and cfg["normal_loss"] == "cosine" else 0.0)
-        if task in ("semantic", "parts", "depth", "normal") and weight and abs(mean - empty) <= 1e-6 * max(1, empty):
-            suspects.append(task)
-    if not suspects:
-        return
-    counts = torch.zeros(len(suspects), dtype=torch.float64)
-    with torch.random.fork_rng(devices=[]):
-        for batch in make_loader(run.train_set, dict(cfg, device="cpu"), 0, train=False):
-            counts += torch.stack([valid_targets(task, batch[task]).double() for task in suspects])
-    counts = all_reduce(counts.to(run.device)).tolist()  # under torchrun each rank counted its shard
-    empty = [task for task, count in zip(suspects, counts) if count == 0]
-    if empty:
-        files = data.sample_files(run.train_set, 0)  # NYUv2 and CityScapes name the semantic files "label..."
-        named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
-        where = f" (e.g. {', '.join(named or files.values())})" if files else ""
-        raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
-                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
-                                f"0); a head without labels learns nothing: check the files, or leave the task "
-                                f"out with --tasks")
 
 
 def stack_on_device(dataset, device, workers=0):
@@ -907,66 +1115,9 @@ class DeviceBatches:
             yield {key: value[index] for key, value in self.tensors.items()}
 
 
-class Progress:
-    """A progress line every `every` seconds: epoch, step, loss, images/s, ETA. Reading the loss is the only
-    host-device synchronisation of the training loop, and it happens only when a line is printed."""
-
-    def __init__(self, epoch, num_epochs, steps, batch_size, enabled=True, every=5.0, name=""):
-        self.epoch, self.num_epochs, self.steps, self.batch_size = epoch, num_epochs, steps, batch_size
-        self.name = f"{name}  " if name else ""  # the Decathlon's domain
-        self.enabled, self.every, self.start, self.last = enabled, every, time.time(), time.time()
-
-    def maybe_print(self, step, running_loss):
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
-            return
-        self.last = now
-        rate = (step + 1) * self.batch_size / (now - self.start)
-        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
-        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(running_loss) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Multi-GPU (torchrun)
-#
-# `torchrun --nproc_per_node=N train.py ...` starts N copies of this script with RANK/WORLD_SIZE set. Each rank
-# trains on its shard; DDP averages the model's gradients. Everything averaged over an epoch (the DWA losses,
-# the metric accumulators) is summed across ranks, so every rank computes the same task weights and the
-# evaluation equals a single-process one. Only rank 0 prints and writes files.
-# ----------------------------------------------------------------------------------------------------------
-
-all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def is_main():
-    return rank() == 0
-
-
-def average_gradients_across_ranks(module):
-    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
-    if world_size() == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce(p.grad).div_(world_size())
-
-
-def broadcast_buffers(model):
-    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own
-    running statistics on its own last batches, and the evaluation must use one set of weights."""
-    if world_size() > 1:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, 0)
-
+# ------------------------------------------------------------------------------------------------------------
+# 8. Joining and leaving the process group (torchrun)
+# ------------------------------------------------------------------------------------------------------------
 
 def init_distributed(cfg):
     """Join the process group when started by torchrun; returns the device of this rank."""
@@ -991,16 +1142,15 @@ def leave_distributed():
         torch.distributed.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Checkpoints and logs
+# ------------------------------------------------------------------------------------------------------------
+# 9. The run folder: its lock, checkpoints, curves
 #
 # A run folder holds last.pt (written atomically after every epoch), log.jsonl (one line per epoch),
 # curves.png and, at the end, metrics.json. Reading a checkpoint is eval.py's `load_checkpoint`. While a
 # trainer writes it, the folder also holds `lock` (its process id): no second trainer writes the same folder.
 # Nothing a run writes is ever replaced by a worse file: a new run refuses a folder that holds a run, a
 # diverged epoch is not saved, a full disk leaves the previous last.pt, and the JSON files are strict JSON.
-# ----------------------------------------------------------------------------------------------------------
-
+# ------------------------------------------------------------------------------------------------------------
 
 def claim_run_folder(cfg, resuming, named):
     """Create (or, with --resume, reopen) the run folder and take its lock; returns the lock's path. A new run
@@ -1020,8 +1170,8 @@ def claim_run_folder(cfg, resuming, named):
     lock = take_lock(out)
     if not resuming and (os.path.exists(os.path.join(out, "last.pt")) or non_empty(os.path.join(out, "log.jsonl"))):
         release_lock(lock)
-        raise SystemExit(f"error: --out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} to "
-                         f"continue it, or choose another folder")
+        raise UsageError(f"--out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} "
+                         f"to continue it, or choose another folder")
     return lock
 
 
@@ -1030,132 +1180,44 @@ def non_empty(path):
 
 
 def take_lock(folder):
-    """Create folder/lock holding "pid host", atomically (a hard link of a complete file: a reader never sees
-    it half written). A lock whose process is gone (a killed run) is stale and taken over; one of a live
-    process stops this run with one line."""
+    """Create folder/lock holding this process's id, exclusively (O_CREAT | O_EXCL: of two trainers, one
+    wins). A lock whose process is gone (a killed run) is stale and taken over; a live one stops this run."""
     path = os.path.join(folder, "lock")
-    mine = f"{path}.{os.getpid()}.tmp"
-    with open(mine, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, path)  # fails if the lock exists
-                return path
-            except FileExistsError:
-                holder = lock_holder(path)
-                if holder:
-                    raise SystemExit(f"error: {folder} is in use by {holder} (another trainer is writing it); "
-                                     f"wait for it to end, or choose another folder (if no trainer runs, delete "
-                                     f"{path})") from None
-                evaluation.remove_quietly(path)  # stale: its process was killed
-        raise SystemExit(f"error: cannot take the lock {path}: other processes keep taking it")
-    finally:
-        evaluation.remove_quietly(mine)
+    for _ in range(3):
+        try:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return path
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder not in (None, os.getpid()):
+                raise UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
+                                 f"it); wait for it to end, or choose another folder (if no trainer "
+                                 f"runs, delete {path})") from None
+            evaluation.remove_quietly(path)  # stale: its process was killed
+    raise UsageError(f"cannot take the lock {path}: other processes keep taking it")
 
 
 def lock_holder(path):
-    """"process P on HOST" for a lock held by a live process other than this one, else None (stale)."""
+    """The id of the live process whose lock `path` is; None for no lock, an unreadable or a stale one."""
     try:
         with open(path) as f:
-            pid, host = f.read().split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None  # unreadable: no process can be told to own it
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"  # cannot be checked from here: assume it runs
-    if pid == os.getpid():
-        return None  # this process holds no run folder twice: left over from a run in it that raised
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return None
-    except PermissionError:
-        return f"process {pid}"  # exists, owned by another user
-    try:  # a killed child not yet reaped by its parent (a zombie) still answers signal 0
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
-                return None
-    except (OSError, IndexError):
+    except PermissionError:  # it exists, owned by another user
         pass
-    return f"process {pid}"
+    return pid
 
 
 def release_lock(path):
     """Remove the lock taken by take_lock, if it is still this process's."""
-    try:
-        with open(path) as f:
-            ours = int(f.read().split()[0]) == os.getpid()
-    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
-        return
-    if ours:
+    if lock_holder(path) == os.getpid():
         evaluation.remove_quietly(path)
-
-
-def open_run_folder(run):
-    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued
-    (a run can die after writing the log line of an epoch whose checkpoint it never finished)."""
-    if is_main():
-        os.makedirs(run.cfg["out"], exist_ok=True)
-        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
-                                     os.path.join(run.cfg["out"], "log.jsonl"))
-    say(describe(run))
-
-
-def save_epoch(run, record):
-    """Print the epoch's summary, then append it to the history, last.pt, log.jsonl and curves.png. An epoch
-    whose val metrics are not finite is not saved: the run stops, and last.pt keeps the last good epoch."""
-    say(summary_line(record))
-    bad = evaluation.non_finite_metrics(record.get("val", {}))
-    if bad:
-        raise FloatingPointError(f"non-finite val metrics ({', '.join(bad)}) in epoch {record['epoch']}: the model "
-                                 f"diverged, or the val split has no valid target for them; {kept(run)}")
-    run.history.append(record)
-    if is_main():
-        out = run.cfg["out"]
-        save_atomic(checkpoint_state(run), os.path.join(out, "last.pt"))
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(evaluation.strict_json(record) + "\n")
-        draw_curves(run.history, os.path.join(out, "curves.png"))
-
-
-def kept(run):
-    """What a run stopped by an error leaves: the checkpoint of its last good epoch, if any."""
-    if not run.history:
-        return "stopped before writing a checkpoint"
-    return f"stopped without overwriting {run.cfg['out']}/last.pt (epoch {len(run.history)}, the last good one)"
-
-
-def divergence_hint(run, non_finite=False):
-    """The end of check_finite's message: what was kept, and the likely cause. A non-finite loss comes from the
-    data or from the optimisation: the training split is then scanned on the host for non-finite values (only
-    after the failure: nothing is checked per step), and the files of the first bad samples are named."""
-    cfg = run.cfg
-    cause = "the model diverged"
-    if non_finite and cfg["data"] not in DECATHLON_DATASETS:
-        bad, checked = non_finite_samples(run)
-        if bad:
-            return f"{kept(run)}. The training data hold non-finite values: {'; '.join(bad)}"
-        cause = f"the {checked} training samples are finite, so the model diverged"
-    amp = " or --amp off" if cfg["amp"] == "fp16" else ""
-    return f"{kept(run)}. {cause[0].upper() + cause[1:]}: try a lower --lr (this run: {cfg['lr']:g}){amp}"
-
-
-def non_finite_samples(run, limit=3):
-    """(up to `limit` descriptions of training samples holding NaN or inf, with their files; samples checked)."""
-    found, index = [], 0
-    with torch.random.fork_rng(devices=[]):  # PASCAL's samples draw their augmentation
-        for batch in make_loader(run.train_set, dict(run.cfg, device="cpu"), 0, train=False):
-            size = len(batch["image"])
-            for i in range(size):
-                keys = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v[i]).all()]
-                if keys and len(found) < limit:
-                    files = data.sample_files(run.train_set, index + i)
-                    paths = [files[k] for k in keys if k in files] or list(files.values())
-                    found.append(f"{', '.join(keys)} of training sample {index + i}"
-                                 + (f" ({', '.join(paths)})" if paths else ""))
-            index += size
-    return found, index
 
 
 def checkpoint_state(run):
@@ -1171,58 +1233,9 @@ def checkpoint_state(run):
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename (eval.write_atomic): a run killed at any moment
-    leaves either the previous complete checkpoint or the new one, never a truncated one."""
+    """torch.save through a temporary file and a rename (eval.write_atomic): a run killed at any moment leaves
+    either the previous complete checkpoint or the new one, never a truncated one."""
     evaluation.write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def finish(run, format_rows, yardstick=None):
-    """The final table: the last evaluation, and the paper's protocol (the mean of the last 10 evaluations),
-    plus `yardstick(run)`'s metrics when given (the quickstart's constant predictor)."""
-    cfg = run.cfg
-    evaluated = [r["val"] for r in run.history if "val" in r]
-    last10 = evaluated[-10:]
-    result = {"final": evaluated[-1], "mean_last_10": evaluation.average_results(last10),
-              "epochs": len(run.history), "model": cfg["model"], "data": cfg["data"], "tasks": cfg["tasks"],
-              "next_task_weights": run.weighting.weights().tolist()}
-    if not is_main():
-        return result
-    rows = [("last epoch", result["final"]), (f"mean of last {len(last10)} evals", result["mean_last_10"])]
-    # Under torchrun only rank 0 gets here, and evaluate() all-reduces: the other ranks have returned, so skip.
-    if yardstick is not None and world_size() == 1:
-        result["trivial"] = yardstick(run)
-        rows.append(("trivial predictor", result["trivial"]))
-    evaluation.write_text_atomic(evaluation.strict_json(result, indent=2), os.path.join(cfg["out"], "metrics.json"))
-    print("\nfinal evaluation (val split):")
-    print(format_rows(rows))
-    return result
-
-
-def say(text):
-    if is_main():
-        print(text, flush=True)
-
-
-def summary_line(record):
-    losses = " ".join(f"{t} {v:.4f}" for t, v in record["train_loss"].items())
-    text = f"epoch {record['epoch']} done: train loss [{losses}]"
-    if "task_weights" in record:
-        text += " weights [" + " ".join(f"{v:.3f}" for v in record["task_weights"].values()) + "]"
-    text += f" lr {record['lr']:.2e}"
-    if "val" in record:
-        text += "\n  val " + evaluation.format_metrics(record["val"])
-    return text
-
-
-def describe(run):
-    cfg = run.cfg
-    params = sum(p.numel() for p in run.model.parameters())
-    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
-    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
-            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
-            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
-            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
 
 
 # What --deterministic delivers, printed under the start line (README, "Determinism").
@@ -1234,38 +1247,6 @@ DETERMINISM = {
             "resumed run ends with the bits of an uninterrupted one on the same GPU model and software (under "
             "torchrun only as far as NCCL repeats its all-reduce order, which it does not promise)",
 }
-
-
-@torch.no_grad()
-def trivial_baseline(run):
-    """Metrics of the best input-independent predictor, as a yardstick for the final table: the most frequent
-    training class, the mean training depth, the mean training normal direction (edges: none)."""
-    cfg, device, tasks = run.cfg, run.device, run.cfg["tasks"]
-    constants = {"semantic": torch.zeros(tasks.get("semantic", 1), device=device),
-                 "depth": torch.zeros(2, device=device), "normal": torch.zeros(3, device=device)}
-    for batch in make_loader(run.train_set, cfg, 0, train=False):
-        batch = evaluation.to_device(batch, device)
-        # masks multiply in rather than index: boolean indexing would wait for the device on every batch
-        if "semantic" in tasks:
-            labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
-            constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
-        if "depth" in tasks:
-            valid = (batch["depth"] != 0).float()
-            constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
-        if "normal" in tasks:
-            constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
-    prediction = {"semantic": (constants["semantic"] == constants["semantic"].max()).float(),
-                  "depth": constants["depth"][:1] / constants["depth"][1].clamp_min(1),
-                  "normal": F.normalize(constants["normal"], dim=0), "edge": torch.full((1,), -10.0, device=device)}
-
-    class Constant(nn.Module):
-        def forward(self, image):
-            shape = (image.shape[0], -1, *image.shape[-2:])
-            return {t: prediction[t].view(1, -1, 1, 1).expand(shape) for t in tasks}
-
-    loader = make_loader(run.val_set, cfg, 0, train=False)
-    return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
-                               cfg["amp"], cfg["channels_last"])
 
 
 def draw_curves(history, path):
@@ -1283,16 +1264,63 @@ def draw_curves(history, path):
         for task, values in evaluated[0]["val"].items():
             key = next(iter(values))
             line = [r["val"][task][key] for r in evaluated]
-            series[f"{task} {key} {line[-1]:.3g}"] = evaluation.rescaled(line)  # the name ends with the last value
+            series[f"{task} {key} {line[-1]:.3g}"] = rescaled(line)  # the name ends with the last value
         # Metrics live on different scales (mIoU in [0, 1], angles in degrees): each line is drawn on its own
         # range, from its lowest (bottom) to its highest value (top).
         panels.append(("val metrics (each on its own range)", series, lambda v: "max" if v > 0.5 else "min"))
-    evaluation.save_panels(panels, path)
+    save_panels(panels, path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. --bench: the speed of the training step
-# ----------------------------------------------------------------------------------------------------------
+def save_panels(panels, path, width=360, height=260):
+    """Side-by-side line plots drawn with pillow. panels: [(title, {line name: values}, tick label of a y
+    value)], one panel per entry."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, series, tick) in enumerate(panels):
+        plot_panel(draw, (i * width, 0, (i + 1) * width, height), title, series, tick)
+    image.save(path)
+
+
+def rescaled(values):
+    """Values mapped linearly onto [0, 1] (their own range), for lines on different scales in one panel."""
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+def plot_panel(draw, box, title, series, tick):
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = x0 + 45, y0 + 22, x1 - 10, y1 - 40
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, y0 + 5), title, fill="black")
+    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    draw.text((x0 + 4, top), tick(hi), fill="black")
+    draw.text((x0 + 4, bottom - 10), tick(lo), fill="black")
+    for k, (name, vs) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        n = max(len(vs) - 1, 1)
+        points = [(left + (right - left) * j / n, bottom - (bottom - top) * (v - lo) / (hi - lo))
+                  for j, v in enumerate(vs) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        elif points:
+            x, y = points[0]
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((left + (k % 2) * 150, bottom + 5 + (k // 2) * 11), name, fill=colour)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 10. --bench: the speed of the training step
+# ------------------------------------------------------------------------------------------------------------
 
 # Dense peak throughput in TFLOP/s of common GPUs, for the MFU figure (vendor datasheets, without sparsity).
 # Keys are whole words of torch.cuda.get_device_name() (peak_of_device); `--peak-tflops` overrides.
@@ -1327,8 +1355,8 @@ def peak_tflops(cfg, device):
 
 
 def peak_of_device(name):
-    """The PEAK_TFLOPS entry whose key is a whole word of the device name ("NVIDIA A100-SXM4-80GB": A100), else
-    None. A substring test would read an "NVIDIA L40" as an L4 and an "NVIDIA A10G" as an A10."""
+    """The PEAK_TFLOPS entry whose key is a whole word of the device name ("NVIDIA A100-SXM4-80GB": A100),
+    else None. A substring test would read an "NVIDIA L40" as an L4 and an "NVIDIA A10G" as an A10."""
     words = name.replace("-", " ").split()
     return next((PEAK_TFLOPS[key] for key in PEAK_TFLOPS if key in words), None)
 
@@ -1339,9 +1367,9 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     (forward, losses, backward, optimiser), not the data loader's.
 
     Warm-up: 5 steps on a GPU (cuDNN's autotuner and torch.compile settle there), 2 on a CPU. The timed steps
-    run back to back as in training, with no synchronisation between them (eval.DeviceClock marks the
-    device's timeline). `sync_every_step` (the hidden --sync-every-step) adds the official loops' per-step
-    .item() on every loss, for the baseline."""
+    run back to back as in training, with no synchronisation between them (eval.DeviceClock marks the device's
+    timeline). `sync_every_step` (the hidden --sync-every-step) adds the official loops' per-step .item() on
+    every loss, for the baseline."""
     run = setup_run(cfg)
     device = run.device
     warmup = warmup if warmup is not None else (5 if device.type == "cuda" else 2)
@@ -1354,7 +1382,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
         run.step(batches[i % len(batches)])
     clock.start()
     for i in range(steps):
-        losses, _ = run.step(batches[(warmup + i) % len(batches)])
+        losses = run.step(batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
@@ -1373,9 +1401,9 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 10. Command line
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 11. Command line
+# ------------------------------------------------------------------------------------------------------------
 
 EPILOG = """the two papers:
   python train.py --model mtan --data nyuv2 --weighting dwa                       # MTAN, Table 2
@@ -1385,9 +1413,11 @@ datasets are read from data/<name> unless --data-root says otherwise (README, "D
 
 
 # argparse `type`s: a bad number is a one-line error at parse time that names the flag and the allowed range.
-positive_int, non_negative_int = evaluation.positive_int, evaluation.non_negative_int
-positive_float, non_negative_float = evaluation.positive_float, evaluation.non_negative_float
+positive_int, non_negative_int = evaluation.positive_int, evaluation.number_type(int, 0)
 
+positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
+
+non_negative_float = evaluation.number_type(float, 0.0)
 
 def wrn_depth(text):
     """--wrn-depth: 6n + 4 (n >= 1 blocks per group), the only depths a wide ResNet has."""
@@ -1500,8 +1530,8 @@ def build_parser():
 
 
 def resolve_config(args, parser):
-    """The configuration of a new run: DEFAULTS < the family's recipe < the synthetic preset < the typed flags.
-    Returns a plain dict (stored in checkpoints)."""
+    """The configuration of a new run: DEFAULTS < the family's recipe < the synthetic preset < the typed
+    flags. Returns a plain dict (stored in checkpoints)."""
     given = dict(vars(args))  # only the flags the user typed (build_parser's default is SUPPRESS)
     for key in ("resume", "bench", "sync_every_step"):  # what to do with the run, not part of it
         given.pop(key, None)
@@ -1538,7 +1568,14 @@ def resolve_config(args, parser):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     cfg["tasks"], cfg["aux_tasks"] = resolve_tasks(cfg, task_flags, parser)
-    cfg["task_weights"] = resolve_task_weights(cfg, task_flags["task_weights"], parser)
+    tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
+    for name in task_flags["task_weights"] or {}:
+        if name not in tasks:
+            parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
+    recipe = cfg["task_weights"] or {}  # the fixed weights of the family's recipe (MTI-Net's), then the flag
+    cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe},
+                           **(task_flags["task_weights"] or {})}
+    cfg.update(model_facts(model, cfg["tasks"]))
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
 
@@ -1548,7 +1585,7 @@ def parse_resolution(text):
     try:
         return data.parse_resolution(text, flag="--resolution")
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UsageError(str(e)) from None
 
 
 def dataset_tasks(cfg):
@@ -1556,33 +1593,30 @@ def dataset_tasks(cfg):
     if cfg["data"] == "synthetic-decathlon":  # known without rendering anything
         tasks = {domain: spec[0] for domain, spec in data.SYNTHETIC_DECATHLON.items()}
         return tasks, tasks
-    try:
-        if cfg["data"] == "decathlon":
-            _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains found under ROOT
-            missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
-            if missing and not cfg.get("task"):
-                print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
-                      f"{len(tasks)} domains")
-            return tasks, tasks
-        options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
-        dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)
-    except Exception as e:  # missing folder, wrong layout: data.py's message says what is expected
-        raise SystemExit(f"error: {e}") from None
+    if cfg["data"] == "decathlon":
+        _, tasks = data.build_decathlon(cfg["data"], cfg["data_root"], "train")  # the domains under ROOT
+        missing = [d for d in data.DECATHLON_DOMAINS if d not in tasks]
+        if missing and not cfg.get("task"):
+            print(f"note: no folder for {', '.join(missing)} in {cfg['data_root']}: training on the other "
+                  f"{len(tasks)} domains")
+        return tasks, tasks
+    options = {"resolution": (64, 64)} if cfg["data"] == "synthetic" else {}
+    dataset, tasks = data.build_dataset(cfg["data"], cfg["data_root"], "train", **options)  # or DatasetError
     return tasks, dataset.tasks
 
 
 def resolve_tasks(cfg, flags, parser):
     """The main and auxiliary task dicts from the dataset and --task / --tasks / --aux-tasks."""
-    model, dataset, single_task = cfg["model"], cfg["data"], MODELS[cfg["model"]].single_task
+    model, dataset, spec = cfg["model"], cfg["data"], MODELS[cfg["model"]]
     primary, available = dataset_tasks(dict(cfg, task=flags["task"]))
     if "semantic" in available and "edge" not in available:
         available = dict(available, edge=1)  # derived from the semantic labels on the fly (data.semantic_edges)
-    if single_task and not flags["task"]:
+    if spec.single_task and not flags["task"]:
         parser.error(f"--model {model} is a single-task model: choose --task from {', '.join(primary)}")
     if flags["task"]:
         if flags["task"] not in available:
             parser.error(f"--task {flags['task']}: the {dataset} dataset has tasks {', '.join(available)}")
-        if not single_task and model not in ("hrnet-mtl", "deeplab", "wrn-mtan"):
+        if not (spec.single_task or spec.one_task):
             parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl, deeplab), not {model}")
         primary = {flags["task"]: available[flags["task"]]}
     elif flags["tasks"]:
@@ -1592,7 +1626,7 @@ def resolve_tasks(cfg, flags, parser):
         primary = {name: available[name] for name in flags["tasks"].split(",")}
     aux = {}
     for name in filter(None, (flags["aux_tasks"] or "").split(",")):
-        if model not in ("mtinet", "padnet"):
+        if not spec.aux:
             parser.error("--aux-tasks applies to --model mtinet and padnet only")
         if name not in available:
             parser.error(f"--aux-tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
@@ -1600,30 +1634,13 @@ def resolve_tasks(cfg, flags, parser):
     return dict(primary), aux
 
 
-def resolve_task_weights(cfg, given, parser):
-    """The fixed loss weight of every task: MTI-Net's for the HRNet family, then --task-weights (parsed by
-    task_weight_pairs) on top."""
-    weights = {}
-    if MODELS[cfg["model"]].family == "hrnet":
-        weights = {t: MTINET_TASK_WEIGHTS.get(t, 1.0) for t in list(cfg["tasks"]) + list(cfg["aux_tasks"])}
-    tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
-    for name in given or {}:
-        if name not in tasks:
-            parser.error(f"--task-weights {name}: not a task of this run (its tasks: {', '.join(tasks)})")
-    return {**weights, **(given or {})}
-
-
 # What --resume may change: how long to train, and where and how fast it runs; never what a step computes.
 RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "cuda_graph", "eval_every", "peak_tflops")
-
 
 def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
     honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
-    try:
-        resume = evaluation.load_checkpoint(args.resume)
-    except evaluation.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    resume = evaluation.load_checkpoint(args.resume)
     cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
     out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}
@@ -1632,12 +1649,12 @@ def resume_config(args, parser):
             cfg[key] = value
         elif value != recorded_flag(cfg, key, value, out):
             flag, allowed = "--" + key.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
-            raise SystemExit(f"error: {flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
-                             f"which cannot change when it resumes ({allowed} can); start a new run with --out for "
-                             f"another setting")
+            raise UsageError(f"{flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
+                             f"which cannot change when it resumes ({allowed} can); start a new run with --out "
+                             f"for another setting")
     cfg["out"] = out
     if total_epochs(cfg) < resume["epoch"]:
-        raise SystemExit(f"error: --epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
+        raise UsageError(f"--epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
                          f"already; pass more to train longer")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         if "device" in given:
@@ -1663,35 +1680,35 @@ def recorded_flag(cfg, key, value, out):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "resume", None):
-        cfg, resume = resume_config(args, parser)
-    else:
-        cfg, resume = resolve_config(args, parser), None
-        if cfg["data"] == "synthetic" and "width" not in vars(args):
-            width = f"width {cfg['width']}, " if MODELS[cfg["model"]].family != "hrnet" else ""  # HRNet: no width
-            print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
-                  f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
-                  f"(override any of them with flags)")
-    evaluation.configure_torch(cfg)
+    lock, cfg = None, {}
     try:
+        if getattr(args, "resume", None):
+            cfg, resume = resume_config(args, parser)
+        else:
+            cfg, resume = resolve_config(args, parser), None
+            if cfg["data"] == "synthetic" and "width" not in vars(args):
+                width = f"width {cfg['width']}, " if cfg["family"] != "hrnet" else ""  # HRNet: no width
+                print(f"synthetic data preset: {width}{cfg['resolution']}, {cfg['epochs']} epochs, "
+                      f"batch {cfg['batch_size']}, lr {cfg['lr']}, at most {cfg['subset']} samples per split "
+                      f"(override any of them with flags)")
+        evaluation.configure_torch(cfg)
         if getattr(args, "bench", None):
-            with evaluation.one_line_errors():
-                result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
+            result = benchmark(cfg, args.bench, sync_every_step=getattr(args, "sync_every_step", False))
             say(evaluation.strict_json(result))  # under torchrun: rank 0's figures (images/s per rank)
             return result
         # Only the first process writes the run folder (under torchrun: rank 0, before the process group exists).
-        first_process = int(os.environ.get("RANK", "0")) == 0
-        with evaluation.one_line_errors():  # an unwritable --out: one line
-            lock = claim_run_folder(cfg, resume is not None, "out" in vars(args)) if first_process else None
-        try:
-            with evaluation.one_line_errors(f" ({cfg['out']} keeps its last good checkpoint: free some space, "
-                                            f"then pass --resume {cfg['out']})"):
-                if cfg["data"] in DECATHLON_DATASETS:
-                    return run_decathlon(cfg, resume)
-                return run_training(cfg, resume)
-        finally:
-            release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (ignored)
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = claim_run_folder(cfg, resume is not None, "out" in vars(args))
+        if cfg["data"] in DECATHLON_DATASETS:
+            return run_decathlon(cfg, resume)
+        return run_training(cfg, resume)
+    except (data.DatasetError, evaluation.CheckpointError, UsageError, FloatingPointError,
+            OSError) as error:  # a user's mistake: one line (a bug keeps its traceback)
+        out = cfg.get("out")
+        hint = f" ({out} keeps its last good checkpoint: free some space, then pass --resume {out})"
+        sys.exit(evaluation.error_line(error, hint if lock else ""))
     finally:
+        release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (taken over)
         leave_distributed()
 
 

@@ -12,6 +12,9 @@ them all, as tests/gpu_check.py does) are skipped without CUDA (CI has none).
 
 Every test starts with torch's process-wide deterministic mode off, whatever
 the test before it (a run with --deterministic) left behind.
+
+`TINY` is the one tiny training configuration of the suite, and `tiny_run` the
+one finished run of it, made once per session.
 """
 import os
 import sys
@@ -48,6 +51,29 @@ def pytest_runtest_protocol(item, nextitem):
         if "requires_cuda" not in item.keywords:
             patch.setattr(torch.cuda, "is_available", lambda: False)
         yield
+
+
+# One tiny configuration for every test that trains: 4 synthetic scenes per split at 64x64, a 1/16-width
+# network, batch 2 (2 steps per epoch), one epoch. A test that needs another setting appends its flags to it
+# (argparse: the last value of a flag wins).
+TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
+        "--epochs", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The folder of one finished TINY run of MTAN (equal weighting), trained once for the whole session and
+    shared by every test that reads a finished run; a test that changes a run works on a copy of it."""
+    import train
+
+    out = str(tmp_path_factory.mktemp("tiny") / "mtan")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is as fast and does not stall on a busy CPU
+    try:
+        train.main(TINY + ["--out", out])
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 @pytest.fixture

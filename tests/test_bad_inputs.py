@@ -3,7 +3,7 @@ was expected (exit status 2 for a flag argparse rejects, 1 otherwise), never a t
 run folder that exists. A data.py DatasetError is the one error that continues after its first line: the
 expected layout of the dataset and where to download it (README, "Datasets").
 
-Every case runs in this process on one tiny finished run, made once for the module: a few are command lines
+Every case runs in this process on the session's tiny finished run (conftest.py): a few are command lines
 argparse rejects, the others reach a run folder, a checkpoint or a small fake dataset made by their `setup`."""
 import errno
 import hashlib
@@ -20,24 +20,15 @@ from PIL import Image
 
 import eval as evaluation
 import train
+from conftest import TINY
 from test_data import write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.125",
-        "--epochs", "1", "--device", "cpu"]
 
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("bad_inputs") / "run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(TINY + ["--out", out])
-    finally:
-        torch.set_num_threads(threads)
-    return out
+@pytest.fixture
+def finished_run(tiny_run):
+    return tiny_run  # conftest.py: the session's finished TINY run
 
 
 def hashes(folder):
@@ -51,7 +42,7 @@ def hashes(folder):
     return found
 
 
-# ---- setups: what a case needs besides the finished run; each returns the placeholders of its command ----------
+# ---- setups: what a case needs besides the finished run; each returns the placeholders of its command ------
 
 
 def copy_of_run(tmp, run, monkeypatch):
@@ -71,7 +62,7 @@ def live_lock(tmp, run, monkeypatch):
     """A copy whose lock is held by a live process: this test's parent."""
     places = copy_of_run(tmp, run, monkeypatch)
     with open(os.path.join(places["copy"], "lock"), "w") as f:
-        f.write(f"{os.getppid()} {train.socket.gethostname()}\n")
+        f.write(f"{os.getppid()}\n")
     return places
 
 
@@ -273,7 +264,7 @@ def test_bad_input_gets_one_line(tool, argv, status, word, setup, finished_run, 
     assert not any(name == "lock" for folder in folders for name in os.listdir(folder)) or setup is live_lock
 
 
-# ---- the right behaviour ----------------------------------------------------------------------------------------
+# ---- the right behaviour -----------------------------------------------------------------------------------
 
 
 def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run, tmp_path, capsys):
@@ -281,7 +272,7 @@ def test_a_stale_lock_does_not_block_resume_and_the_lock_is_removed(finished_run
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid belongs to no process now
     with open(os.path.join(copy, "lock"), "w") as f:
-        f.write(f"{dead.pid} {train.socket.gethostname()}\n")
+        f.write(f"{dead.pid}\n")
     train.main(["--resume", copy])  # already finished: rebuilds the table only
     assert not os.path.exists(os.path.join(copy, "lock"))
 
@@ -312,14 +303,14 @@ def test_the_divergence_rule(finished_run):
     step's loss. The message says what was kept and, the data being finite, to lower --lr."""
     args = train.build_parser().parse_args(TINY + ["--out", finished_run])
     run = train.setup_run(train.resolve_config(args, train.build_parser()))
-    train.check_finite(run, {"depth": 5e4}, 0, {"depth": 10.0})  # 5e3 times the first step: fine
+    train.check_epoch(run, {"depth": 5e4}, 0, {"depth": 10.0})  # 5e3 times the first step: fine
     with pytest.raises(FloatingPointError, match=r"exploded in epoch 1 .*depth 2e\+05 against 10.*--lr"):
-        train.check_finite(run, {"depth": 2e5}, 0, {"depth": 10.0})
+        train.check_epoch(run, {"depth": 2e5}, 0, {"depth": 10.0})
     run.history = [{"train_loss": {"depth": 1.0}}]
     with pytest.raises(FloatingPointError, match=r"first epoch.*without overwriting .*last.pt \(epoch 1"):
-        train.check_finite(run, {"depth": 2e4}, 1)
+        train.check_epoch(run, {"depth": 2e4}, 1)
     with pytest.raises(FloatingPointError, match=r"non-finite loss for depth.*training samples are finite"):
-        train.check_finite(run, {"depth": float("nan")}, 1)
+        train.check_epoch(run, {"depth": float("nan")}, 1)
 
 
 def test_json_files_are_strict():

@@ -24,7 +24,7 @@ SYNTHETIC_CLASSES = {"floor": 3, "walls": 2, "count": 4, "colour": 6}
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-# ---- the first tests of this file -------------------------------------------------------------------
+# ---- the first tests of this file --------------------------------------------------------------------------
 
 
 def test_synthetic_domains_are_deterministic_with_their_own_class_counts():
@@ -96,7 +96,7 @@ def test_bad_decathlon_input_names_the_path(tmp_path):
         data.Decathlon(root, "svhn", "val")[0]
 
 
-# ---- the renderer's object map --------------------------------------------------------------------------
+# ---- the renderer's object map -----------------------------------------------------------------------------
 
 
 def object_classes(scene):
@@ -150,7 +150,7 @@ def test_count_counts_the_visible_primitives():
     assert checked >= 3
 
 
-# ---- the synthetic domains --------------------------------------------------------------------------------
+# ---- the synthetic domains ---------------------------------------------------------------------------------
 
 # Labels of the first 8 val samples of each domain: the renderer is bit-exact, so these hold on every machine.
 FIRST_VAL_LABELS = {
@@ -199,7 +199,7 @@ def test_synthetic_tasks_and_model_outputs():
     assert sum(p.numel() for p in full.parameters()) == 10_237_656
 
 
-# ---- batch-norm statistics per domain --------------------------------------------------------------------
+# ---- batch-norm statistics per domain ----------------------------------------------------------------------
 
 
 def test_batchnorm_calibration_is_temporary_and_deterministic():
@@ -223,7 +223,7 @@ def test_batchnorm_calibration_is_temporary_and_deterministic():
         assert torch.equal(model.state_dict()[key], value), key
 
 
-# ---- a short synthetic run through train.py and eval.py ---------------------------------------------------
+# ---- a short synthetic run through train.py and eval.py ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,7 @@ def test_hand_score_matches_the_published_check():
     assert evaluation.decathlon_score({"x": 100.0, "y": 20.0}, {"x": 50.0, "y": 60.0}) == pytest.approx(1000.0)
 
 
-# ---- a fake official tree ---------------------------------------------------------------------------------
+# ---- a fake official tree ----------------------------------------------------------------------------------
 
 
 def write_image(path, colour, size, grey=False):
@@ -365,7 +365,7 @@ def test_test_split_predictions_in_the_challenge_format(tmp_path):
     assert results == [{"image_id": 7000 + i, "category_id": 3} for i in range(5)]
 
 
-# ---- bad input ------------------------------------------------------------------------------------------
+# ---- bad input ---------------------------------------------------------------------------------------------
 
 
 def first_line(error):

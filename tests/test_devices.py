@@ -1,5 +1,5 @@
-"""Devices (issue 17): what a GPU user gets, checked on the CPU by pretending a GPU exists; the deterministic
-stand-ins of mtan.py, mtinet.py and eval.py against torch's own ops; a checkpoint evaluated on another device;
+"""Devices: what a GPU user gets, checked on the CPU by pretending a GPU exists; the deterministic
+stand-ins of mtan.py, mtinet.py and train.py against torch's own ops; a checkpoint evaluated on another device;
 the augmentation's memory format; tests/gpu_check.py at tiny sizes. On a GPU: --deterministic resumes to the bit.
 
 conftest.py makes every test here see a machine without CUDA unless it is marked `requires_cuda`."""
@@ -18,10 +18,7 @@ import eval as evaluation
 import mtan
 import mtinet
 import train
-from conftest import ROOT, requires_cuda
-
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
-        "--epochs", "1"]
+from conftest import ROOT, TINY, requires_cuda
 
 
 def resolve(*argv):
@@ -42,7 +39,7 @@ def torch_flags():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
-# ---- a GPU user's configuration, without a GPU --------------------------------------------------------------
+# ---- a GPU user's configuration, without a GPU -------------------------------------------------------------
 
 
 def test_a_gpu_user_gets_the_documented_configuration(monkeypatch, torch_flags):
@@ -91,7 +88,7 @@ def test_peak_tflops_reads_whole_words_of_the_device_name():
     assert peak("NVIDIA A10G") is None and peak("NVIDIA RTX A6000") is None  # not in the table: no MFU
 
 
-# ---- a checkpoint on another device ---------------------------------------------------------------------
+# ---- a checkpoint on another device ------------------------------------------------------------------------
 
 
 def save_untrained_run(cfg, folder):
@@ -124,7 +121,7 @@ def test_eval_applies_the_training_settings_of_torch(tmp_path, monkeypatch):
     assert len(seen) == 1 and seen[0]["device"] == "cpu" and seen[0]["deterministic"] is False
 
 
-# ---- deterministic stand-ins ----------------------------------------------------------------------------
+# ---- deterministic stand-ins -------------------------------------------------------------------------------
 
 
 def test_unpooling_stand_in_gives_torchs_values_and_gradients():
@@ -174,11 +171,11 @@ def test_cross_entropy_stand_in_is_torchs():
     logits = torch.randn(2, 5, 6, 7, requires_grad=True)
     target = torch.randint(-1, 5, (2, 6, 7))
     reference = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
-    out = evaluation.deterministic_cross_entropy_sum(logits, target)
+    out = train.deterministic_cross_entropy_sum(logits, target)
     assert out.item() == pytest.approx(reference.item(), rel=1e-6)
     grads = [torch.autograd.grad(value, logits)[0] for value in (reference, out)]
     assert torch.allclose(*grads, atol=1e-6)
-    assert evaluation.deterministic_cross_entropy_sum(logits, torch.full((2, 6, 7), -1)).item() == 0
+    assert train.deterministic_cross_entropy_sum(logits, torch.full((2, 6, 7), -1)).item() == 0
 
 
 def test_global_pool_is_adaptive_average_pooling():
@@ -187,7 +184,7 @@ def test_global_pool_is_adaptive_average_pooling():
     assert torch.allclose(x.mean((2, 3), keepdim=True), torch.nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)  # its GPU path
 
 
-# ---- the augmentation's memory format ------------------------------------------------------------------
+# ---- the augmentation's memory format ----------------------------------------------------------------------
 
 
 def test_augmented_batches_stay_channels_last(tmp_path):
@@ -202,7 +199,7 @@ def test_augmented_batches_stay_channels_last(tmp_path):
     assert torch.equal(prepared["image"], plain["image"]) and torch.equal(prepared["depth"], plain["depth"])
 
 
-# ---- the prepared GPU check ----------------------------------------------------------------------------
+# ---- the prepared GPU check --------------------------------------------------------------------------------
 
 
 def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
@@ -222,7 +219,7 @@ def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     assert rows[0]["kernels_per_step"] == 0 and not rows[1].get("top_kernels")  # profiled: the defaults only (CPU: no kernels)
 
 
-# ---- CUDA -------------------------------------------------------------------------------------------------
+# ---- CUDA --------------------------------------------------------------------------------------------------
 
 
 @requires_cuda
@@ -273,7 +270,7 @@ def test_cuda_graph_step_equals_the_eager_step(model, extra, torch_flags):
             if i == 6:
                 train.set_learning_rate(run.optimizer, 3e-3)
             batch = {k: v[:1] for k, v in batches[0].items()} if i == 7 else batches[i % len(batches)]
-            losses.append(run.step(batch)[0].clone())
+            losses.append(run.step(batch).clone())
         outcomes.append((torch.stack(losses), run.model.state_dict(), isinstance(run.step, train.CudaGraphStep)))
     (graph_losses, graph_weights, graphed), (eager_losses, eager_weights, eager_graphed) = outcomes
     assert graphed and not eager_graphed

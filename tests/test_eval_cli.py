@@ -13,15 +13,12 @@ import eval as evaluation
 import train
 from test_pascal import make_pascal_tree
 
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
-        "--epochs", "1"]
 
-
-@pytest.fixture(scope="module")
-def mtan_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "mtan")
-    result = train.main(TINY + ["--model", "mtan", "--out", out])
-    return out, result
+@pytest.fixture
+def mtan_run(tiny_run):
+    """The session's finished TINY run of MTAN (conftest.py) and its metrics.json."""
+    with open(os.path.join(tiny_run, "metrics.json")) as f:
+        return tiny_run, json.load(f)
 
 
 def test_eval_writes_the_table_and_json(mtan_run, capsys):

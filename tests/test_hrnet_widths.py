@@ -32,7 +32,7 @@ def on_meta(build):
         return build()
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # parameter counts
 
 @pytest.mark.parametrize("build, expected", [
@@ -74,7 +74,7 @@ def test_default_is_w18_small_v2_and_names_are_checked():
         HRNet("w64")
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shapes
 
 def test_hrnetv2_w18_shapes():
@@ -94,7 +94,7 @@ def test_mtinet_w32_shapes():
     assert [tuple(a["semantic"].shape) for a in aux] == [(1, 40, 16, 16), (1, 40, 8, 8), (1, 40, 4, 4), (1, 40, 2, 2)]
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the official key names (HRNet-Image-Classification, lib/models/cls_hrnet.py)
 
 def _conv(keys, prefix, cin, cout, k, bias=False):
@@ -230,7 +230,7 @@ def test_wrong_width_is_a_clear_error():
         load_hrnet_imagenet(on_meta(HRNet).to_empty(device="cpu"), sd)  # HRNetV2 has 4 stage-1 blocks
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # input normalisation
 
 def test_imagenet_normalisation():

@@ -28,7 +28,7 @@ def count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # parameter counts of the official code (SimonVandenhende/Multi-Task-Learning-PyTorch)
 
 @pytest.mark.parametrize("build, expected", [
@@ -81,7 +81,7 @@ def test_parameter_breakdown_mtinet_nyud():
     assert head_bns and all(m.momentum == 0.1 for m in head_bns)
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shapes
 
 def test_backbone_shapes():
@@ -140,7 +140,7 @@ def test_task_order_and_conflicts():
         MTINet(NYUD, fpm_softmax="paper")
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # FPM softmax: paper text ("tasks") vs official code ("official")
 
 def test_task_attention_modes_differ_on_constructed_case():
@@ -201,7 +201,7 @@ def test_fpm_modes_differ_for_multi_task_model():
     assert not torch.allclose(pa["depth"], pb["depth"], atol=1e-6)
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ImageNet checkpoint loading under the official names
 
 def test_official_key_names():
@@ -281,7 +281,7 @@ def test_load_imagenet_missing_or_unknown_key_is_a_clear_error():
         load_hrnet_imagenet(HRNet(), sd)
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # gradients
 
 def _backward(model, x):
@@ -312,7 +312,7 @@ def test_gradients_reach_every_parameter(build):
             assert p.grad.abs().sum() > 0, name
 
 
-# -----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # mtinet.py depends on torch and the standard library only
 
 def test_imports_only_torch_and_stdlib():

@@ -17,7 +17,7 @@ import data
 import mtinet
 import train
 
-# ---- a small MATLAB v5 writer ---------------------------------------------------------------------------
+# ---- a small MATLAB v5 writer ------------------------------------------------------------------------------
 
 _MI = {"i1": 1, "u1": 2, "i2": 3, "u2": 4, "i4": 5, "u4": 6, "f4": 7, "f8": 9, "i8": 12, "u8": 13}
 _MX = {"f8": 6, "f4": 7, "i1": 8, "u1": 9, "i2": 10, "u2": 11, "i4": 12, "u4": 13, "i8": 14, "u8": 15}
@@ -78,7 +78,7 @@ def write_mat(path, variables, compress=False, endian="<", stored_as=None):
         f.write(out)
 
 
-# ---- the reader ---------------------------------------------------------------------------------------------
+# ---- the reader --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("compress,endian", [(False, "<"), (True, "<"), (False, ">"), (True, ">")])
@@ -156,7 +156,7 @@ def test_read_mat_errors_name_the_file(tmp_path):
         data.read_mat(path)
 
 
-# ---- a tiny PASCAL_MT tree ----------------------------------------------------------------------------------
+# ---- a tiny PASCAL_MT tree ---------------------------------------------------------------------------------
 
 SIZES = {"2008_000001": (40, 48), "2008_000002": (36, 52), "2008_000003": (44, 40), "2008_000004": (32, 56)}
 SPLITS = {"train": ["2008_000001", "2008_000002"], "val": ["2008_000003", "2008_000004"]}
@@ -282,7 +282,7 @@ def test_pascal_train_sample_is_resized(pascal_root):
     assert raw["image"].shape == (3, *SIZES["2008_000001"]) and raw["parts"].max() == 6
 
 
-# ---- edges ---------------------------------------------------------------------------------------------------
+# ---- edges -------------------------------------------------------------------------------------------------
 
 
 def test_edges_are_thinned_to_one_pixel():
@@ -308,7 +308,7 @@ def test_edges_are_thinned_to_one_pixel():
     assert thinned.sum(0)[2:10].tolist() == [1] * 8 and thinned[3, 2:10].all()
 
 
-# ---- augmentation --------------------------------------------------------------------------------------------
+# ---- augmentation ------------------------------------------------------------------------------------------
 
 
 def _synthetic_sample(h=30, w=40):
@@ -369,7 +369,7 @@ def test_zoom_out_fills_borders_with_zero():
     assert data.ignore_empty_parts({"parts": torch.zeros(4, 4, dtype=torch.long)})["parts"].eq(-1).all()
 
 
-# ---- training -----------------------------------------------------------------------------------------------
+# ---- training ----------------------------------------------------------------------------------------------
 
 
 def test_mtinet_trains_on_the_fake_tree(pascal_root):
@@ -379,7 +379,7 @@ def test_mtinet_trains_on_the_fake_tree(pascal_root):
     model = mtinet.MTINet(tasks)
     assert sum(p.numel() for p in model.parameters()) == 24_494_171
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
-    weights = torch.tensor([train.MTINET_TASK_WEIGHTS[t] for t in tasks])
+    weights = torch.tensor([train.RECIPES["hrnet"]["task_weights"][t] for t in tasks])
     assert weights.tolist() == [1.0, 2.0, 5.0, 10.0, 50.0]
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     before = model.backbone.conv1.weight.detach().clone()
@@ -393,7 +393,7 @@ def test_mtinet_trains_on_the_fake_tree(pascal_root):
     assert not torch.equal(before, model.backbone.conv1.weight)
 
 
-# ---- bad input ----------------------------------------------------------------------------------------------
+# ---- bad input ---------------------------------------------------------------------------------------------
 
 
 def test_bad_input_gives_clear_errors(pascal_root, tmp_path):

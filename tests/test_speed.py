@@ -23,10 +23,11 @@ import mtan
 import mtinet
 import train
 from conftest import ROOT, requires_cuda
+from conftest import TINY as TINY_4
 
-# 8 synthetic samples per split at 64x64 and a 1/16-width MTAN (4 channels in the first layer): a training step
-# takes tens of milliseconds on a CPU.
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "8", "--batch-size", "2", "--width", "0.0625"]
+# conftest's TINY with 8 synthetic samples per split (a 1/16-width MTAN, 4 channels in the first layer): a training
+# step takes tens of milliseconds on a CPU.
+TINY = TINY_4 + ["--subset", "8"]
 SYNTHETIC_TASKS = {"semantic": 7, "depth": 1, "normal": 3}
 BENCH_FIELDS = {"images_per_s", "ms_per_step", "peak_mem_mb", "device", "amp", "channels_last", "compile",
                 "batch_size", "resolution", "gflops_per_image"}
@@ -68,7 +69,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
-# ---- --bench ------------------------------------------------------------------------------------------------
+# ---- --bench -----------------------------------------------------------------------------------------------
 
 
 def test_flop_count_is_the_hand_count_and_the_published_216_gmac_of_mtan():
@@ -122,7 +123,7 @@ def test_eval_bench_times_the_whole_split(trained_run, capsys):
     assert not os.path.exists(os.path.join(trained_run, "eval.json"))  # a benchmark writes no report
 
 
-# ---- the fast path's numerics ---------------------------------------------------------------------------
+# ---- the fast path's numerics ------------------------------------------------------------------------------
 
 
 def test_bf16_and_channels_last_predictions_match_fp32(trained_run):
@@ -365,7 +366,7 @@ def test_ddp_decathlon_evaluation_equals_eval_py(tmp_path):
         assert report[domain]["loss"] == pytest.approx(values["loss"], rel=1e-5), domain
 
 
-# ---- CUDA only ------------------------------------------------------------------------------------------
+# ---- CUDA only ---------------------------------------------------------------------------------------------
 
 
 @requires_cuda

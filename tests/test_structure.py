@@ -14,13 +14,10 @@ import torch
 import data
 import eval as evaluation
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY
 from test_data import write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "2", "--batch-size", "2", "--epochs", "1",
-        "--device", "cpu"]
 
 
 def imports_of(path):
@@ -42,11 +39,9 @@ def test_one_import_direction():
                      "data": set(), "mtan": set(), "mtinet": set()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "mtan")
-    train.main(["--model", "mtan", "--width", "0.0625", "--out", out] + TINY)
-    return out
+@pytest.fixture
+def finished_run(tiny_run):
+    return tiny_run  # conftest.py: the session's finished TINY run of MTAN
 
 
 def test_eval_rebuilds_the_model_without_train_py(finished_run, tmp_path):
@@ -70,18 +65,6 @@ def test_eval_rebuilds_the_model_without_train_py(finished_run, tmp_path):
         "tasks": {"semantic": 7, "depth": 1, "normal": 3}, "width": 0.0625}}
 
 
-def test_a_checkpoint_without_model_args_still_evaluates(finished_run, tmp_path):
-    """Checkpoints written before they recorded model_args: the model is rebuilt from the --model name."""
-    ckpt = torch.load(os.path.join(finished_run, "last.pt"), weights_only=True)
-    del ckpt["model_args"]
-    old = tmp_path / "old"
-    old.mkdir()
-    torch.save(ckpt, old / "last.pt")
-    report = evaluation.main(["--checkpoint", str(old), "--device", "cpu"])
-    final = json.load(open(os.path.join(finished_run, "metrics.json")))["final"]
-    assert report["metrics"]["semantic"]["miou"] == pytest.approx(final["semantic"]["miou"], rel=1e-6)
-
-
 def test_the_canonical_command_reads_data_from_data_name(tmp_path, monkeypatch, capsys):
     """`python train.py --model mtinet --data nyuv2` with no --data-root: the data is in data/nyuv2."""
     monkeypatch.chdir(tmp_path)
@@ -95,7 +78,7 @@ def test_the_canonical_command_reads_data_from_data_name(tmp_path, monkeypatch, 
     assert json.load(open(os.path.join("run", "metrics.json")))["data"] == "nyuv2"
 
 
-# ---- the step never waits for the device ------------------------------------------------------------------
+# ---- the step never waits for the device -------------------------------------------------------------------
 
 HOST_SYNCS = {  # every way Python code can read a tensor's value on the host
     "item": None, "tolist": None, "cpu": None, "numpy": None, "nonzero": None, "masked_select": None,

@@ -7,11 +7,7 @@ import pytest
 import torch
 
 import train
-
-# A tiny configuration every run test shares: 4 synthetic samples per split at 64x64, a 1/16-width network,
-# batch 2 (2 steps per epoch).
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--width", "0.0625",
-        "--epochs", "1"]
+from conftest import TINY  # 4 synthetic samples per split at 64x64, a 1/16-width network, batch 2, one epoch
 
 
 def run(tmp_path, *extra, name="run"):
@@ -19,7 +15,7 @@ def run(tmp_path, *extra, name="run"):
     return train.main(TINY + ["--out", out] + list(extra)), out
 
 
-# ---- losses ----------------------------------------------------------------------------------------------
+# ---- losses ------------------------------------------------------------------------------------------------
 
 
 def test_depth_loss_ignores_invalid_pixels():
@@ -55,7 +51,7 @@ def test_balanced_bce_by_hand():
     assert train.balanced_bce_loss(logits, target).item() == pytest.approx(sum(bce) / 2 / 4, rel=1e-6)
 
 
-# ---- task weighting ------------------------------------------------------------------------------------
+# ---- task weighting ----------------------------------------------------------------------------------------
 
 
 def test_equal_weighting_is_a_sum():
@@ -90,7 +86,7 @@ def test_learning_rate_schedules():
     assert train.learning_rate(poly, 50) == pytest.approx(1e-4 * 0.5 ** 0.9)
 
 
-# ---- the loop ---------------------------------------------------------------------------------------------
+# ---- the loop ----------------------------------------------------------------------------------------------
 
 SEGNET_MODELS = [("single", ["--task", "depth"]), ("stan", ["--task", "semantic"]), ("split", []),
                  ("split-wide", []), ("split-deep", []), ("dense", []), ("cross-stitch", []), ("mtan", [])]

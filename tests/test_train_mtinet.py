@@ -10,9 +10,8 @@ import data
 import eval as evaluation
 import mtinet
 import train
+from conftest import TINY  # --width does not apply to the HRNet models
 from test_data import write_nyud, write_nyuv2
-
-TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batch-size", "2", "--epochs", "1"]
 
 
 def test_semantic_edges_by_hand():
