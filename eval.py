@@ -1487,8 +1487,8 @@ def find_baselines(runs, named=None):
     return chosen
 
 
-# The configuration keys that change how fast a run goes or where it reads and writes, not what it computes:
-# runs that differ only in these and in their seed are seeds of one row.
+# The configuration keys that change how fast a run goes, where it reads and writes or how often it is evaluated,
+# not what its numbers mean: runs that differ only in these and in their seed are seeds of one row.
 RUN_ONLY = ("seed", "out", "device", "workers", "compile", "cuda_graph", "data_on_device", "peak_tflops",
             "eval_every", "data_root")
 
