@@ -50,6 +50,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -942,7 +943,7 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, corrupt, or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a "
                               f"checkpoint of this repository; start a new run or use another file") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("config", "model"))):
         raise CheckpointError(f"{path} is not a checkpoint of train.py (it has no 'config'/'model' entries)")
     return ckpt
 
@@ -988,9 +989,10 @@ def build_parser():
                        "one paper-style table of finished runs.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
-    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
-                      "from metrics.json (no re-evaluation), with parameters and delta_m against the single-task "
-                      "runs among them")
+    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row per "
+                      "configuration from metrics.json (no re-evaluation), the mean ± sample std (n - 1) of its "
+                      "seeds, with parameters and delta_m (its seeds' mean ± std, each against the mean of the "
+                      "seeds of the single-task runs among them)")
     p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
@@ -1018,6 +1020,7 @@ def build_parser():
     compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
                          "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
     compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
+    compare.add_argument("--per-seed", action="store_true", help="one row per run, not one per configuration")
     return p
 
 
@@ -1025,6 +1028,7 @@ def load_run(args):
     """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dict(ckpt["config"])
+    cfg["checkpoint_epoch"] = ckpt.get("epoch")  # eval.json records it: --compare --from-eval checks it
     if args.data_root:
         cfg["data_root"] = args.data_root
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1094,7 +1098,7 @@ def main(argv=None):
 
 def evaluate_checkpoint(args):
     for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
-                        ("--json", args.json)):
+                        ("--json", args.json), ("--per-seed", args.per_seed)):
         if value:
             raise UsageError(f"{flag} applies to --compare, not --checkpoint")
     cfg, model, device = load_run(args)
@@ -1117,8 +1121,10 @@ def evaluate_checkpoint(args):
         return bench_evaluation(args, cfg, model, loader, device, normalise)
     results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
+    evaluated_on = evaluation_set(dict(cfg, subset=args.subset or cfg.get("subset")))
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
-              "tasks": cfg["tasks"], "metrics": results}
+              "tasks": cfg["tasks"], "metrics": results, "epoch": cfg["checkpoint_epoch"],
+              "data_root": cfg["data_root"], "evaluated_on": evaluated_on}
     if args.baseline:
         baseline, _ = read_baseline_file(args.baseline)
         rows.append(("baseline", baseline))
@@ -1269,26 +1275,32 @@ def write_report(report, checkpoint):
 
 
 def read_baseline_file(path, key="final"):
-    """(metrics, the dataset the file names or None) of a baseline run: eval.json ("metrics") or train.py's
-    metrics.json (`key`: "final", or "mean_last_10" for --compare's protocol), checked to be
-    {task: {metric: number}}."""
+    """(metrics, the whole file) of a baseline's eval.json ("metrics") or metrics.json (`key`)."""
+    blob = read_json_object(path, f"--baseline {path}")
+    key = "metrics" if "metrics" in blob else key
+    return results_in(blob, key, f"--baseline {path}", "an eval.json or metrics.json"), blob
+
+
+def read_json_object(path, label):
+    """The JSON object in `path`; one-line errors (`label` names the file) for anything else."""
     try:
         with open(path) as f:
             blob = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
-                         f"({type(e).__name__}: {e})") from None
-    metrics = next((blob[k] for k in ("metrics", key) if isinstance(blob, dict) and k in blob), None)
-    if metrics is None:
-        raise UsageError(f"--baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
-    numbers = isinstance(metrics, dict) and all(
-        isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         for v in values.values()) for values in metrics.values())
-    if not numbers:
-        raise UsageError(f"--baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
-                         f"'{key}', as eval.py and train.py write them")
-    return metrics, blob.get("data")
+        raise UsageError(f"cannot read {label} ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict):
+        raise UsageError(f"{label} holds a JSON {type(blob).__name__}, not an object as eval.py and train.py "
+                         "write")
+    return blob
 
+
+def results_in(blob, key, label, kind):
+    """blob[key], checked to be results as eval.py and train.py write them: {task: {metric: number}}."""
+    results = blob.get(key)
+    if not (isinstance(results, dict) and all(isinstance(values, dict) and all(
+            type(v) in (int, float) for v in values.values()) for values in results.values())):
+        raise UsageError(f"{label} is not {kind}: expected {{task: {{metric: number}}}} under '{key}'")
+    return results
 
 
 # ============================================================================================================
@@ -1328,14 +1340,11 @@ def read_finished_run(folder):
     if not os.path.isfile(path):
         raise UsageError(f"{folder} is not a finished run: it has no metrics.json (train.py writes it after "
                          f"the last epoch; continue a stopped run with python train.py --resume {folder})")
-    try:
-        with open(path) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path} ({type(e).__name__}: {e})") from None
-    if not (isinstance(metrics, dict) and all(k in metrics for k in ("final", "mean_last_10", "epochs"))):
-        raise UsageError(f"{path} is not the metrics.json of train.py: it lacks 'final', 'mean_last_10' or "
-                         "'epochs'")
+    metrics = read_json_object(path, path)
+    for key in ("final", "mean_last_10"):
+        results_in(metrics, key, path, "the metrics.json of train.py")
+    if type(metrics.get("epochs")) is not int:
+        raise UsageError(f"{path} is not the metrics.json of train.py: 'epochs' is not a number of epochs")
     if not os.path.isfile(os.path.join(folder, "last.pt")):
         raise UsageError(f"{folder} has metrics.json but no last.pt: --compare reads the configuration and "
                          "the parameter count from the checkpoint")
@@ -1356,20 +1365,23 @@ def read_finished_run(folder):
 
 def run_numbers(run, epoch, from_eval):
     """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
-    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json."""
+    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json, which
+    must be of last.pt's epoch and of the data the run was evaluated on."""
     if not from_eval:
         key = EPOCH_CHOICES[epoch]
         return run["metrics"][key], f"metrics.json {key}"
     if run["eval_json"] is None:
         raise UsageError(f"--from-eval: {run['folder']} has no eval.json (write it with python eval.py "
                          f"--checkpoint {run['folder']}, or drop --from-eval)")
-    try:
-        with open(run["eval_json"]) as f:
-            blob = json.load(f)
-        return blob["metrics"], f"eval.json {blob.get('split', 'val')} split"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot read {run['eval_json']}: expected the eval.json of python eval.py "
-                         f"--checkpoint with 'metrics' ({type(e).__name__}: {e})") from None
+    path, evaluated_on = run["eval_json"], evaluation_set(run["config"])
+    blob = read_json_object(path, path)
+    numbers = results_in(blob, "metrics", path, "the eval.json of python eval.py --checkpoint")
+    last = run["metrics"]["epochs"]  # last.pt's epoch (read_finished_run)
+    if (blob.get("epoch"), blob.get("evaluated_on")) != (last, evaluated_on):
+        raise UsageError(f"--from-eval: {path} is of epoch {blob.get('epoch')} on {blob.get('evaluated_on')}, "
+                         f"but last.pt holds epoch {last} on {evaluated_on}: evaluate it again with python "
+                         f"eval.py --checkpoint {run['folder']}")
+    return numbers, f"eval.json {blob.get('split', 'val')} split"
 
 
 def row_name(cfg, weighting=True):
@@ -1437,12 +1449,17 @@ def check_comparable(runs):
 
 def read_baseline_source(path, epoch, from_eval):
     """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
-    (the --epoch key) or eval.json ("metrics"). Returns {"folder": path, "data": dataset or None, "numbers"}."""
-    if os.path.isdir(path):
+    (the --epoch key; beside its last.pt, which says what data it was evaluated on) or eval.json ("metrics").
+    Returns {"folder": path, "runs": [path], "data", "evaluated_on" (None where unknown), "numbers"}."""
+    if os.path.isdir(path) or (os.path.basename(path) == "metrics.json"
+                               and os.path.isfile(os.path.join(os.path.dirname(path), "last.pt"))):
         run = read_finished_run(path)
-        return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
-    numbers, dataset = read_baseline_file(path, EPOCH_CHOICES[epoch])
-    return {"folder": path, "data": dataset, "numbers": numbers}
+        return {"folder": path, "runs": [path], "data": run["config"]["data"],
+                "evaluated_on": evaluation_set(run["config"]),
+                "numbers": run_numbers(run, epoch, from_eval and os.path.isdir(path))[0]}
+    numbers, blob = read_baseline_file(path, EPOCH_CHOICES[epoch])
+    return {"folder": path, "runs": [path], "data": blob.get("data"),
+            "evaluated_on": blob.get("evaluated_on"), "numbers": numbers}
 
 
 def find_baselines(runs, named=None):
@@ -1464,6 +1481,32 @@ def find_baselines(runs, named=None):
     return chosen
 
 
+# The configuration keys that change how fast a run goes, where it reads and writes or how often it is evaluated,
+# not what its numbers mean: runs that differ only in these and in their seed are seeds of one row.
+RUN_ONLY = ("seed", "out", "device", "workers", "compile", "cuda_graph", "data_on_device", "peak_tflops",
+            "eval_every", "data_root")
+
+
+def seed_groups(runs, per_seed=False):
+    """The runs grouped by their configuration without RUN_ONLY (each run alone with per_seed), in command-line
+    order: each metric's mean over a group's runs and their sample standard deviation (n - 1 in the
+    denominator: statistics.stdev, numpy's ddof=1; None for one run). A group of seeds names no seed."""
+    groups = {}
+    for run in runs:
+        key = repr(sorted(kv for kv in run["config"].items() if kv[0] not in RUN_ONLY))
+        groups.setdefault(run["folder"] if per_seed else key, []).append(run)
+    rows = []
+    for members in groups.values():
+        cfg, results, std = members[0]["config"], [run["numbers"] for run in members], None
+        if len(members) > 1:
+            cfg = {k: v for k, v in cfg.items() if k != "seed"}
+            std = {t: {k: statistics.stdev([r[t][k] for r in results]) for k in values}
+                   for t, values in results[0].items()}
+        rows.append({"folder": members[0]["folder"], "runs": [r["folder"] for r in members], "members": members,
+                     "config": cfg, "numbers": average_results(results), "std": std})
+    return rows
+
+
 def row_delta_m(numbers, reference, tasks, convention):
     """(Delta_m in %, the tasks it covers) of one row against {task: single-task numbers}, or (None, []) when
     the convention has nothing to measure. mtinet and libmtl use the row's main tasks that have a baseline;
@@ -1480,11 +1523,12 @@ def row_delta_m(numbers, reference, tasks, convention):
         raise UsageError(f"Delta_m ({convention} convention): {e}") from None
 
 
-def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
-    """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
-    dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers
-    and the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline
-    sources."""
+def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False,
+                 per_seed=False):
+    """The rows of the --compare table, one per seed group (seed_groups) in command-line order: dicts with the
+    row's name, runs, seeds and n, model, dataset, tasks, parameter count, epochs, evaluations averaged, metrics
+    (the seeds' mean) and std, Delta_m (the mean of the seeds' Delta_m, each against the mean of the baseline's
+    seeds) and its std, the tasks it covers and the baseline of each, and where the numbers come from."""
     if not folders:
         raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
     runs = [read_finished_run(folder) for folder in folders]
@@ -1497,27 +1541,38 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     named = None
     if baseline:
         named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
-        data = runs[0]["config"]["data"]
+        data, evaluated_on = runs[0]["config"]["data"], evaluation_set(runs[0]["config"])
         for source in named:
-            if source["data"] not in (None, data):
-                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run, the compared "
-                                 f"runs are on {data}")
-    baselines = find_baselines(runs, named)
+            if source["data"] not in (None, data) or source["evaluated_on"] not in (None, evaluated_on):
+                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run ("
+                                 f"{source['evaluated_on'] or source['data']}), the compared runs are on "
+                                 f"{evaluated_on}: they cannot share a table")
+            if len(source["numbers"]) > 1:
+                raise UsageError(f"--baseline {source['folder']} is a multi-task run (tasks "
+                                 f"{', '.join(source['numbers'])}): a baseline is a single-task run")
+    groups = seed_groups(runs, per_seed)
+    baselines = find_baselines(groups, named)
     reference = {task: source["numbers"][task] for task, source in baselines.items()}
     rows = []
-    for run, name in zip(runs, row_names(runs)):
-        cfg = run["config"]
+    for group, name in zip(groups, row_names(groups)):
+        cfg, members = group["config"], group["members"]
         # Main tasks only: MTI-Net's Delta_m leaves the auxiliary tasks out (train.py does not evaluate them).
-        value, covered = row_delta_m(run["numbers"], reference, [t for t in cfg["tasks"] if t in reference],
-                                     convention)
-        evaluated = 1 if (epoch == "last" or from_eval) else min(10, run["evaluations"] or 10)
-        rows.append({"name": name, "run": run["folder"], "model": cfg["model"], "family": cfg["family"],
-                     "data": cfg["data"],
+        tasks = [t for t in cfg["tasks"] if t in reference]
+        deltas = [row_delta_m(run["numbers"], reference, tasks, convention) for run in members]
+        (value, covered), values, spread = deltas[0], [d for d, _ in deltas], None
+        if value is not None and len(values) > 1:  # n - 1 in the denominator, as for the metrics
+            value, spread = statistics.fmean(values), statistics.stdev(values)
+        evaluations = min([10] + [r["evaluations"] or 10 for r in members])
+        evaluated = 1 if (epoch == "last" or from_eval) else evaluations
+        rows.append({"name": name, "run": group["folder"], "runs": group["runs"], "n": len(members),
+                     "seeds": [r["config"].get("seed", 0) for r in members], "model": cfg["model"],
+                     "family": cfg["family"], "data": cfg["data"],
                      "evaluated_on": evaluation_set(cfg), "tasks": list(cfg["tasks"]),
                      "aux_tasks": list(cfg.get("aux_tasks") or {}),
-                     "params": run["params"], "epochs": run["metrics"]["epochs"], "evaluations": evaluated,
-                     "numbers": run["source"], "metrics": run["numbers"], "delta_m": value,
-                     "delta_m_tasks": covered, "baselines": {t: baselines[t]["folder"] for t in covered}})
+                     "params": members[0]["params"], "epochs": members[0]["metrics"]["epochs"],
+                     "evaluations": evaluated, "numbers": members[0]["source"], "metrics": group["numbers"],
+                     "std": group["std"], "delta_m": value, "delta_m_std": spread, "delta_m_tasks": covered,
+                     "baselines": {t: ",".join(baselines[t]["runs"]) for t in covered}})
     return rows
 
 
@@ -1568,6 +1623,11 @@ def format_comparison(doc):
     else:
         numbers = "the last evaluation of each run (--epoch protocol for the mean of the last 10)"
     lines = [f"numbers: {numbers}, after {epochs} epochs, data: {rows[0]['evaluated_on']}"]
+    seeds = any(r["n"] > 1 for r in rows)
+    if seeds:
+        lines.append("a row of n seeds: mean ± sample standard deviation (n - 1) over its seeds; its "
+                     "Delta_m: the mean ± std of its seeds' Delta_m, each against the mean of the baseline's "
+                     "seeds")
     if doc["baselines"]:
         against = ", ".join(f"{task} {folder}" for task, folder in doc["baselines"].items())
         lines.append(f"Delta_m: {CONVENTION_WORDS[doc['convention']]}, against {against}")
@@ -1577,8 +1637,14 @@ def format_comparison(doc):
     table = []
     for r in rows:
         cells = table_row(r["metrics"], tasks, doc["style"])
-        cells.append(("Params", format_params(r["params"])))
-        cells.append((DELTA_M_HEADER, "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"))
+        if r["std"]:  # the same columns, scales and decimals
+            cells = [(h, v if s == "-" else f"{v} ± {s}")
+                     for (h, v), (_, s) in zip(cells, table_row(r["std"], tasks, doc["style"]))]
+        delta = "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"
+        if r["delta_m_std"] is not None:
+            delta += f" ± {r['delta_m_std']:.2f}"
+        cells = ([("n", str(r["n"]))] if seeds else []) + cells + [("Params", format_params(r["params"])),
+                                                                   (DELTA_M_HEADER, delta)]
         table.append((r["name"], cells))
     lines += ["", format_table(table)]
     for r in rows:
@@ -1600,14 +1666,14 @@ def compare_command(args):
                          "not --epoch protocol")
     epoch = args.epoch or ("last" if args.from_eval else "protocol")
     rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
-                        from_eval=args.from_eval)
+                        from_eval=args.from_eval, per_seed=args.per_seed)
     baselines = {}
     for row in rows:
         baselines.update(row["baselines"])
     doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
            "style": args.style or comparison_style(rows), "data": rows[0]["data"],
            "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
-    print(json.dumps(doc, indent=2) if args.json else format_comparison(doc))
+    print(strict_json(doc, indent=2) if args.json else format_comparison(doc))
     return doc
 
 
