@@ -274,9 +274,21 @@ class _CachedDataset(torch.utils.data.Dataset):
         if self.cache is not None and index in self.cache:
             return dict(self.cache[index])
         sample = self.load(index)
+        self._check_size(index, sample)
         if self.cache is not None:
             self.cache[index] = sample
         return dict(sample)
+
+    def _check_size(self, index, sample):
+        """Every sample of a split (but PASCAL val's, batched one at a time) has the size of the first one read,
+        sample 0 before training (train.py's first-sample check): a batch stacks samples of one size, and the
+        odd file is named here rather than by a traceback of the batch collation."""
+        size = tuple(sample["image"].shape[-2:])
+        first = self.__dict__.setdefault("first_size", size)
+        if size != first and not getattr(self, "variable_size", False):
+            raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of the "
+                                f"{self.split} split are {first[0]}x{first[1]}: crop or resize it",
+                                sample_files(self, index).get("image", f"sample {index}"))
 
     def _limit(self, count, num_samples):
         """Use only the first `num_samples` samples (train.py's --subset)."""
@@ -315,7 +327,7 @@ class NYUv2(_CachedDataset):
         sample = {
             "image": _image_tensor(self.name, arrays["image"], paths["image"]),
             "semantic": _label_tensor(self.name, arrays["label"], paths["label"], 13),
-            "depth": _float_tensor(self.name, arrays["depth"], paths["depth"], 1),
+            "depth": _depth_tensor(self.name, arrays["depth"], paths["depth"]),
             "normal": _float_tensor(self.name, arrays["normal"], paths["normal"], 3),
         }
         _check_sizes(self.name, sample, {"image": paths["image"], "semantic": paths["label"],
@@ -360,7 +372,7 @@ class CityScapes(_CachedDataset):
         sample = {
             "image": _image_tensor(self.name, _read_npy(self.name, image_path), image_path),
             "semantic": _label_tensor(self.name, _read_npy(self.name, label_path), label_path, self.num_classes),
-            "depth": _float_tensor(self.name, _read_npy(self.name, depth_path), depth_path, 1),
+            "depth": _depth_tensor(self.name, _read_npy(self.name, depth_path), depth_path, metres=False),
         }
         _check_sizes(self.name, sample, {"image": image_path, "semantic": label_path, "depth": depth_path})
         return sample
@@ -412,7 +424,7 @@ class NYUD(_CachedDataset):
             "image": _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"]),
             "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
                                       paths["semantic"], 40, shift=-1),
-            "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
+            "depth": _depth_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"]),
             "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
             "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
         }
@@ -428,8 +440,9 @@ def _read_split_list(name, list_path):
     try:
         with open(list_path) as f:
             ids = [line.strip() for line in f if line.strip()]
-    except OSError as error:
-        raise dataset_error(name, f"cannot read the split list ({error.strerror})", list_path) from None
+    except (OSError, UnicodeDecodeError) as error:  # a list saved in another encoding, or a binary file
+        raise dataset_error(name, f"cannot read the split list ({getattr(error, 'strerror', None) or error})",
+                            list_path) from None
     if not ids:
         raise dataset_error(name, "no samples (empty split list)", list_path)
     return ids
@@ -519,6 +532,25 @@ def _float_tensor(name, array, path, channels):
     array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
     array[~np.isfinite(array)] = 0
     return torch.from_numpy(array)
+
+
+MAX_DEPTH = 100.0  # metres: no indoor scene (NYUv2, NYUD) comes near; a larger value is millimetres or so
+_negative_depth_noted = []  # the note on negative depth is printed once per process
+
+
+def _depth_tensor(name, array, path, metres=True):
+    """(H, W, 1) or (H, W) depth -> float (1, H, W). Depth is positive: 0 and negative values (another release's
+    marker, -1) are invalid, which the losses and metrics read as `target > 0`; a note says so once. Depth in
+    metres above MAX_DEPTH is a DatasetError naming the file (CityScapes stores inverse depth: not checked)."""
+    depth = _float_tensor(name, array, path, 1)
+    high = float(depth.max())
+    if metres and high > MAX_DEPTH:
+        raise dataset_error(name, f"depth up to {high:.4g}, expected metres (at most {MAX_DEPTH:g}; millimetres? "
+                            f"divide by 1000)", path)
+    if not _negative_depth_noted and float(depth.min()) < 0:
+        _negative_depth_noted.append(path)
+        print(f"note: {path} holds negative depth values: read as invalid, as 0 is (README, 'Datasets')")
+    return depth
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):

@@ -230,7 +230,7 @@ CASES = [
         "semantic": {"miou": 0.0}, "depth": {"rmse": 1.0}, "normal": {"mean": 30.0}}})),
     ("eval", EVAL + ["--save-vis", "/dev/null/vis"], 1, "not a folder", None),
     ("eval", EVAL + ["--image", "{run}/log.jsonl"], 1, "--image", None),
-    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "non-finite metrics", nan_weights),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "non-finite weights", nan_weights),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "do not fit", wider_config),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "cannot read this .npy", nyuv2_checkpoint(corrupt_npy)),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "multiples of 32", nyuv2_checkpoint(size=(40, 32))),
