@@ -320,7 +320,7 @@ CASES = [
     # 4: data the first checks did not see
     ("train", NYU, 1, "expected metres", nyuv2_tree(save_array("val/depth/1.npy", lambda a: a * 1000))),
     ("train", NYU, 1, "sample 1 is 64x32", nyuv2_tree(another_size)),
-    ("train", NYU + ["--workers", "1"], 1, "label value 40",  # sample 3: read by the worker, not the first check
+    ("train", NYU + ["--workers", "1"], 1, "label value 40",  # sample 3: read by a worker
      nyuv2_tree(save_array("train/label/3.npy", lambda a: a * 0 + 40), train=4)),
     ("train", ["--model", "split", "--data", "nyud", "--data-root", "{nyud}", "--width", "0.125", "--out",
                "{tmp}/new"], 1, "train.txt", nyud_tree(non_utf8_list)),
