@@ -279,13 +279,15 @@ class _CachedDataset(torch.utils.data.Dataset):
             self.cache[index] = sample
         return dict(sample)
 
+    same_size = True  # PASCAL decodes each image at its own size and resizes it afterwards: False
+
     def _check_size(self, index, sample):
-        """Every sample of a split (but PASCAL val's, batched one at a time) has the size of the first one read,
-        sample 0 before training (train.py's first-sample check): a batch stacks samples of one size, and the
-        odd file is named here rather than by a traceback of the batch collation."""
+        """Every sample of a split has the size of the first one read, sample 0 before training (train.py's
+        first-sample check): a batch stacks samples of one size, and the odd file is named here rather than by
+        a traceback of the batch collation."""
         size = tuple(sample["image"].shape[-2:])
         first = self.__dict__.setdefault("first_size", size)
-        if size != first and not getattr(self, "variable_size", False):
+        if size != first and self.same_size:
             raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of the "
                                 f"{self.split} split are {first[0]}x{first[1]}: crop or resize it",
                                 sample_files(self, index).get("image", f"sample {index}"))
@@ -776,6 +778,7 @@ class PascalContext(_CachedDataset):
     cache=True keeps the decoded samples (before augmentation) in memory. `ids` lists the image ids."""
 
     name = "pascal"
+    same_size = False
     class_names = PASCAL_VOC_CLASSES
     PART_NAMES = HUMAN_PART_NAMES
     tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order

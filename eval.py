@@ -954,27 +954,25 @@ def load_checkpoint(path, resuming=False):
                                   f"not a {kind.__name__})")
     if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
         raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'model' entry holds non-tensors)")
-    check_weights(ckpt["model"], path)
     return ckpt
 
 
 def read_weights(path, what):
-    """torch.load of a user's file (a checkpoint, --pretrained), with one line naming it when it cannot be read:
-    truncated, corrupt, not a torch file, or a pickle that would run code."""
+    """torch.load of a user's file (a checkpoint, --pretrained), with one line naming it when it cannot be read
+    (truncated, corrupt, not a torch file, a pickle that would run code) or when a weight of it (a checkpoint:
+    of its model) is not finite: NaN weights are named at load, not blamed later on the learning rate."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {what} {path} ({type(e).__name__}): it is corrupt or not a torch "
                               f"file; use another file") from None
-
-
-def check_weights(state, path):
-    """Every floating-point tensor of a {name: tensor} state dict finite: NaN weights (a diverged run, a damaged
-    download) are named at load, not blamed later on the learning rate."""
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    weights = state.get("model", state) if isinstance(state, dict) else {}
+    bad = [k for k, v in getattr(weights, "items", dict)() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{path}: non-finite weights in {bad[0]}" + (f" and {len(bad) - 1} more tensors"
-                              if len(bad) > 1 else "") + ": the file is damaged or its run diverged")
+        raise CheckpointError(f"{what} {path}: non-finite weights in {bad[0]} and {len(bad) - 1} more tensors: "
+                              f"the file is damaged or its run diverged")
+    return state
 
 
 def model_from_checkpoint(ckpt):
@@ -2007,9 +2005,8 @@ def error_line(error, full_disk_hint=""):
 
 
 def resource_error(error, sizes):
-    """The `error: ...` line of running out of memory (torch.cuda.OutOfMemoryError; on the CPU a MemoryError or
-    the allocator's RuntimeError) with the `sizes` that caused it, or of BatchNorm given a batch of one sample
-    (its statistics need two values per channel). Any other error is a bug: raised again with its traceback."""
+    """The `error: ...` line of running out of memory (on a GPU or the CPU) with the `sizes` that caused it, or
+    of BatchNorm given a batch of one sample. Any other error is a bug: raised again with its traceback."""
     if isinstance(error, MemoryError) or re.search(r"out of memory|not enough memory|can't allocate memory", str(error)):
         return (f"error: out of memory with {sizes}: lower --batch-size (or --width, --resolution, --subset for "
                 f"--data-on-device), or pass --device cpu")
@@ -2021,8 +2018,7 @@ def resource_error(error, sizes):
 
 def stop_quietly(stop, next_step=""):
     """Ctrl-C (exit status 130) or the reader of stdout gone (`train.py ... | head -1`, status 1): one line on
-    stderr and `next_step`, no traceback. Stdout is pointed at /dev/null first: flushing the closed pipe at exit
-    would raise again."""
+    stderr. Stdout goes to /dev/null first: flushing the closed pipe at exit would raise again."""
     if isinstance(stop, BrokenPipeError):
         with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation: no file descriptor (tests)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -929,8 +929,6 @@ def load_pretrained(model, path):
     resnet = isinstance(model.backbone, mtan.ResNetDilated)
     kind = "ResNet-50" if resnet else "HRNet"
     state = evaluation.read_weights(path, "--pretrained")
-    if isinstance(state, dict):
-        evaluation.check_weights(state, f"--pretrained {path}")
     try:
         if resnet:
             skipped = model.backbone.load_torchvision(state)
@@ -1365,8 +1363,7 @@ non_negative_float = evaluation.number_type(float, 0.0)
 
 text = evaluation.text  # every string flag: an empty value (an unset shell variable) is an error, not a default
 
-# The seeds drawn from --seed (seed * 1000 + epoch, section 3) must fit torch's 64-bit seeds.
-seed_type = evaluation.number_type(int, 0, high=2 ** 53)
+seed_type = evaluation.number_type(int, 0, high=2 ** 53)  # seed * 1000 + epoch (section 3) fits torch's 64 bits
 
 def name_list(value):
     """--tasks, --aux-tasks: comma-separated names, none empty, none twice."""
