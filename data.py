@@ -288,8 +288,8 @@ class _CachedDataset(torch.utils.data.Dataset):
         size = tuple(sample["image"].shape[-2:])
         first = self.__dict__.setdefault("first_size", size)
         if size != first and self.same_size:
-            raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of the "
-                                f"{self.split} split are {first[0]}x{first[1]}: crop or resize it",
+            raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of "
+                                f"the {self.split} split are {first[0]}x{first[1]}: crop or resize it",
                                 sample_files(self, index).get("image", f"sample {index}"))
 
     def _limit(self, count, num_samples):
@@ -541,14 +541,14 @@ _negative_depth_noted = []  # the note on negative depth is printed once per pro
 
 
 def _depth_tensor(name, array, path, metres=True):
-    """(H, W, 1) or (H, W) depth -> float (1, H, W). Depth is positive: 0 and negative values (another release's
-    marker, -1) are invalid, which the losses and metrics read as `target > 0`; a note says so once. Depth in
-    metres above MAX_DEPTH is a DatasetError naming the file (CityScapes stores inverse depth: not checked)."""
+    """(H, W, 1) or (H, W) depth -> float (1, H, W). Depth is positive: 0 and negative values (another
+    release's marker, -1) are invalid, which the losses and metrics read as `target > 0`; a note says so once.
+    Depth in metres above MAX_DEPTH is a DatasetError naming the file (CityScapes: inverse depth, as is)."""
     depth = _float_tensor(name, array, path, 1)
     high = float(depth.max())
     if metres and high > MAX_DEPTH:
-        raise dataset_error(name, f"depth up to {high:.4g}, expected metres (at most {MAX_DEPTH:g}; millimetres? "
-                            f"divide by 1000)", path)
+        raise dataset_error(name, f"depth up to {high:.4g}, expected metres (at most {MAX_DEPTH:g}; "
+                            f"millimetres? divide by 1000)", path)
     if not _negative_depth_noted and float(depth.min()) < 0:
         _negative_depth_noted.append(path)
         print(f"note: {path} holds negative depth values: read as invalid, as 0 is (README, 'Datasets')")

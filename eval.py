@@ -52,6 +52,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -935,8 +936,8 @@ class CheckpointError(Exception):
 
 
 # The entries of a checkpoint and their types: evaluating needs the first three, resuming all of them.
-CHECKPOINT = {"config": dict, "model": dict, "model_args": dict, "epoch": int, "history": list, "optimizer": dict,
-              "weighting": dict}
+CHECKPOINT = {"config": dict, "model": dict, "model_args": dict, "epoch": int, "history": list,
+              "optimizer": dict, "weighting": dict}
 
 
 def load_checkpoint(path, resuming=False):
@@ -958,9 +959,10 @@ def load_checkpoint(path, resuming=False):
 
 
 def read_weights(path, what):
-    """torch.load of a user's file (a checkpoint, --pretrained), with one line naming it when it cannot be read
-    (truncated, corrupt, not a torch file, a pickle that would run code) or when a weight of it (a checkpoint:
-    of its model) is not finite: NaN weights are named at load, not blamed later on the learning rate."""
+    """torch.load of a user's file (a checkpoint, --pretrained), with one line naming it when it cannot be
+    read (truncated, corrupt, not a torch file, a pickle that would run code) or when a weight of it (a
+    checkpoint: of its model) is not finite: NaN weights are named at load, not blamed on the learning
+    rate."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -970,8 +972,8 @@ def read_weights(path, what):
     bad = [k for k, v in getattr(weights, "items", dict)() if torch.is_tensor(v) and v.is_floating_point()
            and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{what} {path}: non-finite weights in {bad[0]} and {len(bad) - 1} more tensors: "
-                              f"the file is damaged or its run diverged")
+        raise CheckpointError(f"{what} {path}: non-finite weights in {bad[0]} and {len(bad) - 1} more "
+                              f"tensors: the file is damaged or its run diverged")
     return state
 
 
@@ -1015,22 +1017,26 @@ def build_parser():
                        "and optional pictures of predictions and attention masks; or, with --compare, "
                        "one paper-style table of finished runs.")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", type=text, metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
-    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row each "
-                      "from metrics.json (no re-evaluation), with parameters and delta_m against the single-task "
-                      "runs among them")
-    p.add_argument("--data-root", type=text, metavar="DIR", help="dataset folder, if it moved since training")
+    what.add_argument("--checkpoint", type=text, metavar="PATH", help="runs/NAME/last.pt (or the run "
+                      "folder)")
+    what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row per "
+                      "configuration from metrics.json (no re-evaluation), the mean ± sample std (n - 1) of its "
+                      "seeds, with parameters and delta_m (its seeds' mean ± std, each against the mean of the "
+                      "seeds of the single-task runs among them)")
+    p.add_argument("--data-root", type=text, metavar="DIR", help="dataset folder, if it moved since "
+                   "training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--baseline", type=text, metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
-                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score; --compare: "
-                   "comma-separated run folders or metrics.json / eval.json files of single-task runs, instead of "
-                   "the single-task runs among those compared)")
+    p.add_argument("--baseline", type=text, metavar="FILE", help="eval.json or metrics.json of a baseline "
+                   "run: adds delta_m (Decathlon: comma-separated eval.json files of single-domain runs, "
+                   "for the score; --compare: comma-separated run folders or metrics.json / eval.json files "
+                   "of single-task runs, instead of the single-task runs among those compared)")
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
-    p.add_argument("--save-vis", type=text, metavar="DIR", help="write input / ground truth / prediction PNGs here")
+    p.add_argument("--save-vis", type=text, metavar="DIR", help="write input / ground truth / prediction "
+                   "PNGs here")
     p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
-    p.add_argument("--image", type=text, metavar="FILE", help="predict one image of any size and write per-task "
-                   "PNGs into a new folder beside it")
+    p.add_argument("--image", type=text, metavar="FILE", help="predict one image of any size and write "
+                   "per-task PNGs into a new folder beside it")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: the training's on "
                    "the device it trained on; on another device that device's default: bf16 on a GPU, fp16 on "
@@ -1047,6 +1053,7 @@ def build_parser():
     compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
                          "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
     compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
+    compare.add_argument("--per-seed", action="store_true", help="one row per run, not one per configuration")
     return p
 
 
@@ -1054,6 +1061,7 @@ def load_run(args):
     """(config, model on its device, device) of a checkpoint; one-line errors for user mistakes."""
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dict(ckpt["config"])
+    cfg["checkpoint_epoch"] = ckpt.get("epoch")  # eval.json records it: --compare --from-eval checks it
     if args.data_root:
         cfg["data_root"] = args.data_root
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1128,7 +1136,7 @@ def main(argv=None):
 
 def evaluate_checkpoint(args):
     for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
-                        ("--json", args.json)):
+                        ("--json", args.json), ("--per-seed", args.per_seed)):
         if value:
             raise UsageError(f"{flag} applies to --compare, not --checkpoint")
     cfg, model, device = load_run(args)
@@ -1151,8 +1159,10 @@ def evaluate_checkpoint(args):
         return bench_evaluation(args, cfg, model, loader, device, normalise)
     results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
+    evaluated_on = evaluation_set(dict(cfg, subset=args.subset or cfg.get("subset")))
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
-              "tasks": cfg["tasks"], "metrics": results}
+              "tasks": cfg["tasks"], "metrics": results, "epoch": cfg["checkpoint_epoch"],
+              "data_root": cfg["data_root"], "evaluated_on": evaluated_on}
     if args.baseline:
         baseline, _ = read_baseline_file(args.baseline)
         rows.append(("baseline", baseline))
@@ -1303,26 +1313,32 @@ def write_report(report, checkpoint):
 
 
 def read_baseline_file(path, key="final"):
-    """(metrics, the dataset the file names or None) of a baseline run: eval.json ("metrics") or train.py's
-    metrics.json (`key`: "final", or "mean_last_10" for --compare's protocol), checked to be
-    {task: {metric: number}}."""
+    """(metrics, the whole file) of a baseline's eval.json ("metrics") or metrics.json (`key`)."""
+    blob = read_json_object(path, f"--baseline {path}")
+    key = "metrics" if "metrics" in blob else key
+    return results_in(blob, key, f"--baseline {path}", "an eval.json or metrics.json"), blob
+
+
+def read_json_object(path, label):
+    """The JSON object in `path`; one-line errors (`label` names the file) for anything else."""
     try:
         with open(path) as f:
             blob = json.load(f)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --baseline {path}: expected a run folder, metrics.json or eval.json "
-                         f"({type(e).__name__}: {e})") from None
-    metrics = next((blob[k] for k in ("metrics", key) if isinstance(blob, dict) and k in blob), None)
-    if metrics is None:
-        raise UsageError(f"--baseline {path} has neither 'metrics' (eval.json) nor '{key}' (metrics.json)")
-    numbers = isinstance(metrics, dict) and all(
-        isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         for v in values.values()) for values in metrics.values())
-    if not numbers:
-        raise UsageError(f"--baseline {path}: expected {{task: {{metric: number}}}} under 'metrics' or "
-                         f"'{key}', as eval.py and train.py write them")
-    return metrics, blob.get("data")
+        raise UsageError(f"cannot read {label} ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict):
+        raise UsageError(f"{label} holds a JSON {type(blob).__name__}, not an object as eval.py and train.py "
+                         "write")
+    return blob
 
+
+def results_in(blob, key, label, kind):
+    """blob[key], checked to be results as eval.py and train.py write them: {task: {metric: number}}."""
+    results = blob.get(key)
+    if not (isinstance(results, dict) and all(isinstance(values, dict) and all(
+            type(v) in (int, float) for v in values.values()) for values in results.values())):
+        raise UsageError(f"{label} is not {kind}: expected {{task: {{metric: number}}}} under '{key}'")
+    return results
 
 
 # ============================================================================================================
@@ -1362,14 +1378,11 @@ def read_finished_run(folder):
     if not os.path.isfile(path):
         raise UsageError(f"{folder} is not a finished run: it has no metrics.json (train.py writes it after "
                          f"the last epoch; continue a stopped run with python train.py --resume {folder})")
-    try:
-        with open(path) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path} ({type(e).__name__}: {e})") from None
-    if not (isinstance(metrics, dict) and all(k in metrics for k in ("final", "mean_last_10", "epochs"))):
-        raise UsageError(f"{path} is not the metrics.json of train.py: it lacks 'final', 'mean_last_10' or "
-                         "'epochs'")
+    metrics = read_json_object(path, path)
+    for key in ("final", "mean_last_10"):
+        results_in(metrics, key, path, "the metrics.json of train.py")
+    if type(metrics.get("epochs")) is not int:
+        raise UsageError(f"{path} is not the metrics.json of train.py: 'epochs' is not a number of epochs")
     if not os.path.isfile(os.path.join(folder, "last.pt")):
         raise UsageError(f"{folder} has metrics.json but no last.pt: --compare reads the configuration and "
                          "the parameter count from the checkpoint")
@@ -1390,20 +1403,23 @@ def read_finished_run(folder):
 
 def run_numbers(run, epoch, from_eval):
     """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
-    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json."""
+    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json, which
+    must be of last.pt's epoch and of the data the run was evaluated on."""
     if not from_eval:
         key = EPOCH_CHOICES[epoch]
         return run["metrics"][key], f"metrics.json {key}"
     if run["eval_json"] is None:
         raise UsageError(f"--from-eval: {run['folder']} has no eval.json (write it with python eval.py "
                          f"--checkpoint {run['folder']}, or drop --from-eval)")
-    try:
-        with open(run["eval_json"]) as f:
-            blob = json.load(f)
-        return blob["metrics"], f"eval.json {blob.get('split', 'val')} split"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot read {run['eval_json']}: expected the eval.json of python eval.py "
-                         f"--checkpoint with 'metrics' ({type(e).__name__}: {e})") from None
+    path, evaluated_on = run["eval_json"], evaluation_set(run["config"])
+    blob = read_json_object(path, path)
+    numbers = results_in(blob, "metrics", path, "the eval.json of python eval.py --checkpoint")
+    last = run["metrics"]["epochs"]  # last.pt's epoch (read_finished_run)
+    if (blob.get("epoch"), blob.get("evaluated_on")) != (last, evaluated_on):
+        raise UsageError(f"--from-eval: {path} is of epoch {blob.get('epoch')} on {blob.get('evaluated_on')}, "
+                         f"but last.pt holds epoch {last} on {evaluated_on}: evaluate it again with python "
+                         f"eval.py --checkpoint {run['folder']}")
+    return numbers, f"eval.json {blob.get('split', 'val')} split"
 
 
 def row_name(cfg, weighting=True):
@@ -1471,12 +1487,17 @@ def check_comparable(runs):
 
 def read_baseline_source(path, epoch, from_eval):
     """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
-    (the --epoch key) or eval.json ("metrics"). Returns {"folder": path, "data": dataset or None, "numbers"}."""
-    if os.path.isdir(path):
+    (the --epoch key; beside its last.pt, which says what data it was evaluated on) or eval.json ("metrics").
+    Returns {"folder": path, "runs": [path], "data", "evaluated_on" (None where unknown), "numbers"}."""
+    if os.path.isdir(path) or (os.path.basename(path) == "metrics.json"
+                               and os.path.isfile(os.path.join(os.path.dirname(path), "last.pt"))):
         run = read_finished_run(path)
-        return {"folder": path, "data": run["config"]["data"], "numbers": run_numbers(run, epoch, from_eval)[0]}
-    numbers, dataset = read_baseline_file(path, EPOCH_CHOICES[epoch])
-    return {"folder": path, "data": dataset, "numbers": numbers}
+        return {"folder": path, "runs": [path], "data": run["config"]["data"],
+                "evaluated_on": evaluation_set(run["config"]),
+                "numbers": run_numbers(run, epoch, from_eval and os.path.isdir(path))[0]}
+    numbers, blob = read_baseline_file(path, EPOCH_CHOICES[epoch])
+    return {"folder": path, "runs": [path], "data": blob.get("data"),
+            "evaluated_on": blob.get("evaluated_on"), "numbers": numbers}
 
 
 def find_baselines(runs, named=None):
@@ -1498,6 +1519,32 @@ def find_baselines(runs, named=None):
     return chosen
 
 
+# The configuration keys that change how fast a run goes, where it reads and writes or how often it is evaluated,
+# not what its numbers mean: runs that differ only in these and in their seed are seeds of one row.
+RUN_ONLY = ("seed", "out", "device", "workers", "compile", "cuda_graph", "data_on_device", "peak_tflops",
+            "eval_every", "data_root")
+
+
+def seed_groups(runs, per_seed=False):
+    """The runs grouped by their configuration without RUN_ONLY (each run alone with per_seed), in command-line
+    order: each metric's mean over a group's runs and their sample standard deviation (n - 1 in the
+    denominator: statistics.stdev, numpy's ddof=1; None for one run). A group of seeds names no seed."""
+    groups = {}
+    for run in runs:
+        key = repr(sorted(kv for kv in run["config"].items() if kv[0] not in RUN_ONLY))
+        groups.setdefault(run["folder"] if per_seed else key, []).append(run)
+    rows = []
+    for members in groups.values():
+        cfg, results, std = members[0]["config"], [run["numbers"] for run in members], None
+        if len(members) > 1:
+            cfg = {k: v for k, v in cfg.items() if k != "seed"}
+            std = {t: {k: statistics.stdev([r[t][k] for r in results]) for k in values}
+                   for t, values in results[0].items()}
+        rows.append({"folder": members[0]["folder"], "runs": [r["folder"] for r in members], "members": members,
+                     "config": cfg, "numbers": average_results(results), "std": std})
+    return rows
+
+
 def row_delta_m(numbers, reference, tasks, convention):
     """(Delta_m in %, the tasks it covers) of one row against {task: single-task numbers}, or (None, []) when
     the convention has nothing to measure. mtinet and libmtl use the row's main tasks that have a baseline;
@@ -1514,11 +1561,12 @@ def row_delta_m(numbers, reference, tasks, convention):
         raise UsageError(f"Delta_m ({convention} convention): {e}") from None
 
 
-def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False):
-    """The rows of the --compare table, in command-line order: dicts with the row's name, run folder, model,
-    dataset, tasks, parameter count, epochs, evaluations averaged, metrics, Delta_m with the tasks it covers
-    and the baseline of each, and where the numbers come from. `baseline`: comma-separated --baseline
-    sources."""
+def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, from_eval=False,
+                 per_seed=False):
+    """The rows of the --compare table, one per seed group (seed_groups) in command-line order: dicts with the
+    row's name, runs, seeds and n, model, dataset, tasks, parameter count, epochs, evaluations averaged, metrics
+    (the seeds' mean) and std, Delta_m (the mean of the seeds' Delta_m, each against the mean of the baseline's
+    seeds) and its std, the tasks it covers and the baseline of each, and where the numbers come from."""
     if not folders:
         raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
     runs = [read_finished_run(folder) for folder in folders]
@@ -1531,27 +1579,38 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     named = None
     if baseline:
         named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
-        data = runs[0]["config"]["data"]
+        data, evaluated_on = runs[0]["config"]["data"], evaluation_set(runs[0]["config"])
         for source in named:
-            if source["data"] not in (None, data):
-                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run, the compared "
-                                 f"runs are on {data}")
-    baselines = find_baselines(runs, named)
+            if source["data"] not in (None, data) or source["evaluated_on"] not in (None, evaluated_on):
+                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run ("
+                                 f"{source['evaluated_on'] or source['data']}), the compared runs are on "
+                                 f"{evaluated_on}: they cannot share a table")
+            if len(source["numbers"]) > 1:
+                raise UsageError(f"--baseline {source['folder']} is a multi-task run (tasks "
+                                 f"{', '.join(source['numbers'])}): a baseline is a single-task run")
+    groups = seed_groups(runs, per_seed)
+    baselines = find_baselines(groups, named)
     reference = {task: source["numbers"][task] for task, source in baselines.items()}
     rows = []
-    for run, name in zip(runs, row_names(runs)):
-        cfg = run["config"]
+    for group, name in zip(groups, row_names(groups)):
+        cfg, members = group["config"], group["members"]
         # Main tasks only: MTI-Net's Delta_m leaves the auxiliary tasks out (train.py does not evaluate them).
-        value, covered = row_delta_m(run["numbers"], reference, [t for t in cfg["tasks"] if t in reference],
-                                     convention)
-        evaluated = 1 if (epoch == "last" or from_eval) else min(10, run["evaluations"] or 10)
-        rows.append({"name": name, "run": run["folder"], "model": cfg["model"], "family": cfg["family"],
-                     "data": cfg["data"],
+        tasks = [t for t in cfg["tasks"] if t in reference]
+        deltas = [row_delta_m(run["numbers"], reference, tasks, convention) for run in members]
+        (value, covered), values, spread = deltas[0], [d for d, _ in deltas], None
+        if value is not None and len(values) > 1:  # n - 1 in the denominator, as for the metrics
+            value, spread = statistics.fmean(values), statistics.stdev(values)
+        evaluations = min([10] + [r["evaluations"] or 10 for r in members])
+        evaluated = 1 if (epoch == "last" or from_eval) else evaluations
+        rows.append({"name": name, "run": group["folder"], "runs": group["runs"], "n": len(members),
+                     "seeds": [r["config"].get("seed", 0) for r in members], "model": cfg["model"],
+                     "family": cfg["family"], "data": cfg["data"],
                      "evaluated_on": evaluation_set(cfg), "tasks": list(cfg["tasks"]),
                      "aux_tasks": list(cfg.get("aux_tasks") or {}),
-                     "params": run["params"], "epochs": run["metrics"]["epochs"], "evaluations": evaluated,
-                     "numbers": run["source"], "metrics": run["numbers"], "delta_m": value,
-                     "delta_m_tasks": covered, "baselines": {t: baselines[t]["folder"] for t in covered}})
+                     "params": members[0]["params"], "epochs": members[0]["metrics"]["epochs"],
+                     "evaluations": evaluated, "numbers": members[0]["source"], "metrics": group["numbers"],
+                     "std": group["std"], "delta_m": value, "delta_m_std": spread, "delta_m_tasks": covered,
+                     "baselines": {t: ",".join(baselines[t]["runs"]) for t in covered}})
     return rows
 
 
@@ -1602,6 +1661,11 @@ def format_comparison(doc):
     else:
         numbers = "the last evaluation of each run (--epoch protocol for the mean of the last 10)"
     lines = [f"numbers: {numbers}, after {epochs} epochs, data: {rows[0]['evaluated_on']}"]
+    seeds = any(r["n"] > 1 for r in rows)
+    if seeds:
+        lines.append("a row of n seeds: mean ± sample standard deviation (n - 1) over its seeds; its "
+                     "Delta_m: the mean ± std of its seeds' Delta_m, each against the mean of the baseline's "
+                     "seeds")
     if doc["baselines"]:
         against = ", ".join(f"{task} {folder}" for task, folder in doc["baselines"].items())
         lines.append(f"Delta_m: {CONVENTION_WORDS[doc['convention']]}, against {against}")
@@ -1611,8 +1675,14 @@ def format_comparison(doc):
     table = []
     for r in rows:
         cells = table_row(r["metrics"], tasks, doc["style"])
-        cells.append(("Params", format_params(r["params"])))
-        cells.append((DELTA_M_HEADER, "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"))
+        if r["std"]:  # the same columns, scales and decimals
+            cells = [(h, v if s == "-" else f"{v} ± {s}")
+                     for (h, v), (_, s) in zip(cells, table_row(r["std"], tasks, doc["style"]))]
+        delta = "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"
+        if r["delta_m_std"] is not None:
+            delta += f" ± {r['delta_m_std']:.2f}"
+        cells = ([("n", str(r["n"]))] if seeds else []) + cells + [("Params", format_params(r["params"])),
+                                                                   (DELTA_M_HEADER, delta)]
         table.append((r["name"], cells))
     lines += ["", format_table(table)]
     for r in rows:
@@ -1634,14 +1704,14 @@ def compare_command(args):
                          "not --epoch protocol")
     epoch = args.epoch or ("last" if args.from_eval else "protocol")
     rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
-                        from_eval=args.from_eval)
+                        from_eval=args.from_eval, per_seed=args.per_seed)
     baselines = {}
     for row in rows:
         baselines.update(row["baselines"])
     doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
            "style": args.style or comparison_style(rows), "data": rows[0]["data"],
            "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
-    print(json.dumps(doc, indent=2) if args.json else format_comparison(doc))
+    print(strict_json(doc, indent=2) if args.json else format_comparison(doc))
     return doc
 
 
@@ -1743,8 +1813,8 @@ MAX_SIDE = 1024  # --image: the longest side the model sees (a 4000x4000 photo w
 
 
 def predict_image(args, cfg, model, device, normalise):
-    """Run one image of any size: resized to the run's resolution (synthetic scenes) or to multiples of 32 (SegNet
-    and HRNet need them) with at most MAX_SIDE pixels a side, one picture per task resized back to the
+    """Run one image of any size: resized to the run's resolution (synthetic scenes) or to multiples of 32
+    (SegNet and HRNet need them) with at most MAX_SIDE pixels a side, one picture per task resized back to the
     original size, written into a new folder beside the image (no file is replaced)."""
     from PIL import Image
 
@@ -1758,8 +1828,8 @@ def predict_image(args, cfg, model, device, normalise):
         scale = min(1.0, MAX_SIDE / max(height, width))
         size = (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
     image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
-    preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear", antialias=True)),
-                             False)
+    image = F.interpolate(image, size=size, mode="bilinear", antialias=True)
+    preds, _ = model_outputs(model, normalise(image), False)
     folder = new_folder(os.path.splitext(args.image)[0] + "_predictions")
     written = []
     for task, channels in cfg["tasks"].items():
@@ -1780,7 +1850,7 @@ def read_image(path):
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():  # PIL warns above 89M pixels and refuses above twice that: refuse both
+        with warnings.catch_warnings():  # PIL warns above 89M pixels, refuses above twice that: refuse both
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             picture = Image.open(path)
         with picture:
@@ -1932,8 +2002,8 @@ def first_line(error):
 
 
 def new_folder(path):
-    """Create a folder that did not exist, `path` or else `path-2`, `path-3`, ..., and return it: os.mkdir is
-    exclusive, so of two processes started together each gets its own, and no file already there is replaced."""
+    """Create a folder that did not exist, `path` or else `path-2`, `path-3`, ..., and return it: os.mkdir
+    is exclusive, so of two processes started together each gets its own, and no file there is replaced."""
     for count in range(1, 1000):
         folder = path if count == 1 else f"{path}-{count}"
         try:
@@ -2005,14 +2075,15 @@ def error_line(error, full_disk_hint=""):
 
 
 def resource_error(error, sizes):
-    """The `error: ...` line of running out of memory (on a GPU or the CPU) with the `sizes` that caused it, or
-    of BatchNorm given a batch of one sample. Any other error is a bug: raised again with its traceback."""
-    if isinstance(error, MemoryError) or re.search(r"out of memory|not enough memory|can't allocate memory", str(error)):
-        return (f"error: out of memory with {sizes}: lower --batch-size (or --width, --resolution, --subset for "
-                f"--data-on-device), or pass --device cpu")
+    """The `error: ...` line of running out of memory (on a GPU or the CPU) with the `sizes` that caused it,
+    or of BatchNorm given a batch of one sample. Any other error is a bug: raised again with its traceback."""
+    memory = re.search(r"out of memory|not enough memory|can't allocate", str(error))
+    if memory or isinstance(error, MemoryError):
+        return (f"error: out of memory with {sizes}: lower --batch-size (or --width, --resolution, --subset "
+                f"for --data-on-device), or pass --device cpu")
     if "Expected more than 1 value per channel" in str(error):
-        return (f"error: a batch of one sample ({sizes}): this model's BatchNorm needs batches of two or more: "
-                f"raise --batch-size (or --subset)")
+        return (f"error: a batch of one sample ({sizes}): this model's BatchNorm needs batches of two or "
+                f"more: raise --batch-size (or --subset)")
     raise error
 
 
@@ -2022,9 +2093,10 @@ def stop_quietly(stop, next_step=""):
     if isinstance(stop, BrokenPipeError):
         with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation: no file descriptor (tests)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    what = "interrupted (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "stdout was closed (a pipe's reader ended)"
+    interrupted = isinstance(stop, KeyboardInterrupt)
+    what = "interrupted (Ctrl-C)" if interrupted else "stdout was closed (a pipe's reader ended)"
     print(f"error: {what}{next_step}", file=sys.stderr, flush=True)
-    sys.exit(130 if isinstance(stop, KeyboardInterrupt) else 1)
+    sys.exit(130 if interrupted else 1)
 
 
 class ArgumentParser(argparse.ArgumentParser):

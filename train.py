@@ -70,8 +70,8 @@ def deterministic_cross_entropy_sum(logits, target):
 
 
 def depth_l1_loss(pred, target):
-    """Depth: L1 over valid pixels, as in both official codebases; a depth is positive, so 0 (their marker) and
-    any negative value are invalid."""
+    """Depth: L1 over valid pixels, as in both official codebases; a depth is positive, so 0 (their marker)
+    and any negative value are invalid."""
     mask = (target > 0).float()  # (B, 1, H, W)
     return ((pred.float() - target).abs() * mask).sum() / mask.sum().clamp_min(1)
 
@@ -384,9 +384,9 @@ def check_labels_seen(run, mean_losses):
         named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
         where = f" (e.g. {', '.join(named or files.values())})" if files else ""
         raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
-                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth <= 0, normals "
-                                f"0); a head without labels learns nothing: check the files, or leave the task "
-                                f"out with --tasks")
+                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth "
+                                f"<= 0, normals 0); a head without labels learns nothing: check the files, "
+                                f"or leave the task out with --tasks")
 
 
 def valid_targets(task, target):
@@ -1103,8 +1103,8 @@ def leave_distributed():
 def claim_run_folder(cfg, resuming, named):
     """Create (or, with --resume, reopen) the run folder and take its lock; returns the lock's path. A new run
     takes a folder that does not exist or is empty, so it never replaces a file it did not write (another
-    tool's metrics.json, a finished run). A default name (`named` False: no --out) is created exclusively, with
-    a counter when a run started in the same second has it."""
+    tool's metrics.json, a finished run). A default name (`named` False: no --out) is created exclusively,
+    with a counter when a run started in the same second has it."""
     if resuming or named:
         os.makedirs(cfg["out"], exist_ok=True)
     else:
@@ -1361,9 +1361,9 @@ positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
 
 non_negative_float = evaluation.number_type(float, 0.0)
 
-text = evaluation.text  # every string flag: an empty value (an unset shell variable) is an error, not a default
+text = evaluation.text  # every string flag: an empty value (an unset shell variable) is an error
 
-seed_type = evaluation.number_type(int, 0, high=2 ** 53)  # seed * 1000 + epoch (section 3) fits torch's 64 bits
+seed_type = evaluation.number_type(int, 0, high=2 ** 53)  # seed * 1000 + epoch (section 3): within 64 bits
 
 def name_list(value):
     """--tasks, --aux-tasks: comma-separated names, none empty, none twice."""
@@ -1409,14 +1409,16 @@ def build_parser():
                       "hrnet-mtl; dilated ResNet-50: mtan-deeplab deeplab (default: mtan)")
     what.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, help="default: synthetic (embedded, "
                       "no download)")
-    what.add_argument("--data-root", type=text, metavar="DIR", help="the dataset folder (default: data/<name>)")
-    what.add_argument("--task", type=text, metavar="TASK", help="the task of a single-task model (single, stan, or hrnet-mtl "
-                      "and deeplab with one task); for wrn-mtan: train on one Decathlon domain only (the single-domain "
-                      "baseline)")
-    what.add_argument("--tasks", type=name_list, metavar="TASKS", help="the main tasks, comma separated, a subset of the "
-                      "dataset's (default: its primary tasks), e.g. semantic,depth as in MTI-Net's NYUD setting")
-    what.add_argument("--aux-tasks", type=name_list, metavar="TASKS", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, "
-                      "e.g. normal,edge")
+    what.add_argument("--data-root", type=text, metavar="DIR", help="the dataset folder (default: "
+                      "data/<name>)")
+    what.add_argument("--task", type=text, metavar="TASK", help="the task of a single-task model (single, "
+                      "stan, or hrnet-mtl and deeplab with one task); for wrn-mtan: train on one Decathlon "
+                      "domain only (the single-domain baseline)")
+    what.add_argument("--tasks", type=name_list, metavar="TASKS", help="the main tasks, comma separated, a "
+                      "subset of the dataset's (default: its primary tasks), e.g. semantic,depth as in "
+                      "MTI-Net's NYUD setting")
+    what.add_argument("--aux-tasks", type=name_list, metavar="TASKS", help="MTI-Net/PAD-Net auxiliary "
+                      "tasks, comma separated, e.g. normal,edge")
     what.add_argument("--task-weights", type=task_weight_pairs, metavar="T=W,...", help="fixed loss weights, e.g. "
                       "semantic=1,depth=1,normal=10,edge=50 (default: MTI-Net's for the HRNet family, else 1)")
     what.add_argument("--weighting", choices=["equal", "uncertainty", "dwa"], help="how the main task losses "
@@ -1427,9 +1429,10 @@ def build_parser():
                       "flip; PASCAL: MTI-Net's)")
     what.add_argument("--backbone", choices=list(mtinet.HRNET_CONFIGS), help="the HRNet of mtinet, padnet and "
                       "hrnet-mtl (default: w18-small-v2, the MTI-Net paper's HRNet-18; w48: its state of the art)")
-    what.add_argument("--pretrained", type=text, metavar="PATH", help="ImageNet weights of the backbone: HRNet-Image-"
-                      "Classification's file (hrnet_w18_small_model_v2.pth, hrnetv2_w48_imagenet_pretrained.pth, "
-                      "...) or torchvision's ResNet-50 file; switches on ImageNet input normalisation")
+    what.add_argument("--pretrained", type=text, metavar="PATH", help="ImageNet weights of the backbone: "
+                      "HRNet-Image-Classification's file (hrnet_w18_small_model_v2.pth, "
+                      "hrnetv2_w48_imagenet_pretrained.pth, ...) or torchvision's ResNet-50 file; switches "
+                      "on ImageNet input normalisation")
     what.add_argument("--fpm-softmax", choices=["tasks", "official"], help="MTI-Net's FPM softmax: across tasks "
                       "per channel (the paper, default) or the official code's grouping of adjacent channels")
     what.add_argument("--width", type=positive_float, metavar="X", help="channel width multiplier of SegNet models "
@@ -1447,14 +1450,16 @@ def build_parser():
     recipe.add_argument("--finetune-epochs", type=non_negative_int, metavar="N", help="wrn-mtan: epochs of the second, "
                         "fine-tuning phase")
     run = p.add_argument_group("the run")
-    run.add_argument("--out", type=text, metavar="DIR", help="run folder (default runs/<model>-<data>-<time>)")
-    run.add_argument("--resume", type=text, metavar="DIR", help="continue the run in DIR from its last.pt, with its own "
-                     "settings (--epochs, --data-root, --device, --workers, --compile, --eval-every may change)")
+    run.add_argument("--out", type=text, metavar="DIR", help="run folder (default "
+                     "runs/<model>-<data>-<time>)")
+    run.add_argument("--resume", type=text, metavar="DIR", help="continue the run in DIR from its last.pt, "
+                     "with its own settings (--epochs, --data-root, --device, --workers, --compile, "
+                     "--eval-every may change)")
     run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
     run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")
-    run.add_argument("--resolution", type=text, metavar="HxW", help="size of the synthetic scenes, multiples of 32 (default "
-                     "96x128)")
+    run.add_argument("--resolution", type=text, metavar="HxW", help="size of the synthetic scenes, "
+                     "multiples of 32 (default 96x128)")
     run.add_argument("--seed", type=seed_type, metavar="N", help="model init, batch order, augmentation "
                      "(default 0)")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
@@ -1581,9 +1586,10 @@ def resolve_tasks(cfg, flags, parser):
     for name in filter(None, (flags["aux_tasks"] or "").split(",")):
         if not spec.aux:
             parser.error("--aux-tasks applies to --model mtinet and padnet only")
-        if name not in available or name in primary:
-            parser.error(f"--aux-tasks {name}: " + ("already a main task" if name in primary else
-                                                    f"the {dataset} dataset has tasks {', '.join(available)}"))
+        if name in primary:
+            parser.error(f"--aux-tasks {name}: already a main task")
+        if name not in available:
+            parser.error(f"--aux-tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
         aux[name] = available[name]
     return dict(primary), aux
 

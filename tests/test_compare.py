@@ -1,7 +1,8 @@
 """eval.py --compare: one paper-style table from finished run folders. Tiny synthetic runs (MTAN with DWA, Split,
 and single-task SegNets for semantic, depth and normal) are trained once for the module; the tests check the
-rows, the parameter counts, Delta_m worked by hand from each run's metrics.json, the epoch choice, the JSON
-document and the one-line errors."""
+rows, the parameter counts, Delta_m worked by hand from each run's metrics.json, seeds of one configuration in
+one row (mean and standard deviation worked by hand from metrics.json files the tests write into copies), the
+epoch choice, the JSON document and the one-line errors for files that cannot be trusted."""
 import json
 import os
 import shutil
@@ -54,8 +55,9 @@ def compare(*argv):
     return evaluation.main(["--compare", *argv])
 
 
-def copy_run(folder, tmp_path, name, edit=None):
-    """A copy of a run folder; `edit(checkpoint)` changes its last.pt first."""
+def copy_run(folder, tmp_path, name, edit=None, files=None):
+    """A copy of a run folder; `edit(checkpoint)` changes its last.pt first, `files` {name: JSON value}
+    replaces or adds JSON files."""
     copy = str(tmp_path / name)
     shutil.copytree(folder, copy)
     if edit is not None:
@@ -63,6 +65,9 @@ def copy_run(folder, tmp_path, name, edit=None):
         ckpt = torch.load(path, weights_only=True)
         edit(ckpt)
         torch.save(ckpt, path)
+    for file, blob in (files or {}).items():
+        with open(os.path.join(copy, file), "w") as f:
+            json.dump(blob, f)
     return copy
 
 
@@ -148,8 +153,9 @@ def test_epoch_last_or_the_protocol(runs, capsys):
 def test_eval_json_only_with_from_eval(runs, tmp_path, capsys):
     folder = copy_run(runs["mtan"], tmp_path, "mtan")
     measured = {task: {k: v + 1 for k, v in metrics.items()} for task, metrics in metrics_json(folder)["final"].items()}
-    with open(os.path.join(folder, "eval.json"), "w") as f:
-        json.dump({"split": "val", "metrics": measured}, f)
+    with open(os.path.join(folder, "eval.json"), "w") as f:  # what it evaluated, as eval.py --checkpoint records it
+        json.dump({"split": "val", "epoch": 2, "evaluated_on": "synthetic 64x64 (first 4 samples)",
+                   "metrics": measured}, f)
     assert compare(folder)["rows"][0]["metrics"] == metrics_json(folder)["mean_last_10"]  # ignored by default
     doc = compare(folder, "--from-eval")
     assert doc["rows"][0]["metrics"] == measured and doc["epoch"] == "last"
@@ -257,3 +263,151 @@ def test_checkpoint_and_compare_exclude_each_other(runs):
         evaluation.main(["--checkpoint", runs["mtan"], "--json"])
     with pytest.raises(SystemExit, match="^error: --save-vis applies to --checkpoint"):
         compare(runs["mtan"], "--save-vis", "pictures")
+
+
+def test_eval_json_of_python_eval_py_checkpoint_is_taken(runs, tmp_path, capsys):
+    folder = copy_run(runs["sem"], tmp_path, "sem")
+    report = evaluation.main(["--checkpoint", folder, "--device", "cpu"])
+    assert (report["epoch"], report["evaluated_on"]) == (2, "synthetic 64x64 (first 4 samples)")
+    assert compare(folder, "--from-eval")["rows"][0]["metrics"] == report["metrics"]
+    evaluation.main(["--checkpoint", folder, "--device", "cpu", "--subset", "2"])  # other data: refused
+    assert "(first 2 samples), but last.pt holds epoch 2 on" in one_line_error(folder, "--from-eval")
+
+
+# ---- seeds: one row per configuration ----------------------------------------------------------------------
+
+
+def seeds(runs, tmp_path, name, mious):
+    """Copies of runs[name] with seeds 0, 1, ..., whose metrics.json says these semantic mIoUs (protocol)."""
+    folders = []
+    for seed, miou in enumerate(mious):
+        blob = metrics_json(runs[name])
+        blob["mean_last_10"]["semantic"]["miou"] = miou
+        folders.append(copy_run(runs[name], tmp_path, f"{name}-seed{seed}",
+                                lambda ckpt: ckpt["config"].update(seed=seed), {"metrics.json": blob}))
+    return folders
+
+
+def row_line(printed, name):
+    return next(line for line in printed.splitlines() if line.startswith(f"| {name} "))
+
+
+def test_seeds_share_a_row_with_mean_and_std_worked_by_hand(runs, tmp_path, capsys):
+    split = seeds(runs, tmp_path, "split", [0.40, 0.44, 0.48])
+    sem = seeds(runs, tmp_path, "sem", [0.36, 0.44])
+    doc = compare(*split, runs["mtan"], *sem)
+    printed = capsys.readouterr().out
+    assert [(r["name"], r["n"], r["seeds"]) for r in doc["rows"]] == [
+        ("split equal", 3, [0, 1, 2]), ("mtan dwa", 1, [0]), ("single semantic", 2, [0, 1])]
+    assert doc["rows"][0]["runs"] == split and doc["baselines"] == {"semantic": ",".join(sem)}
+    # mean (0.40 + 0.44 + 0.48) / 3 = 0.44; sample std sqrt((0.04^2 + 0 + 0.04^2) / (3 - 1)) = 0.04
+    split_row = row_line(printed, "split equal")
+    assert "| 3 |" in split_row and "44.00 ± 4.00" in split_row
+    # the baseline: mean (0.36 + 0.44) / 2 = 0.40, std sqrt((0.04^2 + 0.04^2) / 1) = 0.0566
+    assert "40.00 ± 5.66" in row_line(printed, "single semantic")
+    # Delta_m of each split seed against the mean baseline 0.40 (semantic only: the one task with a baseline):
+    # 100 (0.40 - 0.40) / 0.40 = 0, +10, +20: mean +10.00, std sqrt((10^2 + 0 + 10^2) / 2) = 10.00
+    assert "+10.00 ± 10.00" in split_row
+    assert "0.00 ± 14.14 |" in row_line(printed, "single semantic")  # -10 and +10 against their mean
+    mtan = metrics_json(runs["mtan"])["mean_last_10"]["semantic"]["miou"]
+    assert doc["rows"][1]["delta_m"] == pytest.approx(100 * (mtan - 0.40) / 0.40)
+    assert "±" not in row_line(printed, "mtan dwa") and "| 1 |" in row_line(printed, "mtan dwa")  # plain numbers
+    assert "sample standard deviation (n - 1)" in printed
+
+    compare(*split, runs["mtan"], *sem, "--json")
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["metrics"]["semantic"]["miou"] == pytest.approx(0.44)
+    assert rows[0]["std"]["semantic"]["miou"] == pytest.approx(0.04)
+    assert rows[0]["std"]["depth"]["rmse"] == 0  # copies: the other metrics agree
+    assert (rows[0]["delta_m"], rows[0]["delta_m_std"]) == (pytest.approx(10), pytest.approx(10))
+    assert rows[2]["std"]["semantic"]["miou"] == pytest.approx(0.08 / 2 ** 0.5)
+    assert (rows[2]["delta_m"], rows[2]["delta_m_std"]) == (pytest.approx(0, abs=1e-12), pytest.approx(200 ** 0.5))
+    assert rows[1]["std"] is None and rows[1]["delta_m_std"] is None and rows[1]["runs"] == [runs["mtan"]]
+
+
+def test_per_seed_keeps_one_row_per_run(runs, tmp_path, capsys):
+    split = seeds(runs, tmp_path, "split", [0.40, 0.44, 0.48])
+    sem = seeds(runs, tmp_path, "sem", [0.36, 0.44])
+    doc = compare(*split, *sem, "--per-seed")
+    assert [r["name"] for r in doc["rows"]] == ["split", "split seed 1", "split seed 2", "single semantic",
+                                                "single semantic seed 1"]
+    assert all(r["n"] == 1 and r["std"] is None for r in doc["rows"])
+    assert doc["rows"][0]["delta_m"] == pytest.approx(100 * (0.40 - 0.36) / 0.36)  # the first baseline run
+    printed = capsys.readouterr().out
+    assert "±" not in printed and "| n " not in printed
+
+
+def test_json_is_strict(runs, tmp_path, capsys):
+    blob = metrics_json(runs["mtan"])
+    blob["mean_last_10"]["depth"]["rmse"] = float("nan")  # Python's json reads and writes NaN; strict JSON has none
+    folder = copy_run(runs["mtan"], tmp_path, "nan", files={"metrics.json": blob})
+    compare(folder, "--json")
+
+    def refuse(constant):
+        raise ValueError(constant)
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert doc["rows"][0]["metrics"]["depth"]["rmse"] is None
+
+
+# ---- files --compare cannot trust: one line each -----------------------------------------------------------
+
+EVALUATED_ON = "synthetic 64x64 (first 4 samples)"
+
+
+def metrics_with(runs, **keys):
+    return dict(metrics_json(runs["sem"]), **keys)
+
+
+def eval_json(runs, **keys):
+    return dict({"split": "val", "epoch": 2, "evaluated_on": EVALUATED_ON,
+                 "metrics": metrics_json(runs["sem"])["final"]}, **keys)
+
+
+def config_with(**keys):
+    return lambda ckpt: ckpt["config"].update(keys)
+
+
+UNTRUSTED = [  # (case, the arguments of --compare from (runs, a copy(edit, files) of the sem run), the error)
+    ("metrics.json-list", lambda r, copy: [copy(files={"metrics.json": [1, 2]})],
+     "metrics.json holds a JSON list, not an object"),
+    ("final-not-results", lambda r, copy: [copy(files={"metrics.json": metrics_with(r, final={"semantic": [0.5]})})],
+     "is not the metrics.json of train.py: expected {task: {metric: number}} under 'final'"),
+    ("metric-not-a-number", lambda r, copy: [copy(files={"metrics.json": metrics_with(
+        r, mean_last_10={"semantic": {"miou": "high"}})})], "under 'mean_last_10'"),
+    ("epochs-not-a-number", lambda r, copy: [copy(files={"metrics.json": metrics_with(r, epochs="2")})],
+     "'epochs' is not a number"),
+    ("checkpoint-without-config", lambda r, copy: [copy(edit=lambda ckpt: ckpt.pop("config"))],
+     "is not a checkpoint of train.py"),
+    ("checkpoint-model-not-weights", lambda r, copy: [copy(edit=lambda ckpt: ckpt.update(model=[1]))],
+     "is not a checkpoint of train.py"),
+    ("eval.json-older-than-the-run", lambda r, copy: [copy(files={"eval.json": eval_json(r, epoch=1)}),
+                                                       "--from-eval"],
+     f"eval.json is of epoch 1 on {EVALUATED_ON}, but last.pt holds epoch 2 on {EVALUATED_ON}"),
+    ("eval.json-on-other-data", lambda r, copy: [copy(files={"eval.json": eval_json(
+        r, evaluated_on="synthetic 32x32 (first 4 samples)")}), "--from-eval"], "on synthetic 32x32"),
+    ("eval.json-list", lambda r, copy: [copy(files={"eval.json": []}), "--from-eval"], "eval.json holds a JSON list"),
+    ("eval.json-without-metrics", lambda r, copy: [copy(files={"eval.json": eval_json(r, metrics=None)}),
+                                                    "--from-eval"],
+     "is not the eval.json of python eval.py --checkpoint"),
+    ("baseline-other-resolution", lambda r, copy: [r["mtan"], "--baseline", copy(edit=config_with(
+        resolution="32x32"))], f"is a synthetic run (synthetic 32x32 (first 4 samples)), the compared runs are on "
+                               f"{EVALUATED_ON}"),
+    ("baseline-metrics.json-other-subset", lambda r, copy: [r["mtan"], "--baseline", os.path.join(copy(
+        edit=config_with(subset=2)), "metrics.json")], "(synthetic 64x64 (first 2 samples))"),
+    ("baseline-eval.json-other-data", lambda r, copy: [r["mtan"], "--baseline", os.path.join(copy(files={
+        "eval.json": eval_json(r, evaluated_on="synthetic 32x32 (first 4 samples)")}), "eval.json")],
+     "cannot share a table"),
+    ("baseline-multi-task", lambda r, copy: [r["sem"], "--baseline", r["mtan"]],
+     "mtan is a multi-task run (tasks semantic, depth, normal): a baseline is a single-task run"),
+]
+
+
+@pytest.mark.parametrize("make,words", [c[1:] for c in UNTRUSTED], ids=[c[0] for c in UNTRUSTED])
+def test_untrusted_files_get_one_line(runs, tmp_path, make, words, capsys):
+    argv = make(runs, lambda edit=None, files=None: copy_run(runs["sem"], tmp_path, "copy", edit, files))
+    with pytest.raises(SystemExit) as e:
+        compare(*argv)
+    message = e.value.code  # a string: exit status 1, as every error of eval.py's main
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    assert words in message, message
+    assert "Traceback" not in "".join(capsys.readouterr())
