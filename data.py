@@ -333,9 +333,23 @@ class _CachedDataset(torch.utils.data.Dataset):
         if self.cache is not None and index in self.cache:
             return dict(self.cache[index])
         sample = self.load(index)
+        self._check_size(index, sample)
         if self.cache is not None:
             self.cache[index] = sample
         return dict(sample)
+
+    same_size = True  # PASCAL decodes each image at its own size and resizes it afterwards: False
+
+    def _check_size(self, index, sample):
+        """Every sample of a split has the size of the first one read, sample 0 before training (train.py's
+        first-sample check): a batch stacks samples of one size, and the odd file is named here rather than by
+        a traceback of the batch collation."""
+        size = tuple(sample["image"].shape[-2:])
+        first = self.__dict__.setdefault("first_size", size)
+        if size != first and self.same_size:
+            raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of "
+                                f"the {self.split} split are {first[0]}x{first[1]}: crop or resize it",
+                                sample_files(self, index).get("image", f"sample {index}"))
 
     def _use(self, ids, num_samples, cache):
         """Use the first `num_samples` of the samples `ids` (all of them when None; train.py's --subset)."""
@@ -372,7 +386,10 @@ class _MTANRelease(_CachedDataset):
                   "semantic": _label_tensor(self.name, arrays.pop("semantic"), paths["semantic"],
                                             self.tasks["semantic"])}
         for task, array in arrays.items():  # depth, and NYUv2's normals
-            sample[task] = _float_tensor(self.name, array, paths[task], self.tasks[task])
+            if task == "depth":  # CityScapes stores inverse depth: no bound in metres
+                sample[task] = _depth_tensor(self.name, array, paths[task], metres=self.name != "cityscapes")
+            else:
+                sample[task] = _float_tensor(self.name, array, paths[task], self.tasks[task])
         _check_sizes(self.name, sample, paths)
         return sample
 
@@ -450,7 +467,7 @@ class NYUD(_CachedDataset):
             "image": _image_tensor(self.name, _read_picture(self.name, paths["image"]), paths["image"]),
             "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
                                       paths["semantic"], 40, shift=-1),
-            "depth": _float_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"], 1),
+            "depth": _depth_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"]),
             "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
             "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
         }
@@ -499,6 +516,25 @@ def _float_tensor(name, array, path, channels):
     array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
     array[~np.isfinite(array)] = 0
     return torch.from_numpy(array)
+
+
+MAX_DEPTH = 100.0  # metres: no indoor scene (NYUv2, NYUD) comes near; a larger value is millimetres or so
+_negative_depth_noted = []  # the note on negative depth is printed once per process
+
+
+def _depth_tensor(name, array, path, metres=True):
+    """(H, W, 1) or (H, W) depth -> float (1, H, W). Depth is positive: 0 and negative values (another
+    release's marker, -1) are invalid, which the losses and metrics read as `target > 0`; a note says so once.
+    Depth in metres above MAX_DEPTH is a DatasetError naming the file (CityScapes: inverse depth, as is)."""
+    depth = _float_tensor(name, array, path, 1)
+    high = float(depth.max())
+    if metres and high > MAX_DEPTH:
+        raise dataset_error(name, f"depth up to {high:.4g}, expected metres (at most {MAX_DEPTH:g}; "
+                            f"millimetres? divide by 1000)", path)
+    if not _negative_depth_noted and float(depth.min()) < 0:
+        _negative_depth_noted.append(path)
+        print(f"note: {path} holds negative depth values: read as invalid, as 0 is (README, 'Datasets')")
+    return depth
 
 
 def _label_tensor(name, array, path, num_classes, shift=0):
@@ -714,6 +750,7 @@ class PascalContext(_CachedDataset):
     cache=True keeps the decoded samples (before augmentation) in memory. `ids` lists the image ids."""
 
     name = "pascal"
+    same_size = False
     class_names = PASCAL_VOC_CLASSES
     PART_NAMES = HUMAN_PART_NAMES
     tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order

@@ -44,15 +44,18 @@ with logits as predictions.
 """
 
 import argparse
+import contextlib
 import errno
 import inspect
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -221,7 +224,8 @@ class PartsMetrics(SegMetrics):
 
 
 class DepthMetrics(Metric):
-    """Depth errors pooled over every valid pixel (target != 0) of the dataset.
+    """Depth errors pooled over every valid pixel (target > 0: 0 or a negative value marks "invalid") of the
+    dataset.
 
         abs_err = sum |p - t|       / N        # MTAN utils.depth_error
         rel_err = sum |p - t| / t   / N        # MTAN utils.depth_error
@@ -249,7 +253,7 @@ class DepthMetrics(Metric):
         p, t = pred.float(), target.float()  # (B, 1, H, W)
         if self.clamp_nonpositive:
             p = torch.where(p <= 0, torch.full_like(p, 1e-9), p)
-        valid = t != 0
+        valid = t > 0
         err = torch.where(valid, (p - t).abs(), torch.zeros_like(p))  # 0 on invalid pixels
         t_safe = torch.where(valid, t, torch.ones_like(t))  # avoids 0 / 0 on invalid pixels
         s = self._state_on(p.device)
@@ -931,21 +935,46 @@ class CheckpointError(Exception):
     pass
 
 
-def load_checkpoint(path):
-    """Read a checkpoint written by train.py, with one-line errors for the usual mistakes. weights_only=True:
+# The entries of a checkpoint and their types: evaluating needs the first three, resuming all of them.
+CHECKPOINT = {"config": dict, "model": dict, "model_args": dict, "epoch": int, "history": list,
+              "optimizer": dict, "weighting": dict}
+
+
+def load_checkpoint(path, resuming=False):
+    """Read a checkpoint written by train.py, with one-line errors for the usual mistakes: the entries that
+    evaluating (or, `resuming`, training on) needs, weights that are tensors and finite. weights_only=True:
     loading a checkpoint never runs code from the file."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: pass a run folder (runs/NAME) or its last.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not a "
-                              f"checkpoint of this repository; start a new run or use another file") from None
-    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("config", "model"))):
-        raise CheckpointError(f"{path} is not a checkpoint of train.py (it has no 'config'/'model' entries)")
+    ckpt = read_weights(path, "checkpoint")
+    for key, kind in list(CHECKPOINT.items())[:None if resuming else 3]:
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path} is not a checkpoint of train.py (its '{key}' entry is missing or "
+                                  f"not a {kind.__name__})")
+    if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'model' entry holds non-tensors)")
     return ckpt
+
+
+def read_weights(path, what):
+    """torch.load of a user's file (a checkpoint, --pretrained), with one line naming it when it cannot be
+    read (truncated, corrupt, not a torch file, a pickle that would run code) or when a weight of it (a
+    checkpoint: of its model) is not finite: NaN weights are named at load, not blamed on the learning
+    rate."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {what} {path} ({type(e).__name__}): it is corrupt or not a torch "
+                              f"file; use another file") from None
+    weights = state.get("model", state) if isinstance(state, dict) else {}
+    bad = [k for k, v in getattr(weights, "items", dict)() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{what} {path}: non-finite weights in {bad[0]} and {len(bad) - 1} more "
+                              f"tensors: the file is damaged or its run diverged")
+    return state
 
 
 def model_from_checkpoint(ckpt):
@@ -988,22 +1017,26 @@ def build_parser():
                        "and optional pictures of predictions and attention masks; or, with --compare, "
                        "one paper-style table of finished runs.")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="PATH", help="runs/NAME/last.pt (or the run folder)")
+    what.add_argument("--checkpoint", type=text, metavar="PATH", help="runs/NAME/last.pt (or the run "
+                      "folder)")
     what.add_argument("--compare", nargs="*", metavar="RUN", help="run folders of train.py: one table row per "
                       "configuration from metrics.json (no re-evaluation), the mean ± sample std (n - 1) of its "
                       "seeds, with parameters and delta_m (its seeds' mean ± std, each against the mean of the "
                       "seeds of the single-task runs among them)")
-    p.add_argument("--data-root", metavar="DIR", help="dataset folder, if it moved since training")
+    p.add_argument("--data-root", type=text, metavar="DIR", help="dataset folder, if it moved since "
+                   "training")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--baseline", metavar="FILE", help="eval.json or metrics.json of a baseline run: adds delta_m "
-                   "(Decathlon: comma-separated eval.json files of single-domain runs, for the score; --compare: "
-                   "comma-separated run folders or metrics.json / eval.json files of single-task runs, instead of "
-                   "the single-task runs among those compared)")
+    p.add_argument("--baseline", type=text, metavar="FILE", help="eval.json or metrics.json of a baseline "
+                   "run: adds delta_m (Decathlon: comma-separated eval.json files of single-domain runs, "
+                   "for the score; --compare: comma-separated run folders or metrics.json / eval.json files "
+                   "of single-task runs, instead of the single-task runs among those compared)")
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
-    p.add_argument("--save-vis", metavar="DIR", help="write input / ground truth / prediction PNGs here")
+    p.add_argument("--save-vis", type=text, metavar="DIR", help="write input / ground truth / prediction "
+                   "PNGs here")
     p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
-    p.add_argument("--image", metavar="FILE", help="predict one image of any size and write per-task PNGs")
+    p.add_argument("--image", type=text, metavar="FILE", help="predict one image of any size and write "
+                   "per-task PNGs into a new folder beside it")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default: the training's on "
                    "the device it trained on; on another device that device's default: bf16 on a GPU, fp16 on "
@@ -1092,8 +1125,13 @@ def main(argv=None):
 
     try:
         return compare_command(args) if args.compare is not None else evaluate_checkpoint(args)
+    except (KeyboardInterrupt, BrokenPipeError) as stop:
+        stop_quietly(stop)
     except (data.DatasetError, CheckpointError, UsageError, FloatingPointError, OSError) as error:
         sys.exit(error_line(error))  # a user's mistake: one line (a bug keeps its traceback)
+    except (RuntimeError, MemoryError, ValueError) as error:  # out of memory: one line; anything else: a bug
+        sys.exit(resource_error(error, f"the run's model at batch {args.batch_size or 'of the run'} and the "
+                                       f"split's image size (--image: {MAX_SIDE} pixels at most)"))
 
 
 def evaluate_checkpoint(args):
@@ -1707,12 +1745,6 @@ def task_picture(task, tensor, num_classes, truth=None):
     return grey[..., None].repeat(3, axis=2)
 
 
-def save_png(array, path):
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
-
-
 def save_row(tiles, names, path):
     """(H, W, 3) uint8 pictures side by side, 2 white pixels apart, each named in a strip above it."""
     from PIL import Image, ImageDraw
@@ -1777,9 +1809,15 @@ def save_visualisations(args, cfg, model, dataset, device, normalise):
           f"truth and prediction of {', '.join(cfg['tasks'])})")
 
 
+MAX_SIDE = 1024  # --image: the longest side the model sees (a 4000x4000 photo would not fit in memory)
+
+
 def predict_image(args, cfg, model, device, normalise):
-    """Run one image of any size: resized to a multiple of 32 for the model (SegNet and HRNet need it), the
-    predictions resized back to the original size, one PNG per task beside the image."""
+    """Run one image of any size: resized to the run's resolution (synthetic scenes) or to multiples of 32
+    (SegNet and HRNet need them) with at most MAX_SIDE pixels a side, one picture per task resized back to the
+    original size, written into a new folder beside the image (no file is replaced)."""
+    from PIL import Image
+
     array = read_image(args.image)
     height, width = array.shape[:2]
     if cfg["data"] == "synthetic":
@@ -1787,17 +1825,19 @@ def predict_image(args, cfg, model, device, normalise):
 
         size = data.parse_resolution(cfg["resolution"], flag="--resolution")
     else:
-        size = (max(32, round(height / 32) * 32), max(32, round(width / 32) * 32))
+        scale = min(1.0, MAX_SIDE / max(height, width))
+        size = (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
     image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
-    preds, _ = model_outputs(model, normalise(F.interpolate(image, size=size, mode="bilinear")), False)
-    stem = os.path.splitext(args.image)[0]
+    image = F.interpolate(image, size=size, mode="bilinear", antialias=True)
+    preds, _ = model_outputs(model, normalise(image), False)
+    folder = new_folder(os.path.splitext(args.image)[0] + "_predictions")
     written = []
     for task, channels in cfg["tasks"].items():
-        pred = F.interpolate(preds[task].float(), size=(height, width), mode="bilinear")[0]
-        path = f"{stem}_{task}.png"
-        save_png(task_picture(task, pred, channels), path)
-        written.append(path)
-    print("wrote " + ", ".join(written))
+        picture = Image.fromarray(task_picture(task, preds[task][0].float(), channels))  # labels: nearest
+        resample = Image.NEAREST if task in ("semantic", "parts") else Image.BILINEAR
+        written.append(os.path.join(folder, f"{task}.png"))
+        picture.resize((width, height), resample).save(written[-1])
+    print(f"wrote {', '.join(os.path.basename(p) for p in written)} into the new folder {folder}")
     return written
 
 
@@ -1810,13 +1850,16 @@ def read_image(path):
     from PIL import Image
 
     try:
-        with Image.open(path) as picture:
+        with warnings.catch_warnings():  # PIL warns above 89M pixels, refuses above twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            picture = Image.open(path)
+        with picture:
             mode = picture.mode
             if mode in ("I", "F") or mode.startswith("I;16"):
                 array = np.asarray(picture, dtype=np.float64)
             else:
                 array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UsageError(f"cannot read --image {path}: {e}") from None
     if array.ndim == 3:
         return array
@@ -1958,6 +2001,19 @@ def first_line(error):
     return lines[0]
 
 
+def new_folder(path):
+    """Create a folder that did not exist, `path` or else `path-2`, `path-3`, ..., and return it: os.mkdir
+    is exclusive, so of two processes started together each gets its own, and no file there is replaced."""
+    for count in range(1, 1000):
+        folder = path if count == 1 else f"{path}-{count}"
+        try:
+            os.makedirs(folder)
+            return folder
+        except FileExistsError:
+            pass
+    raise UsageError(f"cannot create a new folder {path}: {path}-2 to {path}-999 exist too")
+
+
 def remove_quietly(path):
     try:
         os.remove(path)
@@ -2006,13 +2062,41 @@ def error_line(error, full_disk_hint=""):
     repository's own (data.DatasetError, CheckpointError, UsageError, FloatingPointError) and USER_OS_ERRORS.
     Any other OSError is raised again with its traceback. `full_disk_hint` follows a full-disk error
     (train.py: the run folder keeps its last good checkpoint)."""
+    message = str(error)
+    if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in its traceback
+        message = re.split(rf"\n\S*{type(error).__name__}: ", message, maxsplit=1)[-1]
     if not isinstance(error, OSError):  # a DatasetError's first line is the error; the expected layout
-        return f"error: {error}"  # and the download follow it
+        return f"error: {message}"  # and the download follow it
     if error.errno not in USER_OS_ERRORS:
         raise error
     where = f": {error.filename}" if error.filename else ""
     hint = full_disk_hint if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return f"error: {USER_OS_ERRORS[error.errno]}{where}{hint}"
+
+
+def resource_error(error, sizes):
+    """The `error: ...` line of running out of memory (on a GPU or the CPU) with the `sizes` that caused it,
+    or of BatchNorm given a batch of one sample. Any other error is a bug: raised again with its traceback."""
+    memory = re.search(r"out of memory|not enough memory|can't allocate", str(error))
+    if memory or isinstance(error, MemoryError):
+        return (f"error: out of memory with {sizes}: lower --batch-size (or --width, --resolution, --subset "
+                f"for --data-on-device), or pass --device cpu")
+    if "Expected more than 1 value per channel" in str(error):
+        return (f"error: a batch of one sample ({sizes}): this model's BatchNorm needs batches of two or "
+                f"more: raise --batch-size (or --subset)")
+    raise error
+
+
+def stop_quietly(stop, next_step=""):
+    """Ctrl-C (exit status 130) or the reader of stdout gone (`train.py ... | head -1`, status 1): one line on
+    stderr. Stdout goes to /dev/null first: flushing the closed pipe at exit would raise again."""
+    if isinstance(stop, BrokenPipeError):
+        with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation: no file descriptor (tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    interrupted = isinstance(stop, KeyboardInterrupt)
+    what = "interrupted (Ctrl-C)" if interrupted else "stdout was closed (a pipe's reader ended)"
+    print(f"error: {what}{next_step}", file=sys.stderr, flush=True)
+    sys.exit(130 if interrupted else 1)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2023,8 +2107,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (--help lists every flag)\n")
 
 
-def number_type(kind, low, low_inclusive=True):
-    """An argparse `type`: an int or a finite float at least (or, with low_inclusive=False, above) `low`."""
+def number_type(kind, low, low_inclusive=True, high=math.inf):
+    """An argparse `type`: an int or a finite float at least (or, with low_inclusive=False, above) `low`, and
+    below `high`."""
     def parse(text):
         try:
             value = kind(text)
@@ -2033,8 +2118,18 @@ def number_type(kind, low, low_inclusive=True):
                                              f"got {text!r}") from None
         if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if low_inclusive else '>'} {low:g}, got {text}")
+        if value >= high:
+            raise argparse.ArgumentTypeError(f"must be < {high}, got {text}")
         return value
     return parse
+
+
+def text(value):
+    """The argparse `type` of every string flag (paths, names, lists): an empty or blank value is refused, so
+    that an unset shell variable (`--resume "$RUN"`) is an error rather than the flag's default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty string (an unset shell variable?)")
+    return value
 
 
 positive_int = number_type(int, 1)

@@ -70,8 +70,9 @@ def deterministic_cross_entropy_sum(logits, target):
 
 
 def depth_l1_loss(pred, target):
-    """Depth: L1 over valid pixels (target 0 = invalid), as in both official codebases."""
-    mask = (target != 0).float()  # (B, 1, H, W)
+    """Depth: L1 over valid pixels, as in both official codebases; a depth is positive, so 0 (their marker)
+    and any negative value are invalid."""
+    mask = (target > 0).float()  # (B, 1, H, W)
     return ((pred.float() - target).abs() * mask).sum() / mask.sum().clamp_min(1)
 
 
@@ -429,9 +430,9 @@ def check_labels_seen(run, mean_losses):
         named = [path for key, path in files.items() if key in empty or ("semantic" in empty and "label" in key)]
         where = f" (e.g. {', '.join(named or files.values())})" if files else ""
         raise data.DatasetError(f"no valid {' or '.join(empty)} target in the {len(run.train_set)} training "
-                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth 0, normals "
-                                f"0); a head without labels learns nothing: check the files, or leave the task "
-                                f"out with --tasks")
+                                f"samples{where}: every value is the 'invalid' marker (labels -1, depth "
+                                f"<= 0, normals 0); a head without labels learns nothing: check the files, "
+                                f"or leave the task out with --tasks")
 
 
 def valid_targets(task, target):
@@ -440,7 +441,7 @@ def valid_targets(task, target):
     if task in ("semantic", "parts"):
         return (target != -1).sum()
     if task == "depth":
-        return (target != 0).sum()
+        return (target > 0).sum()
     if task == "normal":
         return normal_validity(target).sum()
     return None
@@ -490,7 +491,8 @@ def setup_run(cfg, resume_from=None):
         model = model.to(memory_format=torch.channels_last)
     normalise = nn.Identity()
     if cfg.get("pretrained"):
-        load_pretrained(model, cfg["pretrained"])
+        if resume_from is None:  # a resumed run's weights are all in its checkpoint: the file may have moved
+            load_pretrained(model, cfg["pretrained"])
         normalise = mtinet.ImageNetNormalisation().to(device)
     weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
     params = list(model.parameters()) + list(weighting.parameters())
@@ -523,8 +525,7 @@ def setup_run(cfg, resume_from=None):
 def open_run_folder(run):
     """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
     run can die after writing the log line of an epoch whose checkpoint it never finished)."""
-    if is_main():
-        os.makedirs(run.cfg["out"], exist_ok=True)
+    if is_main() and run.history:  # a new run's log.jsonl begins with its first epoch (save_epoch)
         evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
                                      os.path.join(run.cfg["out"], "log.jsonl"))
     say(describe(run))
@@ -584,7 +585,10 @@ def make_loader(dataset, cfg, epoch, train):
     torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
     evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    drop_last = train and cfg["drop_last"] and len(dataset) > cfg["batch_size"]
+    # A last batch of one sample is dropped: BatchNorm's statistics need two (a bigger one is kept, as the
+    # MTAN recipe does, unless the recipe drops it).
+    last = len(dataset) % cfg["batch_size"]
+    drop_last = train and (cfg["drop_last"] or last == 1) and len(dataset) > cfg["batch_size"]
     # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
     batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
     sampler = None
@@ -735,7 +739,7 @@ def trivial_baseline(run):
             labels, valid = batch["semantic"].flatten(), (batch["semantic"] >= 0).flatten().float()
             constants["semantic"].scatter_add_(0, labels.clamp_min(0), valid)  # class histogram of valid pixels
         if "depth" in tasks:
-            valid = (batch["depth"] != 0).float()
+            valid = (batch["depth"] > 0).float()
             constants["depth"] += torch.stack([(batch["depth"] * valid).sum(), valid.sum()])
         if "normal" in tasks:
             constants["normal"] += batch["normal"].sum(dim=(0, 2, 3))  # invalid normals are zero vectors
@@ -979,11 +983,7 @@ def load_pretrained(model, path):
     files for the HRNet models, torchvision's ResNet-50 file for the ResNet-50 ones."""
     resnet = isinstance(model.backbone, mtan.ResNetDilated)
     kind = "ResNet-50" if resnet else "HRNet"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a user's file: not a torch file, truncated, or a pickle that would run code
-        raise evaluation.CheckpointError(f"--pretrained {path}: cannot be read as a torch weights file "
-                                         f"({type(e).__name__})") from None
+    state = evaluation.read_weights(path, "--pretrained")
     try:
         if resnet:
             skipped = model.backbone.load_torchvision(state)
@@ -1073,9 +1073,12 @@ def check_first_samples(cfg, model, train_set, val_set):
     """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read
     (data.py checks their labels and image range as it reads them) and their size is checked against the
     model, before the first step. The random state is left as it was (PASCAL's training samples draw their
-    augmentation)."""
+    augmentation). A training split of one sample is refused: BatchNorm's statistics need batches of two."""
     if cfg["data"] in DECATHLON_DATASETS:
         return
+    if len(train_set) < 2:
+        raise UsageError(f"the training split has {len(train_set)} sample: BatchNorm needs batches of two or "
+                         f"more (--subset 2 or more, or more data)")
     with torch.random.fork_rng(devices=[]):
         for split, dataset in (("train", train_set), ("val", val_set)):
             evaluation.check_first_samples(model, dataset, split)
@@ -1154,29 +1157,22 @@ def leave_distributed():
 
 def claim_run_folder(cfg, resuming, named):
     """Create (or, with --resume, reopen) the run folder and take its lock; returns the lock's path. A new run
-    never writes into a folder that holds a run (last.pt or a non-empty log.jsonl). A default name (`named`
-    False: no --out) is created exclusively, with a counter when a run started in the same second has it."""
-    out = cfg["out"]
+    takes a folder that does not exist or is empty, so it never replaces a file it did not write (another
+    tool's metrics.json, a finished run). A default name (`named` False: no --out) is created exclusively,
+    with a counter when a run started in the same second has it."""
     if resuming or named:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(cfg["out"], exist_ok=True)
     else:
-        for count in range(2, 1000):
-            try:
-                os.makedirs(out, exist_ok=False)  # exclusive: of two runs started together, one gets "-2"
-                break
-            except FileExistsError:
-                out = f"{cfg['out']}-{count}"
-        cfg["out"] = out
+        cfg["out"] = evaluation.new_folder(cfg["out"])  # of two runs started together, one gets "-2"
+    out = cfg["out"]
     lock = take_lock(out)
-    if not resuming and (os.path.exists(os.path.join(out, "last.pt")) or non_empty(os.path.join(out, "log.jsonl"))):
+    found = sorted(set(os.listdir(out)) - {"lock"})
+    if found and not resuming:
         release_lock(lock)
-        raise UsageError(f"--out {out} already holds a run (last.pt, log.jsonl): pass --resume {out} "
-                         f"to continue it, or choose another folder")
+        run = " (a run: pass --resume to continue it)" if "last.pt" in found else ""
+        raise UsageError(f"--out {out} is not empty{run}: it holds {', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}; a new run takes a new or empty folder")
     return lock
-
-
-def non_empty(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
 def take_lock(folder):
@@ -1189,6 +1185,8 @@ def take_lock(folder):
                 f.write(f"{os.getpid()}\n")
             return path
         except FileExistsError:
+            if not os.path.isfile(path):
+                raise UsageError(f"{path} is not a file: the run folder's lock must be; remove it") from None
             holder = lock_holder(path)
             if holder not in (None, os.getpid()):
                 raise UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
@@ -1205,9 +1203,11 @@ def lock_holder(path):
             pid = int(f.read().split()[0])
     except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
         return None
+    if pid <= 0:  # os.kill would signal a whole process group (0) or every process (-1)
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
         return None
     except PermissionError:  # it exists, owned by another user
         pass
@@ -1419,6 +1419,17 @@ positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
 
 non_negative_float = evaluation.number_type(float, 0.0)
 
+text = evaluation.text  # every string flag: an empty value (an unset shell variable) is an error
+
+seed_type = evaluation.number_type(int, 0, high=2 ** 53)  # seed * 1000 + epoch (section 3): within 64 bits
+
+def name_list(value):
+    """--tasks, --aux-tasks: comma-separated names, none empty, none twice."""
+    names = text(value).split(",")
+    if "" in names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, each once, got {value!r}")
+    return value
+
 def wrn_depth(text):
     """--wrn-depth: 6n + 4 (n >= 1 blocks per group), the only depths a wide ResNet has."""
     depth = positive_int(text)
@@ -1427,13 +1438,15 @@ def wrn_depth(text):
     return depth
 
 
-def task_weight_pairs(text):
+def task_weight_pairs(pairs):
     """--task-weights "semantic=1,depth=2" -> {"semantic": 1.0, "depth": 2.0}: finite weights >= 0 (0 turns a
     task's loss off). Whether the names are tasks of the run is checked once the tasks are known."""
     weights = {}
-    for item in filter(None, text.split(",")):
+    for item in name_list(pairs).split(","):
         name, _, value = item.partition("=")
         try:
+            if name.strip() in weights:
+                raise argparse.ArgumentTypeError(f"{name.strip()} given twice")
             weights[name.strip()] = non_negative_float(value)
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"expected name=weight pairs with finite weights >= 0, got {item!r} "
@@ -1454,26 +1467,30 @@ def build_parser():
                       "hrnet-mtl; dilated ResNet-50: mtan-deeplab deeplab (default: mtan)")
     what.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, help="default: synthetic (embedded, "
                       "no download)")
-    what.add_argument("--data-root", metavar="DIR", help="the dataset folder (default: data/<name>)")
-    what.add_argument("--task", metavar="TASK", help="the task of a single-task model (single, stan, or hrnet-mtl "
-                      "and deeplab with one task); for wrn-mtan: train on one Decathlon domain only (the single-domain "
-                      "baseline)")
-    what.add_argument("--tasks", metavar="TASKS", help="the main tasks, comma separated, a subset of the "
-                      "dataset's (default: its primary tasks), e.g. semantic,depth as in MTI-Net's NYUD setting")
-    what.add_argument("--aux-tasks", metavar="TASKS", help="MTI-Net/PAD-Net auxiliary tasks, comma separated, "
-                      "e.g. normal,edge")
+    what.add_argument("--data-root", type=text, metavar="DIR", help="the dataset folder (default: "
+                      "data/<name>)")
+    what.add_argument("--task", type=text, metavar="TASK", help="the task of a single-task model (single, "
+                      "stan, or hrnet-mtl and deeplab with one task); for wrn-mtan: train on one Decathlon "
+                      "domain only (the single-domain baseline)")
+    what.add_argument("--tasks", type=name_list, metavar="TASKS", help="the main tasks, comma separated, a "
+                      "subset of the dataset's (default: its primary tasks), e.g. semantic,depth as in "
+                      "MTI-Net's NYUD setting")
+    what.add_argument("--aux-tasks", type=name_list, metavar="TASKS", help="MTI-Net/PAD-Net auxiliary "
+                      "tasks, comma separated, e.g. normal,edge")
     what.add_argument("--task-weights", type=task_weight_pairs, metavar="T=W,...", help="fixed loss weights, e.g. "
                       "semantic=1,depth=1,normal=10,edge=50 (default: MTI-Net's for the HRNet family, else 1)")
     what.add_argument("--weighting", choices=["equal", "uncertainty", "dwa"], help="how the main task losses "
                       "combine (default: equal; dwa for the quickstart)")
-    what.add_argument("--temperature", type=positive_float, metavar="T", help="DWA temperature (default 2)")
+    what.add_argument("--temperature", type=evaluation.number_type(float, 1e-3), metavar="T", help="DWA "
+                      "temperature, at least 0.001 (default 2)")
     what.add_argument("--augment", action="store_true", help="the official augmentation (MTAN: scale-crop and "
                       "flip; PASCAL: MTI-Net's)")
     what.add_argument("--backbone", choices=list(mtinet.HRNET_CONFIGS), help="the HRNet of mtinet, padnet and "
                       "hrnet-mtl (default: w18-small-v2, the MTI-Net paper's HRNet-18; w48: its state of the art)")
-    what.add_argument("--pretrained", metavar="PATH", help="ImageNet weights of the backbone: HRNet-Image-"
-                      "Classification's file (hrnet_w18_small_model_v2.pth, hrnetv2_w48_imagenet_pretrained.pth, "
-                      "...) or torchvision's ResNet-50 file; switches on ImageNet input normalisation")
+    what.add_argument("--pretrained", type=text, metavar="PATH", help="ImageNet weights of the backbone: "
+                      "HRNet-Image-Classification's file (hrnet_w18_small_model_v2.pth, "
+                      "hrnetv2_w48_imagenet_pretrained.pth, ...) or torchvision's ResNet-50 file; switches "
+                      "on ImageNet input normalisation")
     what.add_argument("--fpm-softmax", choices=["tasks", "official"], help="MTI-Net's FPM softmax: across tasks "
                       "per channel (the paper, default) or the official code's grouping of adjacent channels")
     what.add_argument("--width", type=positive_float, metavar="X", help="channel width multiplier of SegNet models "
@@ -1491,15 +1508,17 @@ def build_parser():
     recipe.add_argument("--finetune-epochs", type=non_negative_int, metavar="N", help="wrn-mtan: epochs of the second, "
                         "fine-tuning phase")
     run = p.add_argument_group("the run")
-    run.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<data>-<time>)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt, with its own "
-                     "settings (--epochs, --data-root, --device, --workers, --compile, --eval-every may change)")
+    run.add_argument("--out", type=text, metavar="DIR", help="run folder (default "
+                     "runs/<model>-<data>-<time>)")
+    run.add_argument("--resume", type=text, metavar="DIR", help="continue the run in DIR from its last.pt, "
+                     "with its own settings (--epochs, --data-root, --device, --workers, --compile, "
+                     "--eval-every may change)")
     run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
     run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")
-    run.add_argument("--resolution", metavar="HxW", help="size of the synthetic scenes, multiples of 32 (default "
-                     "96x128)")
-    run.add_argument("--seed", type=non_negative_int, metavar="N", help="model init, batch order, augmentation "
+    run.add_argument("--resolution", type=text, metavar="HxW", help="size of the synthetic scenes, "
+                     "multiples of 32 (default 96x128)")
+    run.add_argument("--seed", type=seed_type, metavar="N", help="model init, batch order, augmentation "
                      "(default 0)")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     speed = p.add_argument_group("speed")
@@ -1575,6 +1594,8 @@ def resolve_config(args, parser):
     recipe = cfg["task_weights"] or {}  # the fixed weights of the family's recipe (MTI-Net's), then the flag
     cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe},
                            **(task_flags["task_weights"] or {})}
+    if not any(cfg["task_weights"].get(t, 1.0) for t in cfg["tasks"]):
+        parser.error("--task-weights: every main task has weight 0: the run would learn nothing")
     cfg.update(model_facts(model, cfg["tasks"]))
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
@@ -1611,6 +1632,8 @@ def resolve_tasks(cfg, flags, parser):
     primary, available = dataset_tasks(dict(cfg, task=flags["task"]))
     if "semantic" in available and "edge" not in available:
         available = dict(available, edge=1)  # derived from the semantic labels on the fly (data.semantic_edges)
+    if flags["task"] and flags["tasks"]:
+        parser.error("--task and --tasks: pass one (--task for a single-task model, --tasks for the others)")
     if spec.single_task and not flags["task"]:
         parser.error(f"--model {model} is a single-task model: choose --task from {', '.join(primary)}")
     if flags["task"]:
@@ -1628,6 +1651,8 @@ def resolve_tasks(cfg, flags, parser):
     for name in filter(None, (flags["aux_tasks"] or "").split(",")):
         if not spec.aux:
             parser.error("--aux-tasks applies to --model mtinet and padnet only")
+        if name in primary:
+            parser.error(f"--aux-tasks {name}: already a main task")
         if name not in available:
             parser.error(f"--aux-tasks {name}: the {dataset} dataset has tasks {', '.join(available)}")
         aux[name] = available[name]
@@ -1640,7 +1665,7 @@ RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "cuda_graph"
 def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
     honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
-    resume = evaluation.load_checkpoint(args.resume)
+    resume = evaluation.load_checkpoint(args.resume, resuming=True)
     cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
     out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}
@@ -1702,11 +1727,19 @@ def main(argv=None):
         if cfg["data"] in DECATHLON_DATASETS:
             return run_decathlon(cfg, resume)
         return run_training(cfg, resume)
+    except (KeyboardInterrupt, BrokenPipeError) as stop:  # Ctrl-C, `train.py ... | head -1`: one line
+        saved = lock and os.path.isfile(os.path.join(cfg["out"], "last.pt"))
+        evaluation.stop_quietly(stop, f"; pass --resume {cfg['out']} to continue the run" if saved else "")
     except (data.DatasetError, evaluation.CheckpointError, UsageError, FloatingPointError,
             OSError) as error:  # a user's mistake: one line (a bug keeps its traceback)
         out = cfg.get("out")
         hint = f" ({out} keeps its last good checkpoint: free some space, then pass --resume {out})"
         sys.exit(evaluation.error_line(error, hint if lock else ""))
+    except (RuntimeError, MemoryError, ValueError) as error:  # out of memory, a batch of one: one line
+        size = f"backbone {cfg['backbone']}" if cfg.get("family") == "hrnet" else f"width {cfg.get('width')}"
+        sizes = (f"--model {cfg.get('model')} ({size}), --batch-size {cfg.get('batch_size')}, resolution "
+                 f"{cfg.get('resolution') or 'of the dataset'}")
+        sys.exit(evaluation.resource_error(error, sizes))
     finally:
         release_lock(lock)  # also after an error or Ctrl-C; a killed process leaves a stale lock (taken over)
         leave_distributed()

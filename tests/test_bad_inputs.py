@@ -18,10 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as evaluation
+import mtinet
 import train
 from conftest import TINY
-from test_data import write_nyuv2
+from test_data import write_nyud, write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,10 +114,10 @@ def baseline(blob):
     return setup
 
 
-def nyuv2_tree(change=None, size=(32, 32)):
-    """A fake NYUv2 tree (2 train, 2 val samples), `change(root)` applied to it."""
+def nyuv2_tree(change=None, size=(32, 32), train=2):
+    """A fake NYUv2 tree (`train` train, 2 val samples), `change(root)` applied to it."""
     def setup(tmp, run, monkeypatch):
-        root = write_nyuv2(str(tmp / "nyuv2"), counts=(("train", 2), ("val", 2)), size=size)
+        root = write_nyuv2(str(tmp / "nyuv2"), counts=(("train", train), ("val", 2)), size=size)
         if change:
             change(root)
         return {"nyu": root}
@@ -144,6 +146,76 @@ def nyuv2_checkpoint(change=None, size=(32, 32)):
         edit_checkpoint(places["copy"], to_nyuv2)
         return places
     return setup
+
+
+def another_size(root):
+    """Training sample 1 at 64x32, sample 0 at 32x32: every file of the sample, so only the batch is wrong."""
+    for folder in ("image", "label", "depth", "normal"):
+        save_array(f"train/{folder}/1.npy", lambda a: np.concatenate([a, a]))(root)
+
+
+def nyud_tree(change):
+    def setup(tmp, run, monkeypatch):
+        root = write_nyud(str(tmp / "nyud"), size=(32, 32))
+        change(root)
+        return {"nyud": root}
+    return setup
+
+
+def non_utf8_list(root):
+    (open(os.path.join(root, "gt_sets", "train.txt"), "wb")).write("0001\n\xe9t\xe9\n".encode("latin-1"))
+
+
+def without(key):
+    def setup(tmp, run, monkeypatch):
+        places = copy_of_run(tmp, run, monkeypatch)
+        edit_checkpoint(places["copy"], lambda ckpt: ckpt.pop(key))
+        return places
+    setup.__name__ = f"no_{key}"
+    return setup
+
+
+no_model_args, no_history = without("model_args"), without("history")
+
+
+def users_folder(tmp, run, monkeypatch):
+    """A folder holding another tool's files: a new run must leave it alone."""
+    (tmp / "theirs").mkdir()
+    (tmp / "theirs" / "metrics.json").write_text('{"their": 1}')
+    (tmp / "theirs" / "curves.png").write_bytes(b"their picture")
+    return {"copy": str(tmp / "theirs")}
+
+
+def lock_folder(tmp, run, monkeypatch):
+    places = copy_of_run(tmp, run, monkeypatch)
+    os.mkdir(os.path.join(places["copy"], "lock"))
+    return places
+
+
+def nan_pretrained(tmp, run, monkeypatch):
+    state = {k: v.float() for k, v in mtinet.HRNet().state_dict().items()}
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(state, tmp / "hrnet.pth")
+    return {}
+
+
+def raising(name, error):
+    """train.`name` raises `error`: out of memory, Ctrl-C, BatchNorm's batch of one, where no test can afford
+    the real cause."""
+    def setup(tmp, run, monkeypatch):
+        def raise_it(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(train, name, raise_it)
+        return copy_of_run(tmp, run, monkeypatch)
+    setup.__name__ = f"{name}_raises_{type(error).__name__}"
+    return setup
+
+
+def bomb_limit(tmp, run, monkeypatch):
+    """PIL's decompression-bomb limit lowered below a small picture: the 30000x30000 case at no cost."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp / "bomb.png")
+    return {}
 
 
 NYU = ["--data", "nyuv2", "--data-root", "{nyu}", "--model", "split", "--width", "0.125", "--batch-size", "2",
@@ -230,10 +302,57 @@ CASES = [
         "semantic": {"miou": 0.0}, "depth": {"rmse": 1.0}, "normal": {"mean": 30.0}}})),
     ("eval", EVAL + ["--save-vis", "/dev/null/vis"], 1, "not a folder", None),
     ("eval", EVAL + ["--image", "{run}/log.jsonl"], 1, "--image", None),
-    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "non-finite metrics", nan_weights),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "non-finite weights", nan_weights),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "do not fit", wider_config),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "cannot read this .npy", nyuv2_checkpoint(corrupt_npy)),
     ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "multiples of 32", nyuv2_checkpoint(size=(40, 32))),
+    # second sweep. 1: no file of the user's is replaced (--image: test_image_never_replaces_a_file)
+    ("train", TINY + ["--out", "{copy}"], 1, "not empty", users_folder),
+    # 2: an empty string is not "not given"
+    ("train", ["--resume", ""], 2, "--resume", None),
+    ("train", TINY + ["--out", " "], 2, "--out", None),
+    ("train", TINY + ["--tasks", ""], 2, "--tasks", None),
+    ("train", TINY + ["--data-root", ""], 2, "--data-root", None),
+    ("train", TINY + ["--task-weights", ""], 2, "--task-weights", None),
+    ("eval", EVAL + ["--image", ""], 2, "--image", None),
+    ("eval", EVAL + ["--baseline", ""], 2, "--baseline", None),
+    ("eval", ["--checkpoint", ""], 2, "--checkpoint", None),
+    # 4: data the first checks did not see
+    ("train", NYU, 1, "expected metres", nyuv2_tree(save_array("val/depth/1.npy", lambda a: a * 1000))),
+    ("train", NYU, 1, "sample 1 is 64x32", nyuv2_tree(another_size)),
+    ("train", NYU + ["--workers", "1"], 1, "label value 40",  # sample 3: read by a worker
+     nyuv2_tree(save_array("train/label/3.npy", lambda a: a * 0 + 40), train=4)),
+    ("train", ["--model", "split", "--data", "nyud", "--data-root", "{nyud}", "--width", "0.125", "--out",
+               "{tmp}/new"], 1, "train.txt", nyud_tree(non_utf8_list)),
+    ("eval", ["--checkpoint", "{copy}", "--device", "cpu"], 1, "'model_args' entry", no_model_args),
+    ("train", ["--resume", "{copy}"], 1, "'history' entry", no_history),
+    # 5: batches of one
+    ("train", TINY + ["--subset", "1", "--out", "{tmp}/new"], 1, "BatchNorm", None),
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "batch of one", raising(
+        "training_step", ValueError("Expected more than 1 value per channel when training, got input size "
+                                    "torch.Size([1, 8, 1, 1])"))),
+    # 6: the right cause named
+    ("train", TINY + ["--temperature", "1e-300"], 2, "--temperature", None),
+    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{tmp}/hrnet.pth", "--out", "{tmp}/new"], 1,
+     "non-finite weights", nan_pretrained),
+    ("train", ["--resume", "{copy}"], 1, "non-finite weights", nan_weights),
+    # 7: flags that would learn nothing or be dropped
+    ("train", TINY + ["--task-weights", "semantic=0,depth=0,normal=0"], 2, "weight 0", None),
+    ("train", ["--model", "single", "--task", "depth", "--tasks", "semantic"] + TINY, 2, "--task and --tasks",
+     None),
+    ("train", TINY + ["--task-weights", "depth=1,depth=2"], 2, "twice", None),
+    ("train", TINY + ["--tasks", "depth,depth"], 2, "--tasks", None),
+    ("train", ["--model", "mtinet", "--aux-tasks", "normal,edge"] + TINY, 2, "already a main task", None),
+    # 8: resources and signals (a closed pipe: test_a_closed_stdout_ends_quietly)
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "out of memory", raising(
+        "training_step", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))),
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "out of memory", raising(
+        "training_step", RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"))),
+    ("train", ["--resume", "{copy}", "--epochs", "2"], 130, "--resume", raising(
+        "train_one_epoch", KeyboardInterrupt())),
+    ("eval", EVAL + ["--image", "{tmp}/bomb.png"], 1, "--image", bomb_limit),
+    ("train", ["--resume", "{copy}"], 1, "not a file", lock_folder),
+    ("train", TINY + ["--seed", str(2 ** 64)], 2, "--seed", None),
 ]
 MAINS = {"train": train.main, "eval": evaluation.main}
 
@@ -261,7 +380,8 @@ def test_bad_input_gets_one_line(tool, argv, status, word, setup, finished_run, 
     assert "Traceback" not in printed.out + printed.err + message
     assert [hashes(folder) for folder in folders] == before  # nothing written, replaced or left behind
     assert not os.path.exists(os.path.join(str(tmp_path), "new", "last.pt"))
-    assert not any(name == "lock" for folder in folders for name in os.listdir(folder)) or setup is live_lock
+    locked = setup in (live_lock, lock_folder)
+    assert not any(name == "lock" for folder in folders for name in os.listdir(folder)) or locked
 
 
 # ---- the right behaviour -----------------------------------------------------------------------------------
@@ -331,3 +451,72 @@ def test_image_of_16_bits_or_floats_is_rescaled(finished_run, tmp_path, mode, ca
     assert "rescaled" in capsys.readouterr().out or mode == "I;16"
     written = evaluation.main(["--checkpoint", finished_run, "--device", "cpu", "--image", path])
     assert len(written) == 3 and "to [0, 1]" in capsys.readouterr().out
+
+
+def test_image_never_replaces_a_file_and_is_resized_for_the_model(finished_run, tmp_path, capsys):
+    """--image writes into a new folder beside the picture, never over a file; a large picture is resized to
+    the run's resolution for the model, and its predictions come back at its own size."""
+    path = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((2500, 2000, 3)) * 255).astype(np.uint8)).save(path)
+    (tmp_path / "photo_semantic.png").write_bytes(b"the user's file")
+    (tmp_path / "photo_predictions").mkdir()
+    before = hashes(str(tmp_path))
+    written = evaluation.main(["--checkpoint", finished_run, "--device", "cpu", "--image", str(path)])
+    assert {os.path.dirname(p) for p in written} == {str(tmp_path / "photo_predictions-2")}
+    assert str(tmp_path / "photo_predictions-2") in capsys.readouterr().out
+    assert all(Image.open(p).size == (2000, 2500) for p in written)
+    after = hashes(str(tmp_path))
+    assert {k: v for k, v in after.items() if not k.startswith("photo_predictions-2")} == before
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999999", "0", "-1", "not-a-pid", ""])
+def test_a_lock_of_an_odd_pid_is_stale(finished_run, tmp_path, pid, capsys):
+    copy = copy_of_run(tmp_path, finished_run, None)["copy"]
+    with open(os.path.join(copy, "lock"), "w") as f:
+        f.write(pid)
+    train.main(["--resume", copy])  # already finished: rebuilds the table only
+    assert not os.path.exists(os.path.join(copy, "lock"))
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`train.py ... | head -1`: the reader goes, the trainer stops with one line on stderr."""
+    process = subprocess.Popen([sys.executable, "train.py"] + TINY + ["--out", str(tmp_path / "r")],
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    process.stdout.close()  # as `head` does after its line
+    err = process.stderr.read().decode()
+    assert process.wait() == 1 and err.startswith("error: stdout was closed"), err
+    assert len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "r" / "lock")
+
+
+def test_a_last_batch_of_one_is_dropped():
+    cfg = {"seed": 0, "batch_size": 2, "drop_last": False, "workers": 0, "device": "cpu"}
+    def sizes(n, **change):
+        return [len(batch) for batch in train.make_loader(range(n), dict(cfg, **change), 0, train=True)]
+    assert sizes(5) == [2, 2] and sizes(4) == [2, 2] and sizes(7, batch_size=4) == [4, 3]
+    assert sizes(3, batch_size=1) == [1, 1, 1]  # batch 1 by choice: BatchNorm's own error says so
+
+
+def test_non_positive_depth_is_invalid(capsys):
+    """A release that marks invalid depth with -1 instead of 0: the loss and the metrics skip it (both read
+    `target > 0`), and the loader says so once."""
+    target = torch.tensor([2.0, -1.0, 0.0, 4.0]).view(1, 1, 2, 2)
+    pred = torch.tensor([1.0, 5.0, 5.0, 4.0]).view(1, 1, 2, 2)
+    assert float(train.depth_l1_loss(pred, target)) == 0.5
+    metric = evaluation.DepthMetrics()
+    metric.update(pred, target)
+    assert metric.compute()["abs_err"] == 0.5 and metric.compute()["rel_err"] == 0.25
+    data._negative_depth_noted.clear()
+    data._depth_tensor("nyuv2", target[0].permute(1, 2, 0).numpy(), "d.npy")
+    data._depth_tensor("nyuv2", target[0].permute(1, 2, 0).numpy(), "e.npy")
+    assert capsys.readouterr().out.count("negative depth") == 1
+
+
+def test_resume_does_not_need_the_pretrained_file(finished_run, tmp_path, capsys):
+    """The checkpoint holds every weight: a run trained from ImageNet weights resumes after the file moved."""
+    copy = copy_of_run(tmp_path, finished_run, None)["copy"]
+    edit_checkpoint(copy, lambda ckpt: ckpt["config"].update(pretrained=str(tmp_path / "moved.pth")))
+    result = train.main(["--resume", copy, "--epochs", "2"])
+    assert result["epochs"] == 2

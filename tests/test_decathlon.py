@@ -458,8 +458,9 @@ def test_a_run_killed_in_the_fine_tuning_phase_resumes_exactly(tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "draw_curves", killed_after_two_epochs)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line and exit status 130
             train.main(flags + ["--out", killed])
+        assert stopped.value.code == 130
     assert drawn == [1, 2] and torch.load(os.path.join(killed, "last.pt"), weights_only=True)["epoch"] == 2
     train.main(["--resume", killed])
     a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)

@@ -242,14 +242,14 @@ def count_graphs_per_epoch(monkeypatch, epoch_function):
 
 def test_compile_compiles_once_per_batch_shape_not_per_step(tmp_path, monkeypatch):
     """torch.compile with a counting backend (eager execution, so no C++ compiler is needed): 5 samples in
-    batches of 2, 2, 1 compile one graph for batch 2 and one more when the smaller last batch arrives; the
+    batches of 3, 2 compile one graph for batch 3 and one more when the smaller last batch arrives; the
     second epoch compiles nothing new. The loop is what matters here, so the model is the plain multi-task
     SegNet ("split"), which dynamo traces in half the time of MTAN (same result: 2 graphs, then none)."""
     frames = count_graphs_per_epoch(monkeypatch, "train_one_epoch")
     torch._dynamo.reset()
     try:
-        train.main(TINY + ["--model", "split", "--subset", "5", "--epochs", "2", "--compile", "--out",
-                           str(tmp_path / "run")])
+        train.main(TINY + ["--model", "split", "--subset", "5", "--batch-size", "3", "--epochs", "2", "--compile",
+                           "--out", str(tmp_path / "run")])
     finally:
         torch._dynamo.reset()
     assert frames == [2, 2]
