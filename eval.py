@@ -1388,6 +1388,10 @@ def read_finished_run(folder):
                          "the parameter count from the checkpoint")
     ckpt = load_checkpoint(folder)
     cfg = ckpt["config"]
+    missing = [key for key in ("data", "model", "tasks", "single_task", "baseline") if key not in cfg]
+    if missing:  # the facts --compare reads, recorded by train.py at training time
+        raise UsageError(f"{folder}/last.pt records no {', '.join(missing)} in its configuration: --compare "
+                         "reads runs of this version of train.py")
     if cfg["data"] in DECATHLON_DATASETS:
         raise UsageError(f"{folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
                          "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")

@@ -380,6 +380,8 @@ UNTRUSTED = [  # (case, the arguments of --compare from (runs, a copy(edit, file
      "is not a checkpoint of train.py"),
     ("checkpoint-model-not-weights", lambda r, copy: [copy(edit=lambda ckpt: ckpt.update(model=[1]))],
      "is not a checkpoint of train.py"),
+    ("config-without-model-facts", lambda r, copy: [copy(edit=lambda ckpt: ckpt["config"].pop("single_task"))],
+     "records no single_task in its configuration"),
     ("eval.json-older-than-the-run", lambda r, copy: [copy(files={"eval.json": eval_json(r, epoch=1)}),
                                                        "--from-eval"],
      f"eval.json is of epoch 1 on {EVALUATED_ON}, but last.pt holds epoch 2 on {EVALUATED_ON}"),
