@@ -1682,7 +1682,7 @@ def format_comparison(doc):
         if r["std"]:  # the same columns, scales and decimals
             cells = [(h, v if s == "-" else f"{v} ± {s}")
                      for (h, v), (_, s) in zip(cells, table_row(r["std"], tasks, doc["style"]))]
-        delta = "-" if r["delta_m"] is None else f"{r['delta_m']:+.2f}"
+        delta = "-" if r["delta_m"] is None else f"{round(r['delta_m'], 9) + 0:+.2f}"  # + 0: no "-0.00"
         if r["delta_m_std"] is not None:
             delta += f" ± {r['delta_m_std']:.2f}"
         cells = ([("n", str(r["n"]))] if seeds else []) + cells + [("Params", format_params(r["params"])),

@@ -308,7 +308,7 @@ def test_seeds_share_a_row_with_mean_and_std_worked_by_hand(runs, tmp_path, caps
     # Delta_m of each split seed against the mean baseline 0.40 (semantic only: the one task with a baseline):
     # 100 (0.40 - 0.40) / 0.40 = 0, +10, +20: mean +10.00, std sqrt((10^2 + 0 + 10^2) / 2) = 10.00
     assert "+10.00 ± 10.00" in split_row
-    assert "0.00 ± 14.14 |" in row_line(printed, "single semantic")  # -10 and +10 against their mean
+    assert "+0.00 ± 14.14 |" in row_line(printed, "single semantic")  # -10 and +10 against their mean
     mtan = metrics_json(runs["mtan"])["mean_last_10"]["semantic"]["miou"]
     assert doc["rows"][1]["delta_m"] == pytest.approx(100 * (mtan - 0.40) / 0.40)
     assert "±" not in row_line(printed, "mtan dwa") and "| 1 |" in row_line(printed, "mtan dwa")  # plain numbers
