@@ -186,6 +186,21 @@ def users_folder(tmp, run, monkeypatch):
     return {"copy": str(tmp / "theirs")}
 
 
+def metrics_of_another_shape(tmp, run, monkeypatch):
+    """--compare: valid JSON that is not train.py's metrics.json."""
+    places = copy_of_run(tmp, run, monkeypatch)
+    (tmp / "copy" / "metrics.json").write_text("[1, 2]")
+    return places
+
+
+def stale_eval_json(tmp, run, monkeypatch):
+    """--compare --from-eval: an eval.json of an earlier epoch than the run's last.pt."""
+    places = copy_of_run(tmp, run, monkeypatch)
+    blob = json.loads((tmp / "copy" / "metrics.json").read_text())
+    (tmp / "copy" / "eval.json").write_text(json.dumps({"split": "val", "epoch": 0, "metrics": blob["final"]}))
+    return places
+
+
 def lock_folder(tmp, run, monkeypatch):
     places = copy_of_run(tmp, run, monkeypatch)
     os.mkdir(os.path.join(places["copy"], "lock"))
@@ -317,6 +332,10 @@ CASES = [
     ("eval", EVAL + ["--image", ""], 2, "--image", None),
     ("eval", EVAL + ["--baseline", ""], 2, "--baseline", None),
     ("eval", ["--checkpoint", ""], 2, "--checkpoint", None),
+    # 3: --compare trusts only what it checked (more cases: tests/test_compare.py, UNTRUSTED)
+    ("eval", ["--compare", "{run}", "--baseline", "{run}"], 1, "a baseline is a single-task run", None),
+    ("eval", ["--compare", "{copy}"], 1, "metrics.json holds a JSON list", metrics_of_another_shape),
+    ("eval", ["--compare", "{copy}", "--from-eval"], 1, "eval.json is of epoch 0", stale_eval_json),
     # 4: data the first checks did not see
     ("train", NYU, 1, "expected metres", nyuv2_tree(save_array("val/depth/1.npy", lambda a: a * 1000))),
     ("train", NYU, 1, "sample 1 is 64x32", nyuv2_tree(another_size)),
