@@ -1392,7 +1392,8 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     result = {"model": cfg["model"], "data": cfg["data"], "images_per_s": round(batch_size / median, 2),
               "ms_per_step": round(1000 * median, 2),
               **evaluation.speed_fields(cfg, device, batches[0]["image"]),
-              "compile": cfg["compile"], "cuda_graph": isinstance(run.step, CudaGraphStep), "gflops_per_image": round(flops / 1e9, 3),
+              "compile": cfg["compile"], "cuda_graph": isinstance(run.step, CudaGraphStep),
+              "gflops_per_image": round(flops / 1e9, 3),
               "sync_every_step": sync_every_step, "fused_optimizer": cfg.get("fused", True),
               "world_size": world_size()}
     peak = peak_tflops(cfg, device)

@@ -50,8 +50,8 @@ BENCHES = {
              ("MTAN", MTAN + ["--resolution", "288x384", "--batch-size", "16"], 20, FAST, "mtan_b16_288x384_train"),
              ("MTI-Net", MTINET + ["--resolution", "480x640", "--batch-size", "8"], 20, FAST,
               "mtinet_b8_480x640_train")],
-    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2, ALL,
-              None),
+    "tiny": [("MTAN", ["--model", "mtan", "--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 2,
+              ALL, None),
              ("MTI-Net", MTINET + ["--resolution", "64x64", "--batch-size", "2"], 2, FAST, None)],
 }
 # the quickstart (MTAN, width 0.25, 96x128, batch 8) trained for one short epoch, then its val split timed
@@ -191,7 +191,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
                         "temporary one)")
     parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
-    parser.add_argument("--official", metavar="BENCH_DIR", help="also time the official models with BENCH_DIR/bench.py")
+    parser.add_argument("--official", metavar="BENCH_DIR",
+                        help="also time the official models with BENCH_DIR/bench.py")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (`--device cpu --tiny` checks the steps on the CPU)")

@@ -216,7 +216,8 @@ def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "gpu_check.jsonl")]  # written row by row
     assert [r["settings"] for r in rows[:5]] == ["default", "fp32", "eager", "baseline", "deterministic"]
     assert rows[-1]["kind"] == "eval" and all(r["images_per_s"] > 0 for r in rows)
-    assert rows[0]["kernels_per_step"] == 0 and not rows[1].get("top_kernels")  # profiled: the defaults only (CPU: no kernels)
+    # profiled: the defaults only (on a CPU there are no GPU kernels to count)
+    assert rows[0]["kernels_per_step"] == 0 and not rows[1].get("top_kernels")
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def test_deterministic_resume_is_exact_on_cuda(model, extra, tmp_path):
     torch warns that an op has no deterministic implementation (the stand-ins of max-unpooling, bilinear resizing
     and the 2-D cross entropy exist to avoid exactly that). It compares two runs on the same GPU, nothing else."""
     # --eval-every 1: the straight run evaluates epoch 1 as the 1-epoch run does, so the two logs can be compared
-    flags = TINY + ["--model", model, "--device", "cuda", "--deterministic", "--seed", "3", "--eval-every", "1"] + extra
+    flags = TINY + ["--model", model, "--device", "cuda", "--deterministic", "--seed", "3", "--eval-every",
+                    "1"] + extra
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
