@@ -1513,7 +1513,7 @@ def build_parser():
                      "runs/<model>-<data>-<time>)")
     run.add_argument("--resume", type=text, metavar="DIR", help="continue the run in DIR from its last.pt, "
                      "with its own settings (--epochs, --data-root, --device, --workers, --compile, "
-                     "--eval-every may change)")
+                     "--cuda-graph, --eval-every may change)")
     run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
     run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")
