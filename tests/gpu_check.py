@@ -11,6 +11,10 @@ download). pytest does not collect this file (its name does not start with test_
 4. --official BENCH_DIR: the official models of the same rows, timed by BENCH_DIR/bench.py (REF_MTAN_DIR and
    REF_MTL_DIR name the official snapshots, see that folder's README).
 5. eval.py --bench: the quickstart MTAN (one short epoch of training first) over 200 val scenes.
+6. The evaluation at the size of NYUv2's val split (654 images at 288x384): MTAN at width 1 through `evaluate`
+   with all the metrics of its three tasks, the scenes rendered on the device beforehand (as NYUv2's arrays
+   would be held in memory), so that the time is the evaluation's alone.
+`--all-tests` runs the README's whole test command in step 1 instead of the CUDA tests only.
 Every row goes to DIR/gpu_check.jsonl as soon as it is measured, so a cut run keeps what it had; the end prints
 one markdown table. `python tests/gpu_check.py --device cpu --tiny` runs every step at tiny sizes on the CPU
 (tests/test_devices.py does, so the script cannot rot between GPU sessions). The exit status is non-zero when
@@ -29,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 
@@ -58,18 +63,22 @@ BENCHES = {
 EVALUATION = {"full": (["--subset", "16"], ["--subset", "200", "--bench", "3"]),
               "tiny": (["--subset", "4", "--resolution", "64x64", "--width", "0.0625", "--batch-size", "2"],
                        ["--subset", "4", "--bench", "2"])}
+# step 6: (flags of MTAN at NYUv2's size, the number of val images); the evaluation's batch is the flag's
+NYUV2_VAL = {"full": (["--width", "1", "--resolution", "288x384", "--batch-size", "8"], 654),
+             "tiny": (["--width", "0.0625", "--resolution", "64x64", "--batch-size", "2"], 4)}
 
 
-def cuda_tests(device, out):
+def cuda_tests(device, out, every_test=False):
     """Step 1 in a fresh process, its whole output in out/pytest.txt. On a CPU every selected test is skipped:
-    what is checked is that the selection still finds them."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "requires_cuda", "tests"], cwd=ROOT,
+    what is checked is that the selection still finds them. `every_test`: the whole suite, CUDA present."""
+    selection = [] if every_test else ["-m", "requires_cuda"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", *selection, "tests"], cwd=ROOT,
                           capture_output=True, text=True)
     with open(os.path.join(out, "pytest.txt"), "w") as f:
         f.write(done.stdout + done.stderr)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
     print(f"requires_cuda tests: {summary} (the whole output: {out}/pytest.txt)", flush=True)
-    if device == "cpu":
+    if device == "cpu" and not every_test:
         return done.returncode == 0 and " skipped" in summary and "passed" not in summary
     return done.returncode == 0 and " passed" in summary
 
@@ -163,6 +172,33 @@ def eval_row(device, size, out):
     return {"kind": "eval", "name": "MTAN quickstart (eval)", "settings": "default", **result}, ok
 
 
+def nyuv2_val_row(device, size):
+    """Step 6: the median of 3 passes of `evaluate` over NYUv2's val size after a one-batch warm-up. The model is
+    untrained (the time does not depend on the weights); the scenes are rendered on the device first."""
+    flags, images = NYUV2_VAL[size]
+    parser = train.build_parser()
+    cfg = train.resolve_config(parser.parse_args(["--model", "mtan", "--device", device, "--out", "unused"] +
+                                                 flags), parser)
+    evaluation.configure_torch(cfg)
+    device = torch.device(device)
+    layout = torch.channels_last if cfg["channels_last"] else torch.preserve_format
+    model = train.build_model(cfg).to(device, memory_format=layout).eval()
+    scenes, batch = data.SyntheticScenes("val", images, cfg["resolution"]), cfg["batch_size"]
+    split = [scenes.render_batch(range(i, min(i + batch, images)), device) for i in range(0, images, batch)]
+    run = lambda batches: evaluation.evaluate(model, batches, cfg["tasks"], device, cfg["amp"],  # noqa: E731
+                                              cfg["channels_last"])  # ends by reading the metrics
+    run(split[:1])
+    clock = evaluation.DeviceClock(device)
+    clock.start()
+    for _ in range(3):
+        run(split)
+        clock.mark()
+    seconds = clock.median_interval()
+    return {"kind": "eval", "name": "MTAN eval, NYUv2 val size", "settings": "default", "images": images,
+            "seconds_per_pass": round(seconds, 3), "images_per_s": round(images / seconds, 2),
+            **evaluation.speed_fields(cfg, device, split[0]["image"])}
+
+
 def table(rows):
     """One markdown table; "speed-up" against the official code's row of the same size, else the baseline's."""
     lines = ["| model | settings | batch | resolution | images/s | ms/step | GPU busy | peak memory (MB) | MFU | "
@@ -175,7 +211,7 @@ def table(rows):
         key = (row["name"], row["batch_size"], row["resolution"])
         if row["settings"] == "official" or (row["settings"] == "baseline" and key not in reference):
             reference[key] = row["images_per_s"]
-        ms = row.get("ms_per_step", "-")  # the evaluation row times whole passes (images/s says it all)
+        ms = row.get("ms_per_step") or f"{row['seconds_per_pass']} s a pass"  # the evaluation rows time passes
         mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-"
         busy = f"{100 * row['gpu_busy_ms_per_step'] / ms:.0f} %" if row.get("gpu_busy_ms_per_step") else "-"
         speed_up = f"{row['images_per_s'] / reference[key]:.2f}x" if key in reference else ""
@@ -191,6 +227,7 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
                         "temporary one)")
     parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
+    parser.add_argument("--all-tests", action="store_true", help="step 1 runs the whole suite, not the CUDA tests")
     parser.add_argument("--official", metavar="BENCH_DIR",
                         help="also time the official models with BENCH_DIR/bench.py")
     args = parser.parse_args(argv)
@@ -200,10 +237,16 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     size = "tiny" if args.tiny else "full"
     start = time.time()
-    tests_ok = cuda_tests(args.device, out)
+    tests_ok = cuda_tests(args.device, out, args.all_tests)
     rows, benches_ok = bench_rows(args.device, size, out, args.profile, args.official)
     row, eval_ok = eval_row(args.device, size, out)
     rows.append(record(out, row))
+    try:
+        rows.append(record(out, nyuv2_val_row(args.device, size)))
+    except Exception as e:  # noqa: BLE001
+        print(f"FAILED: the evaluation at NYUv2's val size: {type(e).__name__}: {e}", flush=True)
+        eval_ok = False
+    released(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{name}, torch {torch.__version__}, {time.time() - start:.0f} s (synthetic data; baseline: "
           f"{' '.join(SETTINGS['baseline'])}; the evaluation row: one pass over the split with its metrics)\n")

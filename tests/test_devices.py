@@ -211,11 +211,12 @@ def test_gpu_check_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("| model | settings"))):]
-    assert len(table) == 2 + 10  # header, rule, 9 training rows (MTAN: 5 settings, MTI-Net: 4), the evaluation
+    assert len(table) == 2 + 11  # header, rule, 9 training rows (MTAN: 5 settings, MTI-Net: 4), 2 evaluations
     assert "requires_cuda tests:" in done.stdout and "deselected" in open(tmp_path / "pytest.txt").read()
     rows = [json.loads(line) for line in open(tmp_path / "gpu_check.jsonl")]  # written row by row
     assert [r["settings"] for r in rows[:5]] == ["default", "fp32", "eager", "baseline", "deterministic"]
-    assert rows[-1]["kind"] == "eval" and all(r["images_per_s"] > 0 for r in rows)
+    assert [r["kind"] for r in rows[-2:]] == ["eval", "eval"] and all(r["images_per_s"] > 0 for r in rows)
+    assert rows[-1]["images"] == 4 and rows[-1]["resolution"] == "64x64"  # the NYUv2-size row, at tiny size
     # profiled: the defaults only (on a CPU there are no GPU kernels to count)
     assert rows[0]["kernels_per_step"] == 0 and not rows[1].get("top_kernels")
 
