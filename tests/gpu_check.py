@@ -14,7 +14,8 @@ download). pytest does not collect this file (its name does not start with test_
 6. The evaluation at the size of NYUv2's val split (654 images at 288x384): MTAN at width 1 through `evaluate`
    with all the metrics of its three tasks, the scenes rendered on the device beforehand (as NYUv2's arrays
    would be held in memory), so that the time is the evaluation's alone.
-`--all-tests` runs the README's whole test command in step 1 instead of the CUDA tests only.
+`--all-tests` runs the README's whole test command in step 1 instead of the CUDA tests only; `--with-compile` adds
+a `--compile` row (torch.compile, inductor) to each model, to set against the CUDA graph of the step.
 Every row goes to DIR/gpu_check.jsonl as soon as it is measured, so a cut run keeps what it had; the end prints
 one markdown table. `python tests/gpu_check.py --device cpu --tiny` runs every step at tiny sizes on the CPU
 (tests/test_devices.py does, so the script cannot rot between GPU sessions). The exit status is non-zero when
@@ -45,6 +46,7 @@ SETTINGS = {
     "baseline": ["--amp", "off", "--no-channels-last", "--sync-every-step", "--no-fused", "--no-cuda-graph"],
     # the price of --deterministic: deterministic kernels and the stand-ins of mtan.py, mtinet.py, eval.py
     "deterministic": ["--deterministic"],
+    "compile": ["--compile"],  # torch.compile of the model (inductor) in place of the CUDA graph: --with-compile
 }
 MTAN = ["--model", "mtan", "--width", "1", "--weighting", "equal"]  # the official script's equal weighting
 MTINET = ["--model", "mtinet", "--tasks", "semantic,depth"]  # NYUD's tasks, as the official NYUD config
@@ -97,9 +99,10 @@ def released(device):
         torch.cuda.empty_cache()
 
 
-def bench_rows(device, size, out, profile, official):
+def bench_rows(device, size, out, profile, official, with_compile=False):
     rows, ok = [], True
     for name, flags, steps, settings_of_size, case in BENCHES[size]:
+        settings_of_size += ("compile",) if with_compile else ()
         if official and case:
             rows.append(record(out, official_row(name, case, official)))
         for settings in settings_of_size:
@@ -227,6 +230,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
                         "temporary one)")
     parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
+    parser.add_argument("--with-compile", action="store_true", help="also a --compile row of each model (each "
+                        "compiles for a minute or so)")
     parser.add_argument("--all-tests", action="store_true", help="step 1 runs the whole suite, not the CUDA tests")
     parser.add_argument("--official", metavar="BENCH_DIR",
                         help="also time the official models with BENCH_DIR/bench.py")
@@ -238,7 +243,8 @@ def main(argv=None):
     size = "tiny" if args.tiny else "full"
     start = time.time()
     tests_ok = cuda_tests(args.device, out, args.all_tests)
-    rows, benches_ok = bench_rows(args.device, size, out, args.profile, args.official)
+    rows, benches_ok = bench_rows(args.device, size, out, args.profile, args.official,
+                                    args.with_compile)
     row, eval_ok = eval_row(args.device, size, out)
     rows.append(record(out, row))
     try:
