@@ -150,6 +150,7 @@ def profiled(run_flags, skipped=2, recorded=5):
 
 def official_row(name, case, folder):
     """The official model of a row, timed by the official-code bench (BENCH_DEVICE=cuda, its RESULT line)."""
+    folder = os.path.abspath(folder)  # bench.py runs inside it
     done = subprocess.run([sys.executable, os.path.join(folder, "bench.py"), case], cwd=folder, text=True,
                           capture_output=True, env=dict(os.environ, BENCH_DEVICE="cuda"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
