@@ -1349,14 +1349,14 @@ def results_in(blob, key, label, kind):
 # Appendix A. Comparing runs: `python eval.py --compare RUN ...`
 #
 # `python eval.py --compare RUN ...` puts finished runs side by side as the papers do: the MTAN paper's Table
-# 2 (One Task, STAN, Split, Dense, Cross-Stitch and MTAN under equal, uncertainty and DWA weighting) and the
+# 3 (One Task, STAN, Split, Dense, Cross-Stitch and MTAN under equal, uncertainty and DWA weighting) and the
 # MTI-Net paper's NYUD ablation table (single-task, multi-task baseline, PAD-Net, MTI-Net, with and without
 # auxiliary tasks, with Delta_m against the single-task rows). Nothing is re-evaluated: the numbers are those
 # train.py wrote to metrics.json (or, with --from-eval, those `python eval.py --checkpoint` wrote to
 # eval.json), the parameter count is read off the checkpoint's weights and the row's name off its
 # configuration, which records what train.py's MODELS table says of the model: its family ("hrnet": the
 # configuration's "backbone" means something), whether the run is a single-task one, and whether its network
-# is a plain single-task baseline (STAN, MTAN's attention network on one task, is a row of MTAN's Table 2 to
+# is a plain single-task baseline (STAN, MTAN's attention network on one task, is a row of MTAN's tables to
 # compare with the baseline rather than the baseline itself).
 # ------------------------------------------------------------------------------------------------------------
 
@@ -1572,7 +1572,8 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     (the seeds' mean) and std, Delta_m (the mean of the seeds' Delta_m, each against the mean of the baseline's
     seeds) and its std, the tasks it covers and the baseline of each, and where the numbers come from."""
     if not folders:
-        raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare runs/table2/*")
+        raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare "
+                         "runs/mtan-table/*")
     runs = [read_finished_run(folder) for folder in folders]
     check_comparable(runs)
     for run in runs:

@@ -840,7 +840,7 @@ def _hrnet(cfg, aux=True):
 
 
 MODELS = {
-    # MTAN paper, Table 2: the SegNet family (mtan.py)
+    # MTAN paper, Tables 2 and 3 (CityScapes, NYUv2): the SegNet family (mtan.py)
     "single": ModelSpec("segnet", mtan.SegNet, _segnet("standard"), single_task=True,  # One Task
                         baseline=True),
     "stan": ModelSpec("segnet", mtan.MTAN, _width, single_task=True),  # STAN: MTAN on one task
@@ -1407,7 +1407,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
 # ------------------------------------------------------------------------------------------------------------
 
 EPILOG = """the two papers:
-  python train.py --model mtan --data nyuv2 --weighting dwa                       # MTAN, Table 2
+  python train.py --model mtan --data nyuv2 --weighting dwa                       # MTAN, Table 3
   python train.py --model mtinet --data nyud --aux-tasks normal,edge \\
                   --pretrained hrnet_w18_small_model_v2.pth                        # MTI-Net, NYUD
 datasets are read from data/<name> unless --data-root says otherwise (README, "Datasets")."""
@@ -1464,7 +1464,7 @@ def build_parser():
                                    argument_default=argparse.SUPPRESS)
     what = p.add_argument_group("what to train")
     what.add_argument("--model", choices=list(MODELS), help="MTAN paper: single stan split split-wide split-deep "
-                      "dense cross-stitch mtan (Table 2), wrn-mtan (Decathlon); MTI-Net paper: mtinet padnet "
+                      "dense cross-stitch mtan (Table 3), wrn-mtan (Decathlon); MTI-Net paper: mtinet padnet "
                       "hrnet-mtl; dilated ResNet-50: mtan-deeplab deeplab (default: mtan)")
     what.add_argument("--data", choices=DENSE_DATASETS + DECATHLON_DATASETS, help="default: synthetic (embedded, "
                       "no download)")
