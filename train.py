@@ -1531,7 +1531,8 @@ def build_parser():
     speed.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
                        "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
     speed.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay the training step as one "
-                       "CUDA graph (default: on a GPU, without --compile, fp16 or torchrun)")
+                       "CUDA graph (default: on a GPU, without --compile, fp16 or torchrun; with --compile when "
+                       "asked)")
     speed.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes (default 0)")
     speed.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the "
                        "device (no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")
@@ -1566,11 +1567,12 @@ def resolve_config(args, parser):
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
         cfg["amp"] = evaluation.default_amp(cfg["device"])
-    graphable = (cfg["device"] == "cuda" and not cfg["compile"] and cfg["amp"] != "fp16" and family != "wrn"
+    graphable = (cfg["device"] == "cuda" and cfg["amp"] != "fp16" and family != "wrn"
                  and int(os.environ.get("WORLD_SIZE", "1")) == 1)  # fp16's loss scale is read on the host
     if cfg["cuda_graph"] and not graphable:
-        parser.error("--cuda-graph needs --device cuda, a dense model, no --compile, no --amp fp16 and one process")
-    cfg["cuda_graph"] = graphable if cfg["cuda_graph"] is None else cfg["cuda_graph"]
+        parser.error("--cuda-graph needs --device cuda, a dense model, no --amp fp16 and one process")
+    # With --compile only when asked (--compile --cuda-graph): the compiled kernels recorded in the graph
+    cfg["cuda_graph"] = graphable and not cfg["compile"] if cfg["cuda_graph"] is None else cfg["cuda_graph"]
     if cfg["data_on_device"] and (dataset == "pascal" or dataset in DECATHLON_DATASETS):
         parser.error(f"--data-on-device: the {dataset} training samples are augmented one by one (PASCAL) or "
                      f"kept per domain (Decathlon); it applies to the other dense datasets")

@@ -15,7 +15,7 @@ download). pytest does not collect this file (its name does not start with test_
    with all the metrics of its three tasks, the scenes rendered on the device beforehand (as NYUv2's arrays
    would be held in memory), so that the time is the evaluation's alone.
 `--all-tests` runs the README's whole test command in step 1 instead of the CUDA tests only; `--with-compile` adds
-a `--compile` row (torch.compile, inductor) to each model, to set against the CUDA graph of the step.
+`--compile` rows (torch.compile, inductor; alone and inside the CUDA graph) to each model.
 Every row goes to DIR/gpu_check.jsonl as soon as it is measured, so a cut run keeps what it had; the end prints
 one markdown table. `python tests/gpu_check.py --device cpu --tiny` runs every step at tiny sizes on the CPU
 (tests/test_devices.py does, so the script cannot rot between GPU sessions). The exit status is non-zero when
@@ -47,6 +47,7 @@ SETTINGS = {
     # the price of --deterministic: deterministic kernels and the stand-ins of mtan.py, mtinet.py, eval.py
     "deterministic": ["--deterministic"],
     "compile": ["--compile"],  # torch.compile of the model (inductor) in place of the CUDA graph: --with-compile
+    "compile+graph": ["--compile", "--cuda-graph"],  # and both: the compiled kernels replayed as one graph
 }
 MTAN = ["--model", "mtan", "--width", "1", "--weighting", "equal"]  # the official script's equal weighting
 MTINET = ["--model", "mtinet", "--tasks", "semantic,depth"]  # NYUD's tasks, as the official NYUD config
@@ -102,7 +103,7 @@ def released(device):
 def bench_rows(device, size, out, profile, official, with_compile=False):
     rows, ok = [], True
     for name, flags, steps, settings_of_size, case in BENCHES[size]:
-        settings_of_size += ("compile",) if with_compile else ()
+        settings_of_size += ("compile", "compile+graph") if with_compile else ()
         if official and case:
             rows.append(record(out, official_row(name, case, official)))
         for settings in settings_of_size:
@@ -231,8 +232,8 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
                         "temporary one)")
     parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
-    parser.add_argument("--with-compile", action="store_true", help="also a --compile row of each model (each "
-                        "compiles for a minute or so)")
+    parser.add_argument("--with-compile", action="store_true", help="also --compile rows of each model, with and "
+                        "without the CUDA graph (each compiles for a minute or so)")
     parser.add_argument("--all-tests", action="store_true", help="step 1 runs the whole suite, not the CUDA tests")
     parser.add_argument("--official", metavar="BENCH_DIR",
                         help="also time the official models with BENCH_DIR/bench.py")

@@ -60,6 +60,7 @@ def test_a_gpu_user_gets_the_documented_configuration(monkeypatch, torch_flags):
     adam = train.build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], torch.device("cuda"))
     assert adam.defaults["fused"] is True and adam.defaults["capturable"] is True  # replayable by a CUDA graph
     assert not resolve("--compile")["cuda_graph"] and not resolve("--amp", "fp16")["cuda_graph"]
+    assert resolve("--compile", "--cuda-graph")["cuda_graph"]  # asked for: the compiled model inside the graph
     assert train.make_loader(range(4), cfg, 0, train=True).pin_memory  # host-to-GPU copies that do not block
     assert train.peak_tflops(cfg, torch.device("cuda")) == 989.0  # bf16 tensor cores: the MFU of --bench
     assert train.peak_tflops(resolve("--amp", "off"), torch.device("cuda")) == 494.0  # TF32
