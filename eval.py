@@ -1189,12 +1189,7 @@ def bench_evaluation(args, cfg, model, loader, device, normalise):
     run_split = lambda batches: evaluate(model, batches, cfg["tasks"], device, cfg["amp"], cfg["channels_last"],
                                          normalise)  # ends by reading the metrics
     run_split([batch])  # warm-up: autotuning, lazy state
-    clock = DeviceClock(device)
-    clock.start()
-    for _ in range(args.bench):
-        run_split(loader)
-        clock.mark()
-    median = clock.median_interval()
+    median = DeviceClock(device).median_seconds(lambda _: run_split(loader), args.bench)
     images = len(loader.dataset)
     result = {"model": cfg["model"], "data": cfg["data"], "split": args.split, "images": images,
               "images_per_s": round(images / median, 2), "seconds_per_pass": round(median, 3),
@@ -1572,8 +1567,7 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     (the seeds' mean) and std, Delta_m (the mean of the seeds' Delta_m, each against the mean of the baseline's
     seeds) and its std, the tasks it covers and the baseline of each, and where the numbers come from."""
     if not folders:
-        raise UsageError("--compare needs at least one run folder, e.g. python eval.py --compare "
-                         "runs/mtan-table/*")
+        raise UsageError("--compare needs at least one run folder, e.g. eval.py --compare runs/mtan-table/*")
     runs = [read_finished_run(folder) for folder in folders]
     check_comparable(runs)
     for run in runs:
@@ -2204,6 +2198,14 @@ class DeviceClock:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def median_seconds(self, run, times):
+        """Call run(i) for i in range(times), back to back; the median seconds of one call."""
+        self.start()
+        for i in range(times):
+            run(i)
+            self.mark()
+        return self.median_interval()
 
     def median_interval(self):
         """The median time in seconds between consecutive marks."""

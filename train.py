@@ -1380,14 +1380,14 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     clock = evaluation.DeviceClock(device)
     for i in range(warmup):
         run.step(batches[i % len(batches)])
-    clock.start()
-    for i in range(steps):
+
+    def timed_step(i):
         losses = run.step(batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
-        clock.mark()
-    median = clock.median_interval()
+
+    median = clock.median_seconds(timed_step, steps)
     batch_size = batches[0]["image"].shape[0]
     result = {"model": cfg["model"], "data": cfg["data"], "images_per_s": round(batch_size / median, 2),
               "ms_per_step": round(1000 * median, 2),
@@ -1531,8 +1531,7 @@ def build_parser():
     speed.add_argument("--compile", action="store_true", help="torch.compile the model: the first step compiles, "
                        "and a smaller last batch of an epoch compiles once more; later steps and epochs reuse both")
     speed.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay the training step as one "
-                       "CUDA graph (default: on a GPU, without --compile, fp16 or torchrun; with --compile when "
-                       "asked)")
+                       "CUDA graph (default: on a GPU unless --compile, fp16 or torchrun)")
     speed.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes (default 0)")
     speed.add_argument("--data-on-device", action="store_true", help="hold the whole training split on the "
                        "device (no DataLoader during training; needs the memory: NYUv2 takes about 2.8 GB)")

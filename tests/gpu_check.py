@@ -182,8 +182,7 @@ def nyuv2_val_row(device, size):
     untrained (the time does not depend on the weights); the scenes are rendered on the device first."""
     flags, images = NYUV2_VAL[size]
     parser = train.build_parser()
-    cfg = train.resolve_config(parser.parse_args(["--model", "mtan", "--device", device, "--out", "unused"] +
-                                                 flags), parser)
+    cfg = train.resolve_config(parser.parse_args(["--model", "mtan", "--device", device] + flags), parser)
     evaluation.configure_torch(cfg)
     device = torch.device(device)
     layout = torch.channels_last if cfg["channels_last"] else torch.preserve_format
@@ -192,13 +191,8 @@ def nyuv2_val_row(device, size):
     split = [scenes.render_batch(range(i, min(i + batch, images)), device) for i in range(0, images, batch)]
     run = lambda batches: evaluation.evaluate(model, batches, cfg["tasks"], device, cfg["amp"],  # noqa: E731
                                               cfg["channels_last"])  # ends by reading the metrics
-    run(split[:1])
-    clock = evaluation.DeviceClock(device)
-    clock.start()
-    for _ in range(3):
-        run(split)
-        clock.mark()
-    seconds = clock.median_interval()
+    run(split[:1])  # warm-up
+    seconds = evaluation.DeviceClock(device).median_seconds(lambda _: run(split), 3)
     return {"kind": "eval", "name": "MTAN eval, NYUv2 val size", "settings": "default", "images": images,
             "seconds_per_pass": round(seconds, 3), "images_per_s": round(images / seconds, 2),
             **evaluation.speed_fields(cfg, device, split[0]["image"])}
