@@ -46,6 +46,7 @@ with logits as predictions.
 import argparse
 import contextlib
 import errno
+import hashlib
 import inspect
 import json
 import math
@@ -938,12 +939,19 @@ class CheckpointError(Exception):
 # The entries of a checkpoint and their types: evaluating needs the first three, resuming all of them.
 CHECKPOINT = {"config": dict, "model": dict, "model_args": dict, "epoch": int, "history": list,
               "optimizer": dict, "weighting": dict}
+# The configuration keys eval.py reads (--checkpoint, --compare); resuming reads every key of train.py's DEFAULTS.
+# A checkpoint of another version that lacks one is refused, never completed from DEFAULTS: a default need not
+# be what the run did. Only MODEL_FACTS, which follow from the model and its tasks, are recomputed (migrated).
+CONFIG_KEYS = ("model", "data", "data_root", "tasks", "batch_size", "subset", "resolution", "num_classes",
+               "augment", "backbone")
+MODEL_FACTS = ("family", "single_task", "baseline")
 
 
 def load_checkpoint(path, resuming=False):
     """Read a checkpoint written by train.py, with one-line errors for the usual mistakes: the entries that
-    evaluating (or, `resuming`, training on) needs, weights that are tensors and finite. weights_only=True:
-    loading a checkpoint never runs code from the file."""
+    evaluating (or, `resuming`, training on) needs, the configuration keys that the command reads, a history
+    of epochs 1, 2, ..., `epoch`, weights that are tensors and finite. weights_only=True: loading a checkpoint
+    never runs code from the file."""
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
     if not os.path.isfile(path):
@@ -955,6 +963,19 @@ def load_checkpoint(path, resuming=False):
                                   f"not a {kind.__name__})")
     if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
         raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'model' entry holds non-tensors)")
+    cfg, numbered = ckpt["config"], [r.get("epoch") if isinstance(r, dict) else r for r in ckpt.get("history", [])]
+    if "history" in ckpt and (numbered != list(range(1, len(numbered) + 1)) or ckpt.get("epoch") != len(numbered)):
+        raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'history' does not hold the records of "
+                              f"epochs 1 to its 'epoch' {ckpt.get('epoch')})")
+    if resuming or not all(k in cfg for k in MODEL_FACTS):
+        import train  # lazily: train.py imports this module
+
+        if cfg.get("model") in train.MODELS and "tasks" in cfg:  # an older run: the facts of today's MODELS
+            cfg.update({k: v for k, v in train.model_facts(cfg["model"], cfg["tasks"]).items() if k not in cfg})
+    missing = [k for k in CONFIG_KEYS + MODEL_FACTS + (tuple(train.DEFAULTS) if resuming else ()) if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: its configuration lacks '{missing[0]}' (written by another version of "
+                              f"train.py); evaluate or resume it with that version, or train the run again")
     return ckpt
 
 
@@ -1033,7 +1054,9 @@ def build_parser():
     p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
                    help="delta_m convention (see delta_m's docstring)")
     p.add_argument("--save-vis", type=text, metavar="DIR", help="write input / ground truth / prediction "
-                   "PNGs here")
+                   "PNGs into this new (or empty) folder; else into DIR-2, DIR-3, ...")
+    p.add_argument("--replace-eval", action="store_true", help="replace the run's eval.json even when it is of "
+                   "another split or other data (kept otherwise)")
     p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
     p.add_argument("--image", type=text, metavar="FILE", help="predict one image of any size and write "
                    "per-task PNGs into a new folder beside it")
@@ -1146,8 +1169,9 @@ def evaluate_checkpoint(args):
         return predict_image(args, cfg, model, device, normalise)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
-    if args.save_vis:  # an unwritable folder stops now, not after the whole evaluation
-        os.makedirs(args.save_vis, exist_ok=True)
+    if args.save_vis:  # a new or empty folder (else FOLDER-2, ...), made now: an unwritable one stops at once
+        empty = os.path.isdir(args.save_vis) and not os.listdir(args.save_vis)
+        args.save_vis = args.save_vis if empty else new_folder(args.save_vis)
     if cfg["data"] in DECATHLON_DATASETS:
         if args.bench:
             raise UsageError("--bench times the dense datasets' evaluation; not the Decathlon's")
@@ -1159,10 +1183,11 @@ def evaluate_checkpoint(args):
         return bench_evaluation(args, cfg, model, loader, device, normalise)
     results = evaluate(model, loader, cfg["tasks"], device, cfg["amp"], cfg["channels_last"], normalise)
     rows = [(f"{cfg['model']} ({args.split})", results)]
-    evaluated_on = evaluation_set(dict(cfg, subset=args.subset or cfg.get("subset")))
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
               "tasks": cfg["tasks"], "metrics": results, "epoch": cfg["checkpoint_epoch"],
-              "data_root": cfg["data_root"], "evaluated_on": evaluated_on}
+              "data_root": cfg["data_root"], "evaluated_on": evaluation_set(dict(cfg, subset=args.subset or
+                                                                                cfg.get("subset"))),
+              "sample_ids": sample_ids(dataset)}
     if args.baseline:
         baseline, _ = read_baseline_file(args.baseline)
         rows.append(("baseline", baseline))
@@ -1175,7 +1200,7 @@ def evaluate_checkpoint(args):
     print(format_table(rows, cfg["tasks"]))
     if "delta_m" in report:
         print(f"delta_m ({args.convention} convention) = {report['delta_m']:+.2f} %")
-    write_report(report, args.checkpoint)
+    write_report(report, args)
     if args.save_vis:
         save_visualisations(args, cfg, model, dataset, device, normalise)
     return report
@@ -1231,6 +1256,7 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     print(format_decathlon_table(rows, baseline))
     accuracy = {d: 100 * r["accuracy"] for d, r in results.items()}
     report = {"checkpoint": args.checkpoint, "split": args.split, "model": cfg["model"], "data": cfg["data"],
+              "evaluated_on": evaluation_set(dict(cfg, subset=args.subset or cfg.get("subset"))),
               "tasks": cfg["tasks"], "metrics": results, "accuracy": accuracy,
               "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
     if baseline:
@@ -1240,7 +1266,7 @@ def evaluate_decathlon_checkpoint(args, cfg, model, device):
     elif cfg["data"] == "synthetic-decathlon":
         print("no Decathlon score: pass --baseline with the eval.json files of single-domain runs "
               "(see `python eval.py --help` and the README)")
-    write_report(report, args.checkpoint)
+    write_report(report, args)
     return report
 
 
@@ -1279,14 +1305,7 @@ def read_decathlon_baseline(paths):
     """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
     merged = {}
     for path in paths.split(","):
-        try:
-            with open(path) as f:
-                accuracy = json.load(f)["accuracy"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
-                raise ValueError("an accuracy is not a number")
-            merged.update(accuracy)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UsageError(f"--baseline {path}: not an eval.json of a Decathlon run ({e})") from None
+        merged.update(read_json(path, "decathlon eval.json", f"--baseline {path}")[0]["accuracy"])
     return merged
 
 
@@ -1295,27 +1314,60 @@ def run_folder(checkpoint):
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
 
 
-def write_report(report, checkpoint):
-    """eval.json beside the checkpoint, written atomically. Non-finite metrics (a diverged model, or a split
-    without a valid target) are refused: they would replace a good eval.json with one no strict parser reads."""
-    path = os.path.join(run_folder(checkpoint), "eval.json")
+def write_report(report, args):
+    """eval.json beside the checkpoint, written atomically. Refused: non-finite metrics (a diverged model, or a
+    split without a valid target), which would replace a good eval.json with one no strict parser reads; and
+    replacing an eval.json of another split or other data without --replace-eval (nothing the user had is
+    replaced unasked: a quick --subset evaluation must not cost the full split's)."""
+    path = os.path.join(run_folder(args.checkpoint), "eval.json")
     bad = non_finite_metrics(report["metrics"])
     if bad:
         raise UsageError(f"non-finite metrics ({', '.join(bad)}): the model diverged or the split has no "
                          f"valid target for them; {path} was not written")
+    if os.path.exists(path) and not args.replace_eval:
+        old = read_json(path, ("eval.json", "decathlon eval.json"))[0]
+        on, kept = (report["evaluated_on"], report.get("sample_ids")), (old.get("evaluated_on"), old.get("sample_ids"))
+        ours, theirs = data_difference(on, kept) or (on[0], kept[0])
+        if (report["split"], ours) != (old.get("split"), theirs):
+            raise UsageError(f"{path} holds the {old.get('split')} split on {theirs}, this evaluation the "
+                             f"{report['split']} split on {ours}: kept (pass --replace-eval to replace it)")
     write_text_atomic(strict_json(report, indent=2), path)
     print(f"wrote {path}")
 
 
 def read_baseline_file(path, key="final"):
     """(metrics, the whole file) of a baseline's eval.json ("metrics") or metrics.json (`key`)."""
-    blob = read_json_object(path, f"--baseline {path}")
-    key = "metrics" if "metrics" in blob else key
-    return results_in(blob, key, f"--baseline {path}", "an eval.json or metrics.json"), blob
+    blob, kind = read_json(path, ("eval.json", "metrics.json"), f"--baseline {path}")
+    return blob["metrics" if kind == "eval.json" else key], blob
 
 
-def read_json_object(path, label):
-    """The JSON object in `path`; one-line errors (`label` names the file) for anything else."""
+def is_number(v):
+    return type(v) in (int, float)  # not bool, not a string; NaN is a number here (a row of n > 1 refuses it)
+
+
+# What eval.py reads of each kind of JSON file that train.py and eval.py write: (what it is, {key: shape}). The
+# one reader, read_json, checks a file against its kind where it is read, so every command that reads the file
+# refuses it with the same line, naming the file and the key.
+JSON_FILES = {
+    "eval.json": ("the eval.json of python eval.py --checkpoint", {"metrics": "results"}),
+    "metrics.json": ("the metrics.json of train.py", {"final": "results", "mean_last_10": "results",
+                                                       "epochs": "count"}),
+    "decathlon eval.json": ("an eval.json of a Decathlon run", {"accuracy": "numbers"}),
+}
+SHAPES = {  # shape: (its test, how a value that fails it is named)
+    "results": (lambda v: isinstance(v, dict) and all(isinstance(m, dict) and all(map(is_number, m.values()))
+                                                      for m in v.values()),
+                "expected {{task: {{metric: number}}}} under '{key}'"),
+    "numbers": (lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
+                "expected {{name: number}} under '{key}'"),
+    "count": (lambda v: type(v) is int, "'{key}' is not a number of epochs"),
+}
+
+
+def read_json(path, kinds, label=None):
+    """(the JSON object in `path`, its kind): the first of `kinds` (one name, or a tuple) whose first key the file
+    has, else the last, checked against JSON_FILES. One line naming the file (`label`) and the key otherwise."""
+    label, kinds = label or path, (kinds,) if isinstance(kinds, str) else kinds
     try:
         with open(path) as f:
             blob = json.load(f)
@@ -1324,16 +1376,13 @@ def read_json_object(path, label):
     if not isinstance(blob, dict):
         raise UsageError(f"{label} holds a JSON {type(blob).__name__}, not an object as eval.py and train.py "
                          "write")
-    return blob
-
-
-def results_in(blob, key, label, kind):
-    """blob[key], checked to be results as eval.py and train.py write them: {task: {metric: number}}."""
-    results = blob.get(key)
-    if not (isinstance(results, dict) and all(isinstance(values, dict) and all(
-            type(v) in (int, float) for v in values.values()) for values in results.values())):
-        raise UsageError(f"{label} is not {kind}: expected {{task: {{metric: number}}}} under '{key}'")
-    return results
+    kind = next((k for k in kinds if next(iter(JSON_FILES[k][1])) in blob), kinds[-1])
+    what, keys = JSON_FILES[kind]
+    for key, shape in keys.items():
+        test, words = SHAPES[shape]
+        if not test(blob.get(key)):
+            raise UsageError(f"{label} is not {what}: " + words.format(key=key))
+    return blob, kind
 
 
 # ============================================================================================================
@@ -1362,8 +1411,8 @@ DELTA_M_HEADER = "Delta_m %"
 
 def read_finished_run(folder):
     """What --compare needs of a run folder: its configuration, metrics.json, the parameter count of last.pt's
-    weights, how many evaluations the run made, and eval.json when there is one. One-line errors for a folder
-    that is not a finished run of train.py."""
+    weights, how many evaluations the run made, the data it was evaluated on, and eval.json when there is one.
+    One-line errors for a folder that is not a finished run of train.py, or whose two files disagree."""
     if os.path.isfile(folder) and os.path.basename(folder) in ("last.pt", "metrics.json", "eval.json"):
         folder = os.path.dirname(folder) or "."
     if not os.path.isdir(folder):
@@ -1373,52 +1422,50 @@ def read_finished_run(folder):
     if not os.path.isfile(path):
         raise UsageError(f"{folder} is not a finished run: it has no metrics.json (train.py writes it after "
                          f"the last epoch; continue a stopped run with python train.py --resume {folder})")
-    metrics = read_json_object(path, path)
-    for key in ("final", "mean_last_10"):
-        results_in(metrics, key, path, "the metrics.json of train.py")
-    if type(metrics.get("epochs")) is not int:
-        raise UsageError(f"{path} is not the metrics.json of train.py: 'epochs' is not a number of epochs")
+    metrics = read_json(path, "metrics.json")[0]
     if not os.path.isfile(os.path.join(folder, "last.pt")):
         raise UsageError(f"{folder} has metrics.json but no last.pt: --compare reads the configuration and "
                          "the parameter count from the checkpoint")
     ckpt = load_checkpoint(folder)
     cfg = ckpt["config"]
-    missing = [key for key in ("data", "model", "tasks", "single_task", "baseline") if key not in cfg]
-    if missing:  # the facts --compare reads, recorded by train.py at training time
-        raise UsageError(f"{folder}/last.pt records no {', '.join(missing)} in its configuration: --compare "
-                         "reads runs of this version of train.py")
     if cfg["data"] in DECATHLON_DATASETS:
         raise UsageError(f"{folder} is a Visual Decathlon run: --compare makes the dense-task tables; score a "
                          "Decathlon run with python eval.py --checkpoint FOLDER --baseline ...")
-    # A run resumed for more epochs and stopped again keeps the metrics.json of its earlier end.
-    if ckpt.get("epoch", metrics["epochs"]) != metrics["epochs"]:
-        raise UsageError(f"{folder} is not a finished run: last.pt holds epoch {ckpt['epoch']} but metrics.json "
-                         f"was written after epoch {metrics['epochs']} (resumed and not finished)")
+    # What both files record must agree: a run resumed for more epochs and stopped again keeps the metrics.json
+    # of its earlier end, and a last.pt copied from another run would lend its name to metrics.json's numbers.
+    for key, recorded in (("epochs", ckpt.get("epoch", metrics["epochs"])), ("model", cfg["model"])):
+        if metrics.get(key, recorded) != recorded:
+            raise UsageError(f"{path} says {key} {metrics[key]} but {folder}/last.pt {recorded}: they are not of "
+                             "one finished run (resumed and not finished, or one file copied from another run)")
     evaluations = sum("val" in record for record in ckpt.get("history", [])) or None
     eval_path = os.path.join(folder, "eval.json")
     return {"folder": folder, "config": cfg, "metrics": metrics, "params": count_parameters(ckpt["model"]),
-            "evaluations": evaluations, "eval_json": eval_path if os.path.isfile(eval_path) else None}
+            "evaluations": evaluations, "eval_json": eval_path if os.path.isfile(eval_path) else None,
+            "evaluated_on": (evaluation_set(cfg), ckpt.get("sample_ids"))}
 
 
 def run_numbers(run, epoch, from_eval):
-    """({task: {metric: value}}, where they come from) of a run: metrics.json's mean of the last evaluations
-    (epoch "protocol") or its last evaluation ("last"), or with from_eval the "metrics" of eval.json, which
-    must be of last.pt's epoch and of the data the run was evaluated on."""
+    """The numbers of a run: metrics.json's mean of the last evaluations (epoch "protocol") or its last
+    evaluation ("last"), or with from_eval the "metrics" of eval.json, which must be of last.pt's epoch and of
+    the data the run was evaluated on. Returns {"numbers": {task: {metric: value}}, "source": where they come
+    from, in words, "file" and "key": the file and the key that hold them}."""
     if not from_eval:
         key = EPOCH_CHOICES[epoch]
-        return run["metrics"][key], f"metrics.json {key}"
+        return {"numbers": run["metrics"][key], "source": f"metrics.json {key}", "key": key,
+                "file": os.path.join(run["folder"], "metrics.json")}
     if run["eval_json"] is None:
         raise UsageError(f"--from-eval: {run['folder']} has no eval.json (write it with python eval.py "
                          f"--checkpoint {run['folder']}, or drop --from-eval)")
-    path, evaluated_on = run["eval_json"], evaluation_set(run["config"])
-    blob = read_json_object(path, path)
-    numbers = results_in(blob, "metrics", path, "the eval.json of python eval.py --checkpoint")
-    last = run["metrics"]["epochs"]  # last.pt's epoch (read_finished_run)
-    if (blob.get("epoch"), blob.get("evaluated_on")) != (last, evaluated_on):
-        raise UsageError(f"--from-eval: {path} is of epoch {blob.get('epoch')} on {blob.get('evaluated_on')}, "
-                         f"but last.pt holds epoch {last} on {evaluated_on}: evaluate it again with python "
-                         f"eval.py --checkpoint {run['folder']}")
-    return numbers, f"eval.json {blob.get('split', 'val')} split"
+    path, last = run["eval_json"], run["metrics"]["epochs"]  # last.pt's epoch (read_finished_run)
+    blob = read_json(path, "eval.json")[0]
+    on = (blob.get("evaluated_on"), blob.get("sample_ids"))
+    theirs, ours = data_difference(on, run["evaluated_on"]) or (on[0], run["evaluated_on"][0])
+    if blob.get("epoch") != last or theirs != ours:
+        raise UsageError(f"--from-eval: {path} is of epoch {blob.get('epoch')} on {theirs}, but last.pt holds "
+                         f"epoch {last} on {ours}: evaluate it again with python eval.py --checkpoint "
+                         f"{run['folder']}")
+    return {"numbers": blob["metrics"], "source": f"eval.json {blob.get('split', 'val')} split", "file": path,
+            "key": "metrics"}
 
 
 def row_name(cfg, weighting=True):
@@ -1442,12 +1489,20 @@ def row_name(cfg, weighting=True):
 
 def row_names(runs):
     """Unique row names. The weighting is named unless every multi-task run uses equal weighting (as in the
-    MTI-Net tables, where it is not what the rows compare); runs that still share a name get their folder's."""
+    MTI-Net tables, where it is not what the rows compare); rows whose names differ at most in the seed are
+    told apart by the configuration keys in which they differ ("mtan dwa [eval_every 2]"), else (the same
+    name) by their folder's name."""
     weighting = any(cfg.get("weighting", "equal") != "equal" for cfg in (r["config"] for r in runs)
                     if not cfg["single_task"])
-    names = [row_name(r["config"], weighting) for r in runs]
-    return [f"{n} [{os.path.basename(os.path.normpath(r['folder']))}]" if names.count(n) > 1 else n
-            for n, r in zip(names, runs)]
+    names, unique = [row_name(r["config"], weighting) for r in runs], []
+    bases = [row_name(dict(r["config"], seed=0), weighting) for r in runs]  # rows that seem to be seeds of one
+    for name, base, run in zip(names, bases, runs):
+        twins = [r["config"] for b, r in zip(bases, runs) if b == base]
+        keys = sorted({k for cfg in twins for k in cfg if k not in RUN_ONLY})
+        differ = [f"{k} {run['config'].get(k)}" for k in keys if len({repr(c.get(k)) for c in twins}) > 1]
+        folder = os.path.basename(os.path.normpath(run["folder"]))
+        unique.append(f"{name} [{', '.join(differ) or folder}]" if differ or names.count(name) > 1 else name)
+    return unique
 
 
 def evaluation_set(cfg):
@@ -1462,19 +1517,42 @@ def evaluation_set(cfg):
     return " ".join(words)
 
 
+def sample_ids(dataset):
+    """"N samples, ids DIGEST": which samples a split holds, which evaluation_set's words cannot say. The ids
+    are the dataset's names of its samples, not its folder's: a moved tree keeps its digest, another tree
+    with another val list does not. train.py records it in last.pt ("sample_ids"), eval.py in eval.json."""
+    indices = range(len(dataset))
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, [dataset.indices[i] for i in indices]
+    ids = getattr(dataset, "ids", range(len(dataset)))
+    text = "\n".join([str(getattr(dataset, "split", ""))] + [str(ids[i]) for i in indices])
+    return f"{len(indices)} samples, ids {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def data_difference(a, b):
+    """None when two evaluations, each (evaluation_set's words, sample_ids), saw the same data, else the two
+    in words. Ids that one side does not record (a file of an older version) are not held against it."""
+    if a[0] != b[0]:
+        return a[0], b[0]
+    if None not in (a[1], b[1]) and a[1] != b[1]:
+        return f"{a[0]}: {a[1]}", f"{b[0]}: {b[1]}"
+    return None
+
+
 def check_comparable(runs):
     """One-line errors for runs that cannot share a table: a folder given twice, runs evaluated on different
-    data (another dataset, resolution, subset or class count), a task with different outputs in two runs."""
+    data (another dataset, resolution, subset, class count or list of samples), a task with different outputs
+    in two runs."""
     folders = [os.path.realpath(r["folder"]) for r in runs]
     for r, folder in zip(runs, folders):
         if folders.count(folder) > 1:
             raise UsageError(f"{r['folder']} is given twice to --compare")
     first = runs[0]
     for r in runs[1:]:
-        if evaluation_set(r["config"]) != evaluation_set(first["config"]):
-            raise UsageError(f"{first['folder']} ({evaluation_set(first['config'])}) and {r['folder']} "
-                             f"({evaluation_set(r['config'])}) were evaluated on different data: they cannot "
-                             "share a table")
+        differ = data_difference(first["evaluated_on"], r["evaluated_on"])
+        if differ:
+            raise UsageError(f"{first['folder']} ({differ[0]}) and {r['folder']} ({differ[1]}) were evaluated "
+                             "on different data: they cannot share a table")
     channels = {}
     for r in runs:
         for task, n in r["config"]["tasks"].items():
@@ -1487,16 +1565,17 @@ def check_comparable(runs):
 def read_baseline_source(path, epoch, from_eval):
     """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
     (the --epoch key; beside its last.pt, which says what data it was evaluated on) or eval.json ("metrics").
-    Returns {"folder": path, "runs": [path], "data", "evaluated_on" (None where unknown), "numbers"}."""
+    Returns a run as read_finished_run does with the fields of run_numbers, or for a lone file {"folder",
+    "config": None, "data" and "evaluated_on" (None where the file does not say), "numbers", "file", "key"}."""
     if os.path.isdir(path) or (os.path.basename(path) == "metrics.json"
                                and os.path.isfile(os.path.join(os.path.dirname(path), "last.pt"))):
         run = read_finished_run(path)
-        return {"folder": path, "runs": [path], "data": run["config"]["data"],
-                "evaluated_on": evaluation_set(run["config"]),
-                "numbers": run_numbers(run, epoch, from_eval and os.path.isdir(path))[0]}
+        return dict(run, folder=path, data=run["config"]["data"],
+                    **run_numbers(run, epoch, from_eval and os.path.isdir(path)))
     numbers, blob = read_baseline_file(path, EPOCH_CHOICES[epoch])
-    return {"folder": path, "runs": [path], "data": blob.get("data"),
-            "evaluated_on": blob.get("evaluated_on"), "numbers": numbers}
+    return {"folder": path, "config": None, "data": blob.get("data"), "numbers": numbers, "file": path,
+            "key": "metrics" if "metrics" in blob else EPOCH_CHOICES[epoch],
+            "evaluated_on": (blob.get("evaluated_on"), blob.get("sample_ids"))}
 
 
 def find_baselines(runs, named=None):
@@ -1518,22 +1597,27 @@ def find_baselines(runs, named=None):
     return chosen
 
 
-# The configuration keys that change how fast a run goes, where it reads and writes or how often it is evaluated,
-# not what its numbers mean: runs that differ only in these and in their seed are seeds of one row.
+# The configuration keys that change how fast a run goes or where it reads and writes, not what its numbers
+# mean: runs that differ only in these are seeds of one row, and each must be another seed. Under --epoch last
+# eval_every joins them; the protocol's mean of the last 10 evaluations spans more epochs when they are
+# further apart.
 RUN_ONLY = ("seed", "out", "device", "workers", "compile", "cuda_graph", "data_on_device", "peak_tflops",
-            "eval_every", "data_root")
+            "data_root", "channels_last", "fused", "deterministic")
 
 
-def seed_groups(runs, per_seed=False):
+def seed_groups(runs, epoch="protocol", per_seed=False):
     """The runs grouped by their configuration without RUN_ONLY (each run alone with per_seed), in command-line
     order: each metric's mean over a group's runs and their sample standard deviation (n - 1 in the
-    denominator: statistics.stdev, numpy's ddof=1; None for one run). A group of seeds names no seed."""
-    groups = {}
+    denominator: statistics.stdev, numpy's ddof=1; None for one run). A group of seeds names no seed. A lone
+    --baseline file (no configuration) is a group of its own. check_seeds checks each group."""
+    groups, ignored = {}, RUN_ONLY + (("eval_every",) if epoch == "last" else ())
     for run in runs:
-        key = repr(sorted(kv for kv in run["config"].items() if kv[0] not in RUN_ONLY))
-        groups.setdefault(run["folder"] if per_seed else key, []).append(run)
-    rows = []
+        key = repr(sorted(kv for kv in (run["config"] or {"file": run["folder"]}).items() if kv[0] not in ignored))
+        groups.setdefault(key, []).append(run)
     for members in groups.values():
+        check_seeds(members)
+    rows = []
+    for members in [[run] for run in runs] if per_seed else groups.values():
         cfg, results, std = members[0]["config"], [run["numbers"] for run in members], None
         if len(members) > 1:
             cfg = {k: v for k, v in cfg.items() if k != "seed"}
@@ -1542,6 +1626,28 @@ def seed_groups(runs, per_seed=False):
         rows.append({"folder": members[0]["folder"], "runs": [r["folder"] for r in members], "members": members,
                      "config": cfg, "numbers": average_results(results), "std": std})
     return rows
+
+
+def check_seeds(members):
+    """One-line errors, naming the file and the key, for a seed group that is not distinct seeds with the same
+    finite metrics: a copy of a run is not a second seed, and a mean ± std needs every number of every seed."""
+    seeds = {}
+    for run in members if len(members) > 1 else []:  # a row of one run shows its numbers as they are
+        seed, key = run["config"].get("seed", 0), run["key"]
+        twin = seeds.setdefault(seed, run)
+        if twin is not run:
+            raise UsageError(f"{twin['folder']} and {run['folder']} are both seed {seed} of one configuration: a "
+                             "copy of a run is not a second seed (drop one, or train another seed)")
+        bad = non_finite_metrics(run["numbers"])
+        if bad:
+            raise UsageError(f"{run['file']}: {bad[0]} under '{key}' is not a finite number: a row's mean ± std "
+                             "needs finite numbers in every seed")
+        for a, b in ((run, members[0]), (members[0], run)):
+            missing = [f"{t} {m}" for t, values in b["numbers"].items() for m in values
+                       if m not in a["numbers"].get(t, {})]
+            if missing:
+                raise UsageError(f"{a['file']}: no {missing[0]} under '{a['key']}', which {b['file']} has: the "
+                                 "seeds of a row must hold the same metrics")
 
 
 def row_delta_m(numbers, reference, tasks, convention):
@@ -1571,23 +1677,24 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     runs = [read_finished_run(folder) for folder in folders]
     check_comparable(runs)
     for run in runs:
-        run["numbers"], run["source"] = run_numbers(run, epoch, from_eval)
+        run.update(run_numbers(run, epoch, from_eval))
     if from_eval and len({run["source"] for run in runs}) > 1:
         raise UsageError("--from-eval: the eval.json files are of different splits ("
                          + ", ".join(f"{r['folder']}: {r['source']}" for r in runs) + ")")
     named = None
-    if baseline:
+    if baseline:  # the runs of one configuration among them are seeds of one baseline, as among the rows
         named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
-        data, evaluated_on = runs[0]["config"]["data"], evaluation_set(runs[0]["config"])
         for source in named:
-            if source["data"] not in (None, data) or source["evaluated_on"] not in (None, evaluated_on):
-                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run ("
-                                 f"{source['evaluated_on'] or source['data']}), the compared runs are on "
-                                 f"{evaluated_on}: they cannot share a table")
+            differ = source["evaluated_on"][0] and data_difference(source["evaluated_on"], runs[0]["evaluated_on"])
+            theirs, ours = differ or (source["evaluated_on"][0] or source["data"], runs[0]["evaluated_on"][0])
+            if source["data"] not in (None, runs[0]["config"]["data"]) or differ:
+                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run ({theirs}), the "
+                                 f"compared runs are on {ours}: they cannot share a table")
             if len(source["numbers"]) > 1:
                 raise UsageError(f"--baseline {source['folder']} is a multi-task run (tasks "
                                  f"{', '.join(source['numbers'])}): a baseline is a single-task run")
-    groups = seed_groups(runs, per_seed)
+        named = seed_groups(named, epoch)
+    groups = seed_groups(runs, epoch, per_seed)
     baselines = find_baselines(groups, named)
     reference = {task: source["numbers"][task] for task, source in baselines.items()}
     rows = []
@@ -1695,7 +1802,8 @@ def compare_command(args):
     """`python eval.py --compare RUN ...`: the table (Markdown, or with --json one JSON document) of finished
     runs; returns the document."""
     for flag, value in (("--data-root", args.data_root), ("--save-vis", args.save_vis), ("--image", args.image),
-                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench)):
+                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench),
+                        ("--replace-eval", args.replace_eval or None)):
         if value is not None:
             raise UsageError(f"{flag} applies to --checkpoint, not --compare (which re-evaluates nothing)")
     if args.from_eval and args.epoch == "protocol":

@@ -270,8 +270,15 @@ def test_eval_json_of_python_eval_py_checkpoint_is_taken(runs, tmp_path, capsys)
     report = evaluation.main(["--checkpoint", folder, "--device", "cpu"])
     assert (report["epoch"], report["evaluated_on"]) == (2, "synthetic 64x64 (first 4 samples)")
     assert compare(folder, "--from-eval")["rows"][0]["metrics"] == report["metrics"]
-    evaluation.main(["--checkpoint", folder, "--device", "cpu", "--subset", "2"])  # other data: refused
-    assert "(first 2 samples), but last.pt holds epoch 2 on" in one_line_error(folder, "--from-eval")
+    with open(os.path.join(folder, "eval.json")) as f:
+        full = f.read()
+    with pytest.raises(SystemExit, match=r"holds the val split on .*\(first 4 samples\), this evaluation the val "
+                                         r"split on .*\(first 2 samples\): kept \(pass --replace-eval"):
+        evaluation.main(["--checkpoint", folder, "--device", "cpu", "--subset", "2"])  # the full split's is kept
+    with open(os.path.join(folder, "eval.json")) as f:
+        assert f.read() == full
+    evaluation.main(["--checkpoint", folder, "--device", "cpu", "--subset", "2", "--replace-eval"])
+    assert "(first 2 samples), but last.pt holds epoch 2 on" in one_line_error(folder, "--from-eval")  # other data
 
 
 # ---- seeds: one row per configuration ----------------------------------------------------------------------
@@ -380,8 +387,14 @@ UNTRUSTED = [  # (case, the arguments of --compare from (runs, a copy(edit, file
      "is not a checkpoint of train.py"),
     ("checkpoint-model-not-weights", lambda r, copy: [copy(edit=lambda ckpt: ckpt.update(model=[1]))],
      "is not a checkpoint of train.py"),
-    ("config-without-model-facts", lambda r, copy: [copy(edit=lambda ckpt: ckpt["config"].pop("single_task"))],
-     "records no single_task in its configuration"),
+    ("config-of-another-version", lambda r, copy: [copy(edit=lambda ckpt: ckpt["config"].pop("subset"))],
+     "last.pt: its configuration lacks 'subset' (written by another version of train.py)"),
+    ("history-not-its-epochs", lambda r, copy: [copy(edit=lambda ckpt: ckpt["history"].pop())],
+     "its 'history' does not hold the records of epochs 1 to its 'epoch' 2"),
+    ("last.pt-of-another-model", lambda r, copy: [copy(edit=config_with(model="stan"))],
+     "metrics.json says model single but "),
+    ("a-copy-is-not-a-second-seed", lambda r, copy: [r["sem"], copy()], "sem and "),
+
     ("eval.json-older-than-the-run", lambda r, copy: [copy(files={"eval.json": eval_json(r, epoch=1)}),
                                                        "--from-eval"],
      f"eval.json is of epoch 1 on {EVALUATED_ON}, but last.pt holds epoch 2 on {EVALUATED_ON}"),
@@ -413,3 +426,61 @@ def test_untrusted_files_get_one_line(runs, tmp_path, make, words, capsys):
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
     assert words in message, message
     assert "Traceback" not in "".join(capsys.readouterr())
+
+
+# ---- seed groups: distinct seeds under one evaluation protocol ---------------------------------------------
+
+
+def test_what_makes_a_seed_group(runs, tmp_path):
+    miou = metrics_json(runs["sem"])["mean_last_10"]["semantic"]["miou"]
+    # channels_last changes the speed, not the numbers: seed 1 without it is the second seed of the row
+    layout = copy_run(runs["sem"], tmp_path, "layout", config_with(seed=1, channels_last=False))
+    assert [(r["name"], r["n"]) for r in compare(runs["sem"], layout)["rows"]] == [("single semantic", 2)]
+    # evaluated every second epoch: under the protocol another row, named by what differs; under --epoch last
+    # (one evaluation either way) a seed of the same row
+    sparse = copy_run(runs["sem"], tmp_path, "sparse", config_with(seed=1, eval_every=2))
+    doc = compare(runs["sem"], sparse)
+    assert [r["name"] for r in doc["rows"]] == ["single semantic [eval_every 1]", "single semantic seed 1 "
+                                                                                   "[eval_every 2]"]
+    assert [(r["name"], r["n"]) for r in compare(runs["sem"], sparse, "--epoch", "last")["rows"]] == [
+        ("single semantic", 2)]
+    # the samples evaluated, from the ids train.py records: another val list of the same dataset is other data
+    ids = [copy_run(runs["sem"], tmp_path, f"ids{i}", lambda ckpt: ckpt.update(sample_ids=f"4 samples, ids {i}a"))
+           for i in range(2)]
+    assert f"({EVALUATED_ON}: 4 samples, ids 0a) and {ids[1]} ({EVALUATED_ON}: 4 samples, ids 1a) were " \
+           "evaluated on different data" in one_line_error(*ids)
+    # seeds 0, 1, 1: the copy of seed 1 is named with its original
+    one = seeds(runs, tmp_path, "sem", [miou, 0.5])[1]
+    again = shutil.copytree(one, str(tmp_path / "again"))
+    assert f"{one} and {again} are both seed 1 of one configuration" in one_line_error(runs["sem"], one, again)
+    assert compare(runs["sem"], one)["rows"][0]["metrics"]["semantic"]["miou"] == pytest.approx((miou + 0.5) / 2)
+
+
+def test_a_seed_without_a_number_is_named(runs, tmp_path):
+    nan = seeds(runs, tmp_path, "sem", [0.4, float("nan")])
+    assert nan[1] + "/metrics.json: semantic miou under 'mean_last_10' is not a finite number" in one_line_error(*nan)
+    blob = metrics_json(runs["sem"])
+    del blob["final"]["semantic"]["pixel_acc"]
+    lacking = copy_run(nan[0], tmp_path, "lacking", config_with(seed=2), {"metrics.json": blob})
+    assert f"{lacking}/metrics.json: no semantic pixel_acc under 'final', which {nan[0]}/metrics.json has" in \
+        one_line_error(nan[0], lacking, "--epoch", "last")
+
+
+def test_baseline_seeds_are_averaged(runs, tmp_path):
+    sem = seeds(runs, tmp_path, "sem", [0.36, 0.44])
+    mtan = metrics_json(runs["mtan"])["mean_last_10"]["semantic"]["miou"]
+    doc = compare(runs["mtan"], "--baseline", ",".join(sem))
+    assert doc["rows"][0]["delta_m"] == pytest.approx(100 * (mtan - 0.40) / 0.40)  # against their mean, 0.40
+    assert doc["baselines"] == {"semantic": ",".join(sem)}
+
+
+def test_a_run_of_an_older_version_is_migrated_or_refused(runs, tmp_path):
+    # the model facts follow from the model and its tasks: recomputed, so the run is still the baseline
+    older = copy_run(runs["sem"], tmp_path, "older", lambda ckpt: [ckpt["config"].pop(k) for k in evaluation.MODEL_FACTS])
+    doc = compare(runs["mtan"], older)
+    assert doc["rows"][1]["name"] == "single semantic" and doc["baselines"] == {"semantic": older}
+    # any other key: refused, never filled in from train.py's defaults (resuming needs every one of them)
+    no_fused = copy_run(runs["sem"], tmp_path, "no-fused", lambda ckpt: ckpt["config"].pop("fused"))
+    assert evaluation.load_checkpoint(no_fused)["config"]["model"] == "single"  # evaluating does not read it
+    with pytest.raises(evaluation.CheckpointError, match=r"last.pt: its configuration lacks 'fused' \(written by"):
+        evaluation.load_checkpoint(no_fused, resuming=True)

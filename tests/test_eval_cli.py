@@ -56,6 +56,15 @@ def test_save_vis_draws_predictions_and_attention(mtan_run, tmp_path):
     assert (picture[14:, 66:130] == semantic).all()  # then the semantic ground truth
 
 
+def test_save_vis_replaces_no_picture(mtan_run, tmp_path):
+    out, _ = mtan_run
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "000_gt_pred.png").write_bytes(b"the user's picture")
+    evaluation.main(["--checkpoint", out, "--save-vis", str(tmp_path / "pictures"), "--num-vis", "1"])
+    assert (tmp_path / "pictures" / "000_gt_pred.png").read_bytes() == b"the user's picture"
+    assert sorted(os.listdir(tmp_path / "pictures-2")) == ["000_attention.png", "000_gt_pred.png"]  # a new folder
+
+
 def test_single_image_of_any_size(mtan_run, tmp_path):
     out, _ = mtan_run
     path = tmp_path / "photo.png"
