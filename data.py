@@ -16,340 +16,159 @@ has a `name`, `class_names`, a `tasks` dict (every target it provides: task name
 `primary_tasks` dict (the tasks the papers train on). The Visual Decathlon is a classification benchmark: its
 samples are {"image", "label"}.
 
-THE DATASET MODULE is sections 1-7:
+THE DATASET MODULE is sections 1-5, up to the line "Appendices" (about line 800):
 
-1. build_dataset: every dense dataset by name (train.py and eval.py call it), and the DATASETS table.
-2. Errors and download notes: what a user sees when a dataset is missing or malformed, and where to get it;
-   the helpers that check a dataset folder's layout and read its files.
-3. NYUv2 and CityScapes (MTAN's preprocessed .npy releases), NYUD (MTI-Net's NYUD_MT), and the numpy arrays
-   they read turned into tensors.
-4. Augmentation: MTAN's random scale-crop and flip on batched tensors (so it can run on the GPU), and the edge
+1. build_dataset: every dense dataset by name (train.py and eval.py call it).
+2. The file datasets of the two papers: NYUv2 and CityScapes (MTAN's preprocessed .npy releases) and NYUD
+   (MTI-Net's NYUD_MT), each a table of files; read_image, the one image reader; the conversion of the arrays
+   read into the sample above, and check_sample, the few rules every sample obeys.
+3. Augmentation: MTAN's random scale-crop and flip on batched tensors (so it can run on the GPU), and the edge
    targets derived from semantic labels.
-5. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks) and its per-sample transforms.
-6. Visual Decathlon (MTAN's many-to-many experiment): the official folder loader and build_decathlon.
-7. SyntheticScenes: indoor-like rooms rendered by ray casting in torch. It ships as code, so a fresh machine
-   can train and test with no download.
+4. SyntheticScenes: indoor-like rooms rendered by ray casting in torch, the dataset of `python train.py`. It
+   ships as code, so a fresh machine can train and test with no download.
+5. PASCAL-Context (MTI-Net's PASCAL_MT, five tasks).
 
 THE APPENDICES that follow are infrastructure: the machinery that makes the repository self-contained (no
-scipy, no skimage, no download needed to run the tests). Sections 1-7 use them through a few functions, and a
-reader of the papers can skip them.
+scipy, no skimage, no download needed to run the tests). A reader of the papers can skip them.
 
-A. The ray caster behind SyntheticScenes (sample_scene ... render_scenes).
-B. A MATLAB v5 .mat reader (PASCAL_MT stores two of its labels in .mat files).
-C. Guo-Hall thinning and the Pascal-Part / PASCAL-Context label builders.
-D. The synthetic Decathlon: four small classification domains rendered with appendix A.
-E. Pictures: colour maps for labels, depth and normals (eval.py uses them), the montage, and `python data.py`,
+A. Errors and download notes: what a user sees when a dataset is missing or malformed, and where to get it.
+B. The PASCAL transforms (augmentation, resizing) and label builders (Pascal-Part parts, Context edges).
+C. The Visual Decathlon loader (MTAN's many-to-many experiment) and build_decathlon.
+D. The ray caster behind SyntheticScenes (sample_scene ... render_scenes).
+E. A MATLAB v5 .mat reader, scoped to what PASCAL_MT's files hold.
+F. Guo-Hall thinning (PASCAL's edge labels).
+G. The synthetic Decathlon: four small classification domains rendered with appendix D.
+H. Pictures: colour maps for labels, depth and normals (eval.py uses them), the montage, and `python data.py`,
    which renders synthetic samples to docs/synthetic_montage.png.
 """
 import argparse
 import colorsys
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 import re
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 # ------------------------------------------------------------------------------------------------------------
 # 1. build_dataset: every dense dataset by name
 # ------------------------------------------------------------------------------------------------------------
-
-# name -> (whether it reads files from a root folder, the options it accepts). A new dataset is one more line
-# here and one in build_dataset: its class takes (root, split, **options) (or (split, **options) without
-# files) and has `name`, `tasks`, `primary_tasks` and `class_names`. The Visual Decathlon, whose samples are
-# labelled images, has its own entry point: build_decathlon (section 6).
-DATASETS = {
-    "synthetic": (False, ("resolution", "num_samples", "seed", "cache")),
-    "nyuv2": (True, ("num_samples", "cache")),
-    "cityscapes": (True, ("num_classes", "num_samples", "cache")),
-    "nyud": (True, ("num_samples", "cache")),
-    "pascal": (True, ("size", "augment", "targets_at_original_size", "num_samples", "cache")),
-}
+#
+# DATASETS (after section 5, once the classes exist) maps each name to its class. A class carries everything
+# build_dataset needs: its `name`, and the options it accepts, which are the arguments of its constructor
+# after (root, split), or after (split) for a dataset without files. A new dataset is one more class in that
+# list, with `name`, `tasks`, `primary_tasks` and `class_names`. The Visual Decathlon, whose samples are
+# labelled images, has its own entry point: build_decathlon (appendix C).
 
 
 def build_dataset(name, root=None, split="train", **options):
     """Build dataset `name` and return (dataset, tasks), tasks being its primary task dict.
 
-    options: those DATASETS lists for the dataset, None meaning "not given" (num_samples: use only the first N
+    options: those its class's constructor takes, None meaning "not given" (num_samples: use only the first N
     samples; the classes describe the others). `root` is the dataset folder (None: data/<name> under the
     working directory); synthetic ignores it. NYUD's primary tasks are semantic + depth (MTI-Net's NYUD
     setting); dataset.tasks also lists its auxiliary normal and edge targets."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    reads_files, accepted = DATASETS[name]
-    cls = {"synthetic": SyntheticScenes, "nyuv2": NYUv2, "cityscapes": CityScapes, "nyud": NYUD,
-           "pascal": PascalContext}[name]  # looked up when build_dataset runs, so the classes can follow
+    cls = DATASETS[name]
+    accepted = [key for key in inspect.signature(cls).parameters if key not in ("root", "split")]
     options = {key: value for key, value in options.items() if value is not None}
     for key in options:
         if key not in accepted:
             hint = "; --resolution is for synthetic data only" if key == "resolution" else ""
             raise ValueError(f"option {key!r} does not apply to dataset {name!r} (valid: "
                              f"{', '.join(accepted)}){hint}")
+    reads_files = "root" in inspect.signature(cls).parameters
     dataset = cls(root, split, **options) if reads_files else cls(split, **options)
     return dataset, dict(dataset.primary_tasks)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 2. Errors and download notes
-# ------------------------------------------------------------------------------------------------------------
-
-
-class DatasetError(ValueError):
-    """A dataset folder is missing, laid out differently, or holds a file that cannot be read.
-
-    The message names the offending path, the layout that was expected and where to download the data, so
-    no bare numpy or PIL traceback reaches the user."""
-
-
-class MatFileError(ValueError):
-    """A file that read_mat cannot read: truncated, corrupt, not MATLAB v5, or an unsupported array type.
-    The message is "<path>: <problem>"; both are attributes too."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = path, problem
-
-
-# The ten Visual Decathlon domains, in the order of the class counts of lorenmt/mtan's
-# visual_decathlon/model_wrn_mtan.py. Defined here because the download notes below list them.
-DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot",
-                     "svhn", "ucf101", "vgg-flowers")
-
-# Where each dataset comes from and how its folder must look. The downloads are the ones the official code
-# names: the lorenmt/mtan README (NYUv2, CityScapes), SimonVandenhende/Multi-Task-Learning-PyTorch's
-# data/nyud.py and data/pascal_context.py (NYUD_MT, PASCAL_MT), and the challenge's site (Decathlon).
-DOWNLOADS = {
-    "nyuv2": {
-        "title": "NYUv2 (MTAN's preprocessed release, 288x384, 13 classes)",
-        "url": "https://www.dropbox.com/sh/86nssgwm6hm3vkb/AACrnUQ4GxpdrBbLjb6n-mWNa?dl=0",
-        "layout": (
-            "ROOT/train/image/0.npy ... (288, 384, 3) float in [0, 1]\n"
-            "ROOT/train/label/0.npy ... (288, 384) class ids 0..12, -1 = ignore\n"
-            "ROOT/train/depth/0.npy ... (288, 384, 1) metres, 0 = invalid\n"
-            "ROOT/train/normal/0.npy ... (288, 384, 3) unit normals, 0 = invalid\n"
-            "ROOT/val/...  the same four folders (files numbered 0, 1, 2, ... with no zero padding)"
-        ),
-    },
-    "cityscapes": {
-        "title": "CityScapes (MTAN's preprocessed release, 128x256 or 256x512)",
-        "url": (
-            "https://www.dropbox.com/sh/gaw6vh6qusoyms6/AADwWi0Tp3E3M4B2xzeGlsEna?dl=0 (128x256), "
-            "https://www.dropbox.com/sh/vj349qgg57nthi9/AACdZmIuK-Qb_gP6w1HrA43ta?dl=0 (256x512)"
-        ),
-        "layout": (
-            "ROOT/train/image/0.npy ... (H, W, 3) float in [0, 1]\n"
-            "ROOT/train/depth/0.npy ... (H, W, 1) inverse depth, 0 = invalid\n"
-            "ROOT/train/label_2/0.npy, label_7/0.npy, label_19/0.npy ... (H, W) class ids, -1 = void\n"
-            "ROOT/val/...  the same folders (files numbered 0, 1, 2, ... with no zero padding)"
-        ),
-    },
-    "nyud": {
-        "title": "NYUD_MT (MTI-Net's NYUD release, 480x640, 40 classes)",
-        "url": "NYUD_MT.tgz from Google Drive, file id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw "
-        "(download it by hand: the official automatic downloader is broken)",
-        "layout": (
-            "ROOT/gt_sets/train.txt, ROOT/gt_sets/val.txt   one image id per line\n"
-            "ROOT/images/<id>.jpg         RGB\n"
-            "ROOT/segmentation/<id>.png   uint8, 0 = unlabeled, 1..40 = the NYU-40 classes\n"
-            "ROOT/depth/<id>.npy          (H, W) metres, 0 = invalid\n"
-            "ROOT/normals/<id>.npy        (H, W, 3) unit normals, 0 = invalid\n"
-            "ROOT/edge/<id>.npy           (H, W) binary edge map\n"
-            "(ROOT is the NYUD_MT folder itself or the folder that holds it)"
-        ),
-    },
-    "pascal": {
-        "title": "PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, "
-        "edges)",
-        "url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported "
-        "dead; copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
-        "layout": (
-            "ROOT/ImageSets/Context/train.txt, val.txt   one image id per line (4998 / 5105)\n"
-            "ROOT/JPEGImages/<id>.jpg                   RGB, about 500x375\n"
-            "ROOT/semseg/VOC12/<id>.png                 uint8 0..20, 255 = void\n"
-            "ROOT/semseg/pascal-context/<id>.png        the same, for the ids that VOC12 lacks\n"
-            "ROOT/human_parts/<id>.mat                  Pascal-Part annotation, variable 'anno'\n"
-            "ROOT/sal_distill/<id>.png                  grey, saliency in 0..255\n"
-            "ROOT/normals_distill/<id>.png              RGB, normals as (n + 1) * 255 / 2\n"
-            "ROOT/pascal-context/trainval/<id>.mat      PASCAL-Context labels (459 classes), 'LabelMap'\n"
-            "(ROOT is the PASCAL_MT folder itself or the folder that holds it; .mat files are MATLAB v5)"
-        ),
-    },
-    "decathlon": {
-        "title": "Visual Decathlon (decathlon-1.0-data)",
-        "url": "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
-        "layout": (
-            "ROOT/<domain>/train/<class>/<image>   one sub-folder per class, e.g. ROOT/svhn/train/3/001.png\n"
-            "ROOT/<domain>/val/<class>/<image>     the same class folders\n"
-            "ROOT/<domain>/test/<image> (optional) and ROOT/annotations/<domain>_test_stripped.json\n"
-            f"domains: {', '.join(DECATHLON_DOMAINS)}"
-        ),
-    },
-}
-
-
-def dataset_error(name, problem, path):
-    """A DatasetError that names the path, the expected layout and the download location of dataset `name`."""
-    info = DOWNLOADS[name]
-    return DatasetError(
-        f"{info['title']}: {problem}: {path}\n"
-        f"Expected layout (ROOT is the --data-root folder, by default {os.path.join('data', name)}):\n"
-        f"{info['layout']}\n"
-        f"Download: {info['url']}\n"
-        "See the 'Datasets' section of README.md."
-    )
-
-
-def sample_files(dataset, index):
-    """{task: path} of the files that sample `index` of a dataset is read from (looking through a Subset), to
-    name them in an error; {} for the synthetic datasets, which are code."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset, index = dataset.dataset, dataset.indices[index]
-    return dataset.sample_files(index) if hasattr(dataset, "paths") else {}
-
-
-# ---- a dataset folder's layout and its files: every failure is a DatasetError naming the path --------------
-
-
-def _check_root(name, root, inner=None):
-    """The dataset folder of dataset `name`: `root`, or data/<name> under the working directory when none is
-    given; its sub-folder `inner` when it has one (the folder that holds NYUD_MT or PASCAL_MT is fine too). A
-    missing folder is a DatasetError that names the folder, the layout and the download."""
-    default = root is None or str(root) == ""
-    root = os.path.join("data", name) if default else os.path.expanduser(str(root))
-    if not os.path.isdir(root) and default:
-        raise dataset_error(name, f"dataset folder not found (no --data-root PATH given; looked in the "
-                            f"default folder {root} under the working directory)", os.path.abspath(root))
-    if not os.path.isdir(root):
-        raise dataset_error(name, "dataset folder not found", root)
-    if inner and os.path.isdir(os.path.join(root, inner)):
-        root = os.path.join(root, inner)
-    return root
-
-
-def _check_folder(name, path, what="folder missing (wrong layout?)"):
-    if not os.path.isdir(path):
-        raise dataset_error(name, what, path)
-    return path
-
-
-def _find_files(name, root, ids, files, missing="missing file"):
-    """{id: {task: path}} for the samples `ids`, whose files are ROOT/<folder>/<id><extension> for each
-    task -> (folder, extension) of `files`. Files are checked here, when a dataset is built, and read lazily:
-    a missing folder or file is a DatasetError naming it, `missing` saying what is wrong."""
-    paths = {i: {} for i in ids}
-    for task, (folder, ext) in files.items():
-        present = set(os.listdir(_check_folder(name, os.path.join(root, folder))))
-        for i in ids:
-            paths[i][task] = os.path.join(root, folder, i + ext)
-            if i + ext not in present:
-                raise dataset_error(name, missing, paths[i][task])
-    return paths
-
-
-def _read_split_list(name, folder, split):
-    """The sample ids of a split: the lines of <folder>/<split>.txt (NYUD's gt_sets, PASCAL's ImageSets)."""
-    def read(path):
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
-
-    path = os.path.join(_check_folder(name, folder), f"{split}.txt")
-    ids = _read(name, path, read, "split list")
-    if not ids:
-        raise dataset_error(name, "no samples (empty split list)", path)
-    return ids
-
-
-def _resolve_split(split):
-    """The split name, "train" or "val"; "test" means "val", the split the papers report (NYUv2, CityScapes,
-    NYUD and PASCAL have no other labelled test split)."""
-    split = "val" if split == "test" else split
-    if split not in ("train", "val"):
-        raise DatasetError(f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}")
-    return split
-
-
-def _read(name, path, read, what):
-    """read(path), where any failure becomes a DatasetError naming the file: "missing file", or "cannot read
-    this <what>" with the reason (numpy, PIL and read_mat raise ValueError, OSError, EOFError, ... for a
-    damaged file)."""
-    try:
-        return read(path)
-    except FileNotFoundError:
-        raise dataset_error(name, "missing file", path) from None
-    except Exception as error:
-        problem = error.problem if isinstance(error, MatFileError) else f"{type(error).__name__}: {error}"
-        raise dataset_error(name, f"cannot read this {what} ({problem})", path) from None
-
-
-def _read_npy(name, path):
-    """Memory-map one .npy file."""
-    return _read(name, path, lambda path: np.load(path, mmap_mode="r", allow_pickle=False), ".npy file")
-
-
-def _read_picture(name, path, rgb=True):
-    """Read an image file with PIL into a numpy array: (H, W, 3) uint8 if rgb (any mode is converted), else
-    the stored values (H, W) of a label map (modes L, P, I;16 keep their numbers)."""
-    def read(path):
-        with Image.open(path) as picture:
-            return np.asarray(picture.convert("RGB") if rgb else picture)
-
-    return _read(name, path, read, "image")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# 3. The real datasets of the two papers: NYUv2, CityScapes (MTAN) and NYUD (MTI-Net)
+# 2. The file datasets of the two papers: NYUv2, CityScapes (MTAN) and NYUD (MTI-Net)
 # ------------------------------------------------------------------------------------------------------------
 #
-# .npy files are memory-mapped: the OS page cache then keeps the whole of NYUv2 in RAM after the first epoch
-# and a sample costs one copy into a float32 tensor. cache=True also keeps the converted tensors (NYUv2 at
-# 288x384: about 4 MB per sample, 3 GB for the train split).
+# A dataset of files is a table, FILES = {task: (folder, extension, reader)}: the file of sample <id> for a task
+# is ROOT/<folder>/<id><extension>, and reader(path) reads it. Files are found when a dataset is built (a
+# missing one is named then) and read lazily. .npy files are memory-mapped: the OS page cache then keeps the
+# whole of NYUv2 in RAM after the first epoch and a sample costs one copy into a float32 tensor. cache=True
+# also keeps the converted tensors (NYUv2 at 288x384: about 4 MB per sample, 3 GB for the train split). Every
+# failure is a DatasetError that names the file, the expected layout and the download (appendix A).
+
+LABEL_TASKS = ("semantic", "parts")  # maps of class ids, (H, W) long; the other maps are float (C, H, W)
+IMAGE_TOLERANCE = 1e-3  # resampled or compressed copies may overshoot [0, 1] by a rounding error
+MAX_DEPTH = 100.0  # metres: no indoor scene (NYUv2, NYUD) comes near; a larger value is millimetres or so
 
 
 class _CachedDataset(torch.utils.data.Dataset):
     """Shared by the dense datasets: `length` samples, an optional in-memory cache (`cache`: a dict, or None)
-    and `load(index)`, which each dataset defines to read (or render) sample `index`. A dataset of files names
-    its samples `ids` and keeps their files in `paths` ({id: {task: path}}, from _find_files)."""
+    and `load(index)`, which each dataset defines to read (or render) sample `index`; every sample loaded
+    passes check_sample. A dataset of files names its samples `ids` and keeps their files in `paths`
+    ({id: {task: path}}, from _find_files)."""
+
+    same_size = True  # every sample of a split has one size; PASCAL (decoded at each image's size): False
+    label_offset = 0  # the stored class id is id + label_offset (NYUD stores 1..40 for 0..39)
+    max_depth = MAX_DEPTH  # the bound on depth; None: no bound (CityScapes' inverse depth)
 
     def __len__(self):
         return self.length
 
-    def _check_index(self, index):
-        """`index` as an int in 0 .. length - 1 (a negative one counts from the end); IndexError otherwise."""
-        index = int(index)
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"sample {index} out of range for {self.length} {self.split} samples")
-        return index
-
     def __getitem__(self, index):
-        index = self._check_index(index)
+        index = range(self.length)[index]  # 0 .. length - 1, negative from the end; IndexError otherwise
         if self.cache is not None and index in self.cache:
             return dict(self.cache[index])
         sample = self.load(index)
-        self._check_size(index, sample)
+        self.check_sample(index, sample)
         if self.cache is not None:
             self.cache[index] = sample
         return dict(sample)
 
-    same_size = True  # PASCAL decodes each image at its own size and resizes it afterwards: False
+    def check_sample(self, index, sample):
+        """The rules every sample obeys: a value the network must not see is a DatasetError naming the file and
+        what was expected (not a quiet wrong result, nor a traceback of the batch collation). Every map has the
+        image's height and width and its task's channels; every sample of a split the size of the first one
+        read (sample 0, read before training), unless the dataset resizes them; the image lies in [0, 1]
+        (NaN fails), class ids in -1..K-1, depth at most max_depth. A value is printed with the digits that
+        show its excess (100.0001, not 100). Cheap: a few passes in numpy (see _to_tensor)."""
+        files = self.sample_files(index) if hasattr(self, "paths") else {}
 
-    def _check_size(self, index, sample):
-        """Every sample of a split has the size of the first one read, sample 0 before training (train.py's
-        first-sample check): a batch stacks samples of one size, and the odd file is named here rather than by
-        a traceback of the batch collation."""
-        size = tuple(sample["image"].shape[-2:])
-        first = self.__dict__.setdefault("first_size", size)
-        if size != first and self.same_size:
-            raise dataset_error(self.name, f"sample {index} is {size[0]}x{size[1]}, but the first samples of "
-                                f"the {self.split} split are {first[0]}x{first[1]}: crop or resize it",
-                                sample_files(self, index).get("image", f"sample {index}"))
+        def fail(key, problem):
+            raise dataset_error(self.name, problem, files.get(key, f"sample {index} ({key})"))
+
+        H, W = (tuple(sample["image"].shape) + (0, 0))[1:3]  # (3, H, W); a malformed image fails below
+        for key, x in sample.items():
+            labels, channels = key in LABEL_TASKS, 3 if key == "image" else self.tasks[key]
+            if tuple(x.shape) != ((H, W) if labels else (channels, H, W)):
+                stored = tuple(x.shape[1:] + x.shape[:1]) if x.dim() == 3 else tuple(x.shape)  # channels last
+                mismatch = "size mismatch: " if tuple(x.shape[-2:]) != (H, W) else ""
+                fail(key, f"{mismatch}{key} of shape {stored}, expected (H, W{'' if labels else f', {channels}'})"
+                     f" where (H, W) = ({H}, {W}) is the size of the image {files.get('image', '')}")
+        first = self.__dict__.setdefault("first_size", (H, W))
+        if (H, W) != first and self.same_size:
+            fail("image", f"sample {index} is {H}x{W}, but the first samples of the {self.split} split are "
+                 f"{first[0]}x{first[1]}: crop or resize it")
+        low, high = float(sample["image"].numpy().min()), float(sample["image"].numpy().max())
+        if not (low >= -IMAGE_TOLERANCE and high <= 1 + IMAGE_TOLERANCE):  # also true for NaN
+            fail("image", f"image values in [{np.float32(low)!s}, {np.float32(high)!s}], expected floats in [0, 1] "
+                 f"(within {IMAGE_TOLERANCE:g}; saved as 0..255? divide by 255)")
+        for key in [key for key in sample if key in LABEL_TASKS]:
+            ids, K, offset = sample[key].numpy(), self.tasks[key], self.label_offset
+            if ids.min() < -1 or ids.max() >= K:
+                wrong = int(ids[(ids < -1) | (ids >= K)][0]) + offset  # as stored in the file
+                fail(key, f"label value {wrong} outside the expected range {offset}..{K - 1 + offset} "
+                     f"(ignore: {offset - 1} or 255)")
+        if "depth" in sample and self.max_depth is not None:
+            high = float(sample["depth"].numpy().max())
+            if high > self.max_depth:
+                fail("depth", f"depth up to {np.float32(high)!s}, expected metres (at most {self.max_depth:g}; "
+                     "millimetres? divide by 1000)")
 
     def _use(self, ids, num_samples, cache):
         """Use the first `num_samples` of the samples `ids` (all of them when None; train.py's --subset)."""
@@ -359,6 +178,12 @@ class _CachedDataset(torch.utils.data.Dataset):
     def sample_files(self, index):
         return self.paths[self.ids[index]]
 
+    def load(self, index):
+        """Sample `index` of a dataset of files: every file of FILES read and converted (_to_tensor)."""
+        paths = self.sample_files(index)
+        return {task: _to_tensor(task, _read(self.name, paths[task], read), paths[task], self.label_offset)
+                for task, (_, _, read) in self.FILES.items()}
+
 
 class _MTANRelease(_CachedDataset):
     """MTAN's preprocessed releases (NYUv2, CityScapes): ROOT/{train,val}/<folder>/<i>.npy, one folder per
@@ -367,31 +192,16 @@ class _MTANRelease(_CachedDataset):
 
     def __init__(self, root, split="train", num_samples=None, cache=False):
         self.split = _resolve_split(split)
-        folder = _check_folder(self.name, os.path.join(_check_root(self.name, root), self.split),
-                               f"no '{self.split}' folder")
-        images = _check_folder(self.name, os.path.join(folder, self.folders["image"]))
+        folder = _check_folder(self.name, _check_folder(self.name, root), self.split,
+                               problem=f"no '{self.split}' folder")
+        images = _check_folder(self.name, folder, self.folders["image"])
         numbers = {int(f[:-4]) for f in os.listdir(images) if re.fullmatch(r"\d+\.npy", f)}
         if not numbers:
             raise dataset_error(self.name, "no samples (no <i>.npy files) in this split", images)
         ids = [str(i) for i in range(len(numbers))]
-        files = {task: (name, ".npy") for task, name in self.folders.items()}
-        numbered = "missing file (files must be numbered 0..N-1)"
-        self.paths = _find_files(self.name, folder, ids, files, numbered)
+        self.FILES = {task: (name, ".npy", _read_npy) for task, name in self.folders.items()}
+        self.paths = _find_files(self.name, folder, ids, self.FILES, "missing file (files must be numbered 0..N-1)")
         self._use(ids, num_samples, cache)
-
-    def load(self, index):
-        paths = self.sample_files(index)
-        arrays = {task: _read_npy(self.name, path) for task, path in paths.items()}
-        sample = {"image": _image_tensor(self.name, arrays.pop("image"), paths["image"]),
-                  "semantic": _label_tensor(self.name, arrays.pop("semantic"), paths["semantic"],
-                                            self.tasks["semantic"])}
-        for task, array in arrays.items():  # depth, and NYUv2's normals
-            if task == "depth":  # CityScapes stores inverse depth: no bound in metres
-                sample[task] = _depth_tensor(self.name, array, paths[task], metres=self.name != "cityscapes")
-            else:
-                sample[task] = _float_tensor(self.name, array, paths[task], self.tasks[task])
-        _check_sizes(self.name, sample, paths)
-        return sample
 
 
 class NYUv2(_MTANRelease):
@@ -413,9 +223,10 @@ class CityScapes(_MTANRelease):
     """MTAN's preprocessed CityScapes: {train,val}/{image,depth,label_2,label_7,label_19}/<i>.npy.
 
     num_classes 2, 7 or 19 picks the label folder (-1 = void). "depth" holds the release's inverse depth
-    (disparity), 0 = invalid (sky included), as MTAN trains on it. Images in [0, 1]."""
+    (disparity), 0 = invalid (sky included), as MTAN trains on it: no bound in metres. Images in [0, 1]."""
 
     name = "cityscapes"
+    max_depth = None
     # Paper Table 1's groupings and the standard train ids, in that order (the files carry no names).
     CLASS_NAMES_BY_COUNT = {  # num_classes -> class_names
         2: ("background", "foreground"),
@@ -431,7 +242,7 @@ class CityScapes(_MTANRelease):
         self.num_classes, self.class_names = num_classes, self.CLASS_NAMES_BY_COUNT[num_classes]
         self.tasks = {"semantic": num_classes, "depth": 1}
         self.primary_tasks = dict(self.tasks)
-        self.folders = {"image": "image", "depth": "depth", "semantic": f"label_{num_classes}"}
+        self.folders = {"image": "image", "semantic": f"label_{num_classes}", "depth": "depth"}
         super().__init__(root, split, num_samples, cache)
 
 
@@ -443,6 +254,7 @@ class NYUD(_CachedDataset):
     edge binarised at 0.5. MTI-Net trains on semantic + depth; normal and edge are its auxiliary tasks."""
 
     name = "nyud"
+    label_offset = 1
     class_names = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
                    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow",
                    "mirror", "floor mat", "clothes", "ceiling", "books", "refrigerator", "television",
@@ -450,124 +262,182 @@ class NYUD(_CachedDataset):
                    "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
     tasks = {"semantic": 40, "depth": 1, "normal": 3, "edge": 1}
     primary_tasks = {"semantic": 40, "depth": 1}
-    # task -> (folder, file extension)
-    FILES = {"image": ("images", ".jpg"), "semantic": ("segmentation", ".png"), "depth": ("depth", ".npy"),
-             "normal": ("normals", ".npy"), "edge": ("edge", ".npy")}
 
     def __init__(self, root, split="train", num_samples=None, cache=False):
-        root, self.split = _check_root(self.name, root, "NYUD_MT"), _resolve_split(split)
-        ids = _read_split_list(self.name, os.path.join(root, "gt_sets"), self.split)
+        root, self.split = _check_folder(self.name, root, inner="NYUD_MT"), _resolve_split(split)
+        ids = _read_split_list(self.name, root, "gt_sets", self.split)
+        self.FILES = {"image": ("images", ".jpg", read_image), "semantic": ("segmentation", ".png", _read_pixels),
+                      "depth": ("depth", ".npy", _read_npy), "normal": ("normals", ".npy", _read_npy),
+                      "edge": ("edge", ".npy", _read_binary_edges)}
         self.paths = _find_files(self.name, root, ids, self.FILES)
         self._use(ids, num_samples, cache)
 
-    def load(self, index):
-        paths = self.sample_files(index)
-        edge = _float_tensor(self.name, _read_npy(self.name, paths["edge"]), paths["edge"], 1).numpy()
-        sample = {
-            "image": _image_tensor(self.name, _read_picture(self.name, paths["image"]), paths["image"]),
-            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
-                                      paths["semantic"], 40, shift=-1),
-            "depth": _depth_tensor(self.name, _read_npy(self.name, paths["depth"]), paths["depth"]),
-            "normal": _float_tensor(self.name, _read_npy(self.name, paths["normal"]), paths["normal"], 3),
-            "edge": torch.from_numpy((edge > 0.5).astype(np.float32)),
-        }
-        _check_sizes(self.name, sample, paths)
-        return sample
+
+# ---- finding and reading the files: every failure is a DatasetError naming the path ------------------------
 
 
-# ---- numpy arrays into tensors: a value the network must not see is a DatasetError naming the file ---------
+def _check_folder(name, root, *path, problem="folder missing (wrong layout?)", inner=None):
+    """The folder root/path of dataset `name`, or its sub-folder `inner` when it has one (the folder that holds
+    NYUD_MT or PASCAL_MT is fine too); with no `path`, the dataset's folder `root` (None or "": data/<name>
+    under the working directory). A missing folder is a DatasetError naming it, `problem` saying what is wrong."""
+    default = root is None or str(root) == ""
+    folder = os.path.join(os.path.join("data", name) if default else os.path.expanduser(str(root)), *path)
+    if not os.path.isdir(folder):
+        if not path:  # the dataset's own folder
+            problem = "dataset folder not found" + (f" (no --data-root PATH given; looked in the default folder "
+                                                    f"{folder} under the working directory)" if default else "")
+        raise dataset_error(name, problem, os.path.abspath(folder) if default and not path else folder)
+    return os.path.join(folder, inner) if inner and os.path.isdir(os.path.join(folder, inner)) else folder
 
 
-def _channels_last(name, array, path, channels):
-    """(H, W, C) array with C == channels (an (H, W) array is accepted when channels == 1)."""
-    if array.ndim == 2 and channels == 1:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] != channels:
-        raise dataset_error(name, f"array of shape {tuple(array.shape)}, expected (H, W, {channels})", path)
-    return array
+def _find_files(name, root, ids, files, missing="missing file"):
+    """{id: {task: path}} for the samples `ids`, whose files are ROOT/<folder>/<id><extension> for each
+    task -> (folder, extension, reader) of `files`; a missing folder or file is a DatasetError naming it,
+    `missing` saying what is wrong."""
+    paths = {i: {} for i in ids}
+    for task, (folder, ext, _) in files.items():
+        present = set(os.listdir(_check_folder(name, root, folder)))
+        for i in ids:
+            paths[i][task] = os.path.join(root, folder, i + ext)
+            if i + ext not in present:
+                raise dataset_error(name, missing, paths[i][task])
+    return paths
 
 
-def _image_tensor(name, array, path):
-    """(H, W, 3) in [0, 1] (or uint8 in [0, 255]) -> float (3, H, W) in [0, 1]. A float image outside [0, 1]
-    (a copy saved as 0..255, or holding NaN) is a DatasetError naming the file: the network would train on it
-    without complaint. Two passes over a sample already in memory: far cheaper than reading it."""
-    array = _channels_last(name, array, path, 3)
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
-    image = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy
-    low, high = float(image.min()), float(image.max())
-    if not (low >= -IMAGE_TOLERANCE and high <= 1 + IMAGE_TOLERANCE):  # also true for NaN
-        raise dataset_error(name, f"image values in [{low:.4g}, {high:.4g}], expected floats in [0, 1] "
-                            f"(saved as 0..255? divide by 255)", path)
-    return torch.from_numpy(image)
+def _read_split_list(name, root, folder, split):
+    """The sample ids of a split: the lines of ROOT/<folder>/<split>.txt (NYUD's gt_sets, PASCAL's ImageSets)."""
+    def read(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+
+    path = os.path.join(_check_folder(name, root, folder), f"{split}.txt")
+    ids = _read(name, path, read, "split list")
+    if not ids:
+        raise dataset_error(name, "no samples (empty split list)", path)
+    return ids
 
 
-IMAGE_TOLERANCE = 1e-3  # resampled or compressed copies may overshoot [0, 1] by a rounding error
+def _resolve_split(split):
+    """The split name, "train" or "val"; "test" means "val", the split the papers report (NYUv2, CityScapes,
+    NYUD and PASCAL have no other labelled test split)."""
+    split = "val" if split == "test" else split
+    if split not in ("train", "val"):
+        raise DatasetError(f"split must be 'train' or 'val' (or 'test' = 'val'), got {split!r}")
+    return split
 
 
-# The conversions below work in numpy, which runs on the calling thread. (Torch would spread these
-# large elementwise ops over its thread pool: no gain in a DataLoader worker, and many times slower in the
-# main process while the machine is busy.)
+def _read(name, path, read, what=None):
+    """read(path), where any failure becomes a DatasetError naming the file: "missing file", or "cannot read
+    this <what>" (by default: "image" for read_image, else "<extension> file") with the reason (numpy, PIL,
+    read_image and read_mat raise ValueError, OSError, EOFError, ... for a damaged file)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise dataset_error(name, "missing file", path) from None
+    except Exception as error:
+        what = what or ("image" if read is read_image else os.path.splitext(path)[1] + " file")
+        problem = error.problem if isinstance(error, UnreadableFileError) else f"{type(error).__name__}: {error}"
+        raise dataset_error(name, f"cannot read this {what} ({problem})", path) from None
 
 
-def _float_tensor(name, array, path, channels):
-    """(H, W, C) or (H, W) -> float (C, H, W); NaN or inf (unknown) becomes 0, "invalid"."""
-    array = _channels_last(name, array, path, channels)
-    array = np.array(array.transpose(2, 0, 1), dtype=np.float32, order="C")  # a copy out of the memory map
-    array[~np.isfinite(array)] = 0
-    return torch.from_numpy(array)
+def _read_npy(path):
+    """Memory-map one .npy file."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-MAX_DEPTH = 100.0  # metres: no indoor scene (NYUv2, NYUD) comes near; a larger value is millimetres or so
+def _read_binary_edges(path):
+    """NYUD's edge maps, binarised at 0.5 as MTI-Net's loader does (NaN or inf: no edge)."""
+    edge = _read_npy(path)
+    return np.isfinite(edge) & (edge > 0.5)
+
+
+def _read_pixels(path, mode=None):
+    """The stored values of a picture file: a label map (modes L, P, I;16 keep their numbers), or converted to
+    `mode` (PASCAL's normals: "RGB")."""
+    with Image.open(path) as picture:
+        return np.asarray(picture if mode is None else picture.convert(mode))
+
+
+def read_image(path, note=None):
+    """An image file -> float (3, H, W) in [0, 1], EXIF orientation applied: the one image reader of the
+    dataset loaders and `eval.py --image`. 8-bit files (grey, RGB, RGBA, palette) divide by 255; 16-bit and
+    32-bit integer ones by their type's maximum; float ones (mode F) are used as they are in [0, 1], else
+    rescaled from their own minimum and maximum, and `note(line)`, when given, says so. These three are grey,
+    used for all channels (PIL's convert("RGB") would clip 16-bit values to 255: an all-white picture). An
+    unreadable file, a decompression bomb or NaN / inf values raise UnreadableFileError."""
+    try:
+        with warnings.catch_warnings():  # PIL warns above 89M pixels, refuses above twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                picture, mode = ImageOps.exif_transpose(picture), picture.mode
+                if mode in ("I", "F") or mode.startswith("I;16"):
+                    array = np.asarray(picture, dtype=np.float64)
+                else:
+                    array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableFileError(str(path), f"{type(error).__name__}: {error}") from None
+    if array.ndim == 2:
+        if not np.isfinite(array).all():
+            raise UnreadableFileError(str(path), "holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+            scale, how = (0.0, 65535.0), "a 16-bit image: values divided by 65535"
+        elif mode == "I":
+            scale, how = (0.0, 2.0 ** 31 - 1), "a 32-bit image: values divided by 2^31 - 1"
+        elif low >= 0 and high <= 1:
+            scale, how = (0.0, 1.0), None
+        else:
+            scale, how = (low, max(high, low + 1e-12)), f"a float image in [{low:.6g}, {high:.6g}]: rescaled"
+        if how and note:
+            note(f"{path} is {how} to [0, 1] (grey, used for all three channels)")
+        grey = ((array - scale[0]) / (scale[1] - scale[0])).clip(0, 1).astype(np.float32)
+        array = np.repeat(grey[..., None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+# ---- the arrays read into the sample's tensors -------------------------------------------------------------
+#
+# In numpy, which runs on the calling thread. (Torch would spread these large elementwise ops over its thread
+# pool: no gain in a DataLoader worker, and many times slower in the main process while the machine is busy.)
+
 _negative_depth_noted = []  # the note on negative depth is printed once per process
 
 
-def _depth_tensor(name, array, path, metres=True):
-    """(H, W, 1) or (H, W) depth -> float (1, H, W). Depth is positive: 0 and negative values (another
-    release's marker, -1) are invalid, which the losses and metrics read as `target > 0`; a note says so once.
-    Depth in metres above MAX_DEPTH is a DatasetError naming the file (CityScapes: inverse depth, as is)."""
-    depth = _float_tensor(name, array, path, 1)
-    high = float(depth.max())
-    if metres and high > MAX_DEPTH:
-        raise dataset_error(name, f"depth up to {high:.4g}, expected metres (at most {MAX_DEPTH:g}; "
-                            f"millimetres? divide by 1000)", path)
-    if not _negative_depth_noted and float(depth.min()) < 0:
+def _to_tensor(task, array, path, label_offset=0):
+    """A stored (H, W, C) or (H, W) array -> the tensor of `task` in the module docstring's convention; an
+    image from read_image is one already. check_sample checks the values afterwards.
+    image: uint8 divided by 255, floats as stored. Labels: float ids rounded (NaN: ignore), `label_offset`
+    subtracted, the ignore values (-1 after the offset, or a stored -1 or 255) -1; any other id outside the
+    classes is left for check_sample to name (labels of another class set must not silently become
+    "ignore"). Others: float (C, H, W), NaN or inf (unknown) 0, "invalid". Depth is positive: 0 and negative
+    values (another release's marker, -1) are invalid, read by the losses and metrics as `target > 0`."""
+    if torch.is_tensor(array):
+        return array
+    array = np.moveaxis(array[:, :, None] if array.ndim == 2 else array, -1, 0)  # (C, H, W), still a view
+    if task in LABEL_TASKS:
+        array = array[0] if len(array) == 1 else array
+        if array.dtype.kind == "f":  # MTAN's files store ids as floats
+            array = np.where(np.isnan(array), -1, np.rint(array))
+        labels = array.astype(np.int64) - label_offset  # a copy out of the memory map
+        labels[(labels == -1) | (labels == -1 - label_offset) | (labels == 255 - label_offset)] = -1
+        return torch.from_numpy(labels)
+    values = np.array(array, dtype=np.float32, order="C")  # a copy out of the memory map
+    if task == "image":
+        return torch.from_numpy(values / 255 if array.dtype == np.uint8 else values)
+    values[~np.isfinite(values)] = 0
+    if task == "depth" and not _negative_depth_noted and float(values.min()) < 0:
         _negative_depth_noted.append(path)
         print(f"note: {path} holds negative depth values: read as invalid, as 0 is (README, 'Datasets')")
-    return depth
+    return torch.from_numpy(values)
 
 
-def _label_tensor(name, array, path, num_classes, shift=0):
-    """(H, W) class ids -> long (H, W), ids shifted by `shift`; the ignore values (-1 after the shift, or a
-    stored -1 or 255) become -1. Any other id outside 0..num_classes-1 is a DatasetError naming the file and
-    the value: labels of another class set (NYUv2's 40 classes in a 13-class run) must not silently become
-    "ignore"."""
-    array = _channels_last(name, array, path, 1)[:, :, 0]
-    if array.dtype.kind == "f":  # MTAN's files store ids as floats
-        array = np.where(np.isnan(array), -1, np.rint(array))
-    labels = array.astype(np.int64) + shift  # a copy out of the memory map
-    outside = (labels < 0) | (labels >= num_classes)
-    if labels.min() < -1 or labels.max() >= num_classes:  # only then can an id be neither a class nor ignore
-        stored = labels - shift
-        wrong = outside & (labels != -1) & (stored != -1) & (stored != 255)
-        if wrong.any():
-            raise dataset_error(name, f"label value {int(stored[wrong][0])} outside the expected range "
-                                f"{-shift}..{num_classes - 1 - shift} (ignore: {-1 - shift} or 255)", path)
-    labels[outside] = -1
-    return torch.from_numpy(labels)
-
-
-def _check_sizes(name, sample, paths):
-    """Every map of a sample must have the image's height and width."""
-    size = tuple(sample["image"].shape[-2:])
-    for key, value in sample.items():
-        if tuple(value.shape[-2:]) != size:
-            raise dataset_error(name, f"size mismatch: {key} is {tuple(value.shape[-2:])} but the image "
-                                f"{paths['image']} is {size}", paths[key])
+def _depth_tensor(name, array, path):
+    """The depth conversion alone (tests/test_bad_inputs.py calls it)."""
+    return _to_tensor("depth", array, path)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. Augmentation (batched, any device) and derived targets
+# 3. Augmentation (batched, any device) and derived targets
 # ------------------------------------------------------------------------------------------------------------
 #
 # MTAN's NYUv2 augmentation (lorenmt/mtan, im2im_pred/create_dataset.py, RandomScaleCrop; not used in the
@@ -715,6 +585,99 @@ def add_derived_targets(batch, tasks):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# 4. SyntheticScenes: procedural indoor rooms (the dataset; its renderer is appendix D)
+# ------------------------------------------------------------------------------------------------------------
+#
+# A scene is a box-shaped room (floor, four walls, ceiling, maybe a picture on the back wall) holding 1 to 5
+# primitives (spheres, boxes, cylinders) that stand on the floor. A pinhole camera near the front wall looks
+# in with a little random yaw, pitch and roll; a directional light plus ambient light shades every surface
+# with Lambert's law, and primitives cast shadows. Every pixel shoots one ray, and the nearest hit gives all
+# the targets at once, so they agree with each other exactly:
+#
+#   semantic  the class of the surface that was hit
+#   depth     the hit's z coordinate in the camera frame (metres along the optical axis)
+#   normal    the true unit normal of that surface, in the camera frame (x right, y down, z forward),
+#             oriented towards the camera
+#   edge      1 where the object under a pixel differs from the one under its right or lower neighbour.
+#             Objects are: the floor, the walls (all four together), the ceiling, the picture, each primitive.
+#             Every primitive is convex and the room is seen from inside, so every depth discontinuity lies
+#             on such a boundary: the rule marks all semantic and all depth discontinuities (and, besides,
+#             the outline of a primitive in front of another of the same class).
+#
+# Kinect-like holes: a few blobs (each a cluster of overlapping ellipses in the image) where depth and normal
+# are 0 and semantic is -1, as where a real depth sensor returns nothing. The image and the edges are kept.
+
+CLASS_NAMES = ("floor", "wall", "ceiling", "picture", "sphere", "box", "cylinder")
+FLOOR, WALL, CEILING, PICTURE, SPHERE, BOX, CYLINDER = range(len(CLASS_NAMES))
+
+
+class SyntheticScenes(_CachedDataset):
+    """The embedded dataset: procedurally rendered indoor rooms with the NYUv2 tasks plus edges.
+
+    SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
+    and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
+    CPU; `render_batch(indices, device)` renders a whole batch at once
+    with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
+    the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
+    96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
+
+    name = "synthetic"
+    class_names = CLASS_NAMES
+    DEFAULT_SIZES = {"train": 1000, "val": 200}
+
+    def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
+        split = _resolve_split(split)
+        self.split, self.seed = split, int(seed)
+        self.length = int(num_samples) if num_samples is not None else self.DEFAULT_SIZES[split]
+        self.resolution = parse_resolution(resolution)
+        K = len(CLASS_NAMES)
+        self.tasks = {"semantic": K, "depth": 1, "normal": 3, "edge": 1}
+        self.primary_tasks = {"semantic": K, "depth": 1, "normal": 3}
+        self.cache = {} if cache else None
+
+    def scene_seed(self, index):
+        """A 63-bit seed for sample `index`, hashed from (seed, split, index): stable and split-specific."""
+        return _hashed_seed("synthetic-scenes", self.seed, self.split, index)
+
+    def scene(self, index):
+        """The scene description of sample `index` (see `sample_scene`)."""
+        return sample_scene(self.scene_seed(index))
+
+    def render_batch(self, indices, device="cpu"):
+        """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
+        scenes = [self.scene(range(self.length)[i]) for i in indices]
+        assert scenes, "render_batch needs at least one index"
+        return render_scenes(scenes, self.resolution, device)
+
+    def load(self, index):
+        """Sample `index` rendered alone on the CPU (a batch of one)."""
+        return {key: value[0] for key, value in self.render_batch([index]).items()}
+
+
+def _hashed_seed(*parts):
+    """A 63-bit seed hashed (sha256) from `parts` joined by "/": the same on every machine and Python run
+    (unlike hash()), and unrelated for neighbouring parts, so no two splits or samples share a scene."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def parse_resolution(resolution, flag="resolution (--resolution)"):
+    """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
+    resolution five times)."""
+    try:
+        if isinstance(resolution, str):
+            resolution = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution).groups()
+        height, width = (int(r) for r in resolution)
+    except (AttributeError, TypeError, ValueError):  # a string that is not HxW, not a pair, not numbers
+        raise ValueError(f"{flag} must look like HxW (e.g. 96x128) or (height, width), got {resolution!r}") \
+            from None
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise ValueError(f"{flag} must be positive multiples of 32 (e.g. 96x128 or 288x384), "
+                         f"got {height}x{width}")
+    return height, width
+
+
+# ------------------------------------------------------------------------------------------------------------
 # 5. PASCAL-Context: MTI-Net's PASCAL_MT with five tasks
 # ------------------------------------------------------------------------------------------------------------
 #
@@ -722,14 +685,25 @@ def add_derived_targets(batch, tasks):
 # data/pascal_context.py) keeps its JPEG images at their own sizes (about 500x375) and stores two of its
 # labels in MATLAB .mat files: the Pascal-Part annotations (human parts) and the PASCAL-Context LabelMap (459
 # classes), whose class boundaries are the edge labels and whose classes decide where the distilled normals
-# count. Its labels are built with the infrastructure in the appendices: read_mat (appendix B), context_edges
-# (edge labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines) and human_parts_map (Pascal-Part
-# person parts -> 6 groups + background), both in appendix C.
+# count. Its labels are built with the infrastructure in the appendices: read_mat (appendix E), context_edges
+# (edge labels: Laplacian(LabelMap) != 0, thinned to one-pixel lines, appendix F) and human_parts_map
+# (Pascal-Part person parts -> 6 groups + background), in appendix B with the per-sample transforms.
 
 PASCAL_VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                       "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                       "sheep", "sofa", "train", "tvmonitor")  # semantic ids 0..20 (the PNGs' values)
 HUMAN_PART_NAMES = ("background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg")
+
+
+def _mat_variable(variable):
+    """A reader (for _read) of variable `variable` of a MATLAB file; a MatFileError when the file lacks it."""
+    def read(path):
+        variables = read_mat(path)
+        if variable not in variables:
+            raise MatFileError(path, f"no variable {variable!r}, only {', '.join(variables) or 'none'}")
+        return variables[variable]
+
+    return read
 
 
 class PascalContext(_CachedDataset):
@@ -755,22 +729,23 @@ class PascalContext(_CachedDataset):
     PART_NAMES = HUMAN_PART_NAMES
     tasks = {"semantic": 21, "parts": 7, "saliency": 1, "normal": 3, "edge": 1}  # the official task order
     primary_tasks = dict(tasks)
-    # task -> (folder, file extension); "context" is the PASCAL-Context LabelMap
-    FILES = {"image": ("JPEGImages", ".jpg"), "parts": ("human_parts", ".mat"),
-             "saliency": ("sal_distill", ".png"), "normal": ("normals_distill", ".png"),
-             "context": (os.path.join("pascal-context", "trainval"), ".mat")}
+    # task -> (folder, file extension, reader); "context" is the PASCAL-Context LabelMap
+    FILES = {"image": ("JPEGImages", ".jpg", read_image), "parts": ("human_parts", ".mat", _mat_variable("anno")),
+             "saliency": ("sal_distill", ".png", _read_pixels),
+             "normal": ("normals_distill", ".png", lambda path: _read_pixels(path, "RGB")),
+             "context": (os.path.join("pascal-context", "trainval"), ".mat", _mat_variable("LabelMap"))}
     # the semantic labels: the first of these folders that holds an image's file
     SEMSEG_FOLDERS = (os.path.join("semseg", "VOC12"), os.path.join("semseg", "pascal-context"))
 
     def __init__(self, root, split="train", size=512, augment=False, targets_at_original_size=None,
                  num_samples=None, cache=False):
-        root, self.split = _check_root(self.name, root, "PASCAL_MT"), _resolve_split(split)
+        root, self.split = _check_folder(self.name, root, inner="PASCAL_MT"), _resolve_split(split)
         self.size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
         self.augment = bool(augment) and self.split == "train"
         if targets_at_original_size is None:
             targets_at_original_size = self.split == "val"
         self.targets_at_original_size = self.variable_size = bool(targets_at_original_size)
-        ids = _read_split_list(self.name, os.path.join(root, "ImageSets", "Context"), self.split)
+        ids = _read_split_list(self.name, root, os.path.join("ImageSets", "Context"), self.split)
         self.paths = _find_files(self.name, root, ids, self.FILES)
         self._find_semseg(root, ids)
         self._use(ids, num_samples, cache)
@@ -790,25 +765,28 @@ class PascalContext(_CachedDataset):
         """The decoded sample at the original size, before augmentation and resizing. Parts are still 0
         where no person is: the all-zero map becomes ignore only at the end (ignore_empty_parts)."""
         paths = self.sample_files(index)
-        image = _image_tensor(self.name, _read_picture(self.name, paths["image"], rgb=True), paths["image"])
+
+        def read(task, reader=None, what=None):  # with the reader of the FILES table unless told otherwise
+            return _read(self.name, paths[task], reader or self.FILES[task][2], what)
+
+        image = read("image")
         size = tuple(image.shape[-2:])
 
         def parts_map(path):  # the Pascal-Part annotation -> human-part ids (H, W)
-            return human_parts_map(_mat_variable("anno")(path), size)
+            return human_parts_map(self.FILES["parts"][2](path), size)
 
-        label_map = np.asarray(_read(self.name, paths["context"], _mat_variable("LabelMap"), ".mat file"))
-        parts = _read(self.name, paths["parts"], parts_map, "Pascal-Part annotation")
-        saliency = _read_picture(self.name, paths["saliency"], rgb=False)
+        label_map = np.asarray(read("context"))
+        parts = read("parts", parts_map, "Pascal-Part annotation")
+        saliency = read("saliency")
         saliency = saliency[..., 0] if saliency.ndim == 3 else saliency  # grey saved as RGB: equal channels
-        normal = _read_picture(self.name, paths["normal"], rgb=True).astype(np.float32) * (2 / 255) - 1
+        normal = read("normal").astype(np.float32) * (2 / 255) - 1
         if normal.shape[:2] != label_map.shape:  # also a LabelMap that is not (H, W)
             raise dataset_error(self.name, f"normals of size {normal.shape[:2]} but the LabelMap of "
                                 f"{paths['context']} is {label_map.shape}", paths["normal"])
         normal = normal * np.isin(label_map, list(NORMAL_VALID_CONTEXT_CLASSES))[..., None]
         sample = {
             "image": image,
-            "semantic": _label_tensor(self.name, _read_picture(self.name, paths["semantic"], rgb=False),
-                                      paths["semantic"], 21),
+            "semantic": _to_tensor("semantic", read("semantic", _read_pixels), paths["semantic"]),
             "parts": torch.from_numpy(parts),
             "saliency": torch.from_numpy((saliency.astype(np.float32) / 255 > 0.5).astype(np.float32))[None],
             "normal": torch.from_numpy(np.ascontiguousarray(normal.transpose(2, 0, 1), dtype=np.float32)),
@@ -831,17 +809,6 @@ class PascalContext(_CachedDataset):
         return ignore_empty_parts(sample)
 
 
-def _mat_variable(variable):
-    """A reader (for _read) of variable `variable` of a MATLAB file; a MatFileError when the file lacks it."""
-    def read(path):
-        variables = read_mat(path)
-        if variable not in variables:
-            raise MatFileError(path, f"no variable {variable!r}, only {', '.join(variables) or 'none'}")
-        return variables[variable]
-
-    return read
-
-
 def _fit_to_image(sample):
     """Resize every target whose size differs from the image's to it, as the official loader does (nearest
     for labels, cubic for normals): in PASCAL_MT they normally agree."""
@@ -851,8 +818,98 @@ def _fit_to_image(sample):
         sample = dict(sample, **resize_pascal_sample(wrong, size))
     return sample
 
+# Every dense dataset by name, for build_dataset (section 1): each class carries its name and its options.
+DATASETS = {cls.name: cls for cls in (SyntheticScenes, NYUv2, CityScapes, NYUD, PascalContext)}
 
-# ---- augmentation and resizing of one sample ---------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------------------
+# Appendices: the machinery that makes the repository self-contained
+# ------------------------------------------------------------------------------------------------------------
+#
+# Sections 1-5 call into them through dataset_error, render_scenes, sample_scene, read_mat, context_edges,
+# human_parts_map and the PASCAL transforms; train.py and eval.py call build_decathlon and the colour maps.
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A. Errors and download notes
+# ------------------------------------------------------------------------------------------------------------
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, laid out differently, or holds a file that cannot be read.
+
+    The message names the offending path, the layout that was expected and where to download the data, so
+    no bare numpy or PIL traceback reaches the user."""
+
+
+class UnreadableFileError(ValueError):
+    """A file that read_image or read_mat cannot read: truncated, corrupt, or a format or feature they do not
+    handle. The message is "<path>: <problem>"; both are attributes too."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+class MatFileError(UnreadableFileError):
+    """A .mat file that read_mat cannot read: truncated, corrupt, not MATLAB v5, or a feature that PASCAL_MT's
+    files do not use (appendix E)."""
+
+
+# The ten Visual Decathlon domains, in the order of the class counts of lorenmt/mtan's
+# visual_decathlon/model_wrn_mtan.py. Defined here because the download notes below list them.
+DECATHLON_DOMAINS = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb", "omniglot",
+                     "svhn", "ucf101", "vgg-flowers")
+
+# Where each dataset comes from, one line each: (title, address, layout in one line). The downloads are the
+# ones the official code names: the lorenmt/mtan README (NYUv2, CityScapes), SimonVandenhende/Multi-Task-
+# Learning-PyTorch's data/nyud.py and data/pascal_context.py (NYUD_MT, PASCAL_MT), and the challenge's site
+# (Decathlon). The README's "Datasets" table gives the full layout: shapes, value ranges, ignore values.
+DOWNLOADS = {
+    "nyuv2": ("NYUv2 (MTAN's preprocessed release, 288x384, 13 classes)",
+              "https://www.dropbox.com/sh/86nssgwm6hm3vkb/AACrnUQ4GxpdrBbLjb6n-mWNa?dl=0",
+              "ROOT/{train,val}/{image,label,depth,normal}/<i>.npy, files numbered 0, 1, 2, ... (no zero padding)"),
+    "cityscapes": ("CityScapes (MTAN's preprocessed release, 128x256 or 256x512)",
+                   "https://www.dropbox.com/sh/gaw6vh6qusoyms6/AADwWi0Tp3E3M4B2xzeGlsEna?dl=0 (128x256), "
+                   "https://www.dropbox.com/sh/vj349qgg57nthi9/AACdZmIuK-Qb_gP6w1HrA43ta?dl=0 (256x512)",
+                   "ROOT/{train,val}/{image,depth,label_2,label_7,label_19}/<i>.npy, numbered 0, 1, 2, ..."),
+    "nyud": ("NYUD_MT (MTI-Net's NYUD release, 480x640, 40 classes)",
+             "NYUD_MT.tgz from Google Drive, file id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw (download it by hand: "
+             "the official automatic downloader is broken)",
+             "ROOT/gt_sets/{train,val}.txt, images/<id>.jpg, segmentation/<id>.png, {depth,normals,edge}/<id>.npy"
+             " (ROOT: the NYUD_MT folder or the folder that holds it)"),
+    "pascal": ("PASCAL_MT (MTI-Net's PASCAL-Context release: 21 classes, human parts, saliency, normals, edges)",
+               "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz (ASTMT's link, reported dead; "
+               "copies of PASCAL_MT.tgz are re-hosted by other multi-task learning repositories)",
+               "ROOT/ImageSets/Context/{train,val}.txt, JPEGImages/, semseg/{VOC12,pascal-context}/, human_parts/"
+               "*.mat, sal_distill/, normals_distill/, pascal-context/trainval/*.mat (ROOT: PASCAL_MT or above)"),
+    "decathlon": ("Visual Decathlon (decathlon-1.0-data)",
+                  "https://www.robots.ox.ac.uk/~vgg/decathlon/ (the ImageNet part needs its own licence)",
+                  f"ROOT/<domain>/{{train,val}}/<class>/<image>, domains {', '.join(DECATHLON_DOMAINS)}"),
+}
+
+
+def dataset_error(name, problem, path):
+    """A DatasetError that names the path, the expected layout and the download location of dataset `name`."""
+    title, address, layout = DOWNLOADS[name]
+    return DatasetError(
+        f"{title}: {problem}: {path}\n"
+        f"Expected layout (ROOT is the --data-root folder, by default {os.path.join('data', name)}): {layout}\n"
+        f"Download: {address}\n"
+        "See the 'Datasets' section of README.md for the full layout.")
+
+
+def sample_files(dataset, index):
+    """{task: path} of the files that sample `index` of a dataset is read from (looking through a Subset), to
+    name them in an error; {} for the synthetic datasets, which are code."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    return dataset.sample_files(index) if hasattr(dataset, "paths") else {}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# B. The PASCAL transforms (augmentation and resizing of one sample) and label builders
+# ------------------------------------------------------------------------------------------------------------
 #
 # A PASCAL sample is a dict of tensors at one size (H, W): image (3, H, W) in [0, 1], semantic and parts
 # (H, W) long, saliency and edge (1, H, W) in {0, 1}, normal (3, H, W). Interpolation per map, as the official
@@ -974,9 +1031,102 @@ def _resample_maps(sample, resample):
             out[key] = resample(x.float(), "nearest")
     return out
 
+# ---- the label builders: Pascal-Part person parts and PASCAL-Context edges ---------------------------------
+
+
+PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow PASCAL_VOC_CLASSES)
+# Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting (the official
+# data/pascal_context.py): head with hair, ears, eyebrows, eyes, mouth and nose; torso with neck; upper arms;
+# lower arms with hands; upper legs; lower legs with feet. l/r = left/right, u/l = upper/lower.
+HUMAN_PART_GROUPS = {
+    "head": 1, "hair": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1, "mouth": 1,
+    "nose": 1, "torso": 2, "neck": 2, "luarm": 3, "ruarm": 3, "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
+    "luleg": 5, "ruleg": 5, "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
+}
+# The PASCAL-Context classes (LabelMap ids) on which the distilled normals are kept; elsewhere they are set to
+# zero (invalid), because the network that produced them was trained on NYUD indoor scenes. Source: the
+# official code (SimonVandenhende/Multi-Task-Learning-PyTorch, data/pascal_context.py at d16e10b) builds it
+# from two files of its data/db_info/: every class name of nyu_classes.json (894 NYU names) that is also a
+# key of context_classes.json (459 Context names -> LabelMap id), except "unknown", mapped to its Context id,
+# plus "tvmonitor" (the NYU name is "television"): 169 names + tvmonitor = 170 classes.
+NORMAL_VALID_CONTEXT_CLASSES = {
+    3: "air conditioner", 4: "antenna", 6: "ashtray", 9: "bag", 10: "ball", 11: "balloon", 13: "barrel",
+    15: "basket", 17: "bathtub", 18: "bed", 22: "bench", 23: "bicycle", 29: "blackboard", 30: "board",
+    33: "book", 34: "bottle", 36: "bowl", 37: "box", 38: "bracelet", 39: "brick", 41: "broom", 43: "bucket",
+    46: "cabinet", 49: "cake", 50: "calculator", 51: "calendar", 53: "camera", 55: "can", 56: "candle",
+    59: "car", 61: "cart", 62: "case", 65: "cat", 66: "cd", 68: "ceiling", 69: "cell phone", 72: "chair",
+    73: "chessboard", 78: "clock", 83: "coffee machine", 84: "comb", 85: "computer", 87: "cone",
+    88: "container", 95: "corkscrew", 96: "counter", 101: "crate", 104: "cup", 105: "curtain",
+    107: "cutting board", 111: "dishwasher", 113: "dog", 115: "door", 122: "drum", 124: "duck",
+    135: "envelope", 141: "fan", 142: "faucet", 143: "fax machine", 146: "fire extinguisher",
+    150: "fish tank", 154: "flag", 157: "flashlight", 158: "floor", 159: "flower", 165: "fork", 172: "fruit",
+    174: "furnace", 181: "glass", 183: "globe", 184: "glove", 191: "guitar", 193: "hammer", 195: "handle",
+    197: "hanger", 199: "hat", 202: "heater", 213: "ipod", 215: "ironing board", 216: "jar", 219: "key",
+    220: "keyboard", 223: "knife", 225: "ladder", 228: "laptop", 230: "lid", 232: "light", 233: "light bulb",
+    238: "lock", 239: "machine", 242: "map", 243: "mask", 246: "mattress", 250: "microphone",
+    251: "microwave", 252: "mirror", 255: "money", 260: "mouse", 261: "mouse pad", 263: "napkin", 269: "oven",
+    272: "pan", 273: "paper", 275: "paper cutter", 281: "pen", 283: "pencil", 284: "person", 285: "photo",
+    286: "piano", 287: "picture", 288: "pig", 290: "pillow", 291: "pipe", 292: "pitcher", 293: "plant",
+    295: "plate", 304: "pool table", 307: "pot", 309: "printer", 310: "projector", 314: "radiator",
+    315: "radio", 319: "range hood", 323: "remote control", 329: "rope", 330: "rug", 331: "ruler",
+    336: "scale", 342: "sculpture", 345: "sewing machine", 349: "shelves", 350: "shoe", 351: "shopping cart",
+    352: "shovel", 355: "sign", 357: "sink", 368: "sofa", 370: "spatula", 371: "speaker", 374: "spoon",
+    379: "stapler", 380: "stick", 383: "stool", 384: "stove", 397: "table", 401: "tape", 403: "telephone",
+    405: "tent", 407: "toaster", 408: "toilet", 411: "toothbrush", 412: "towel", 413: "toy", 414: "toy car",
+    417: "trampoline", 419: "tray", 421: "tricycle", 423: "trophy", 427: "tvmonitor", 429: "typewriter",
+    430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
+    443: "washing machine", 444: "watch", 446: "water dispenser", 454: "window", 457: "wire"
+}
+
+
+def context_edges(label_map):
+    """Edge labels from a PASCAL-Context LabelMap (H, W) -> bool (H, W), as the official loader makes them:
+    pixels where the 4-neighbour Laplacian of the class ids is not 0 (a 2-pixel band along every boundary
+    between classes; rarely a boundary pixel whose neighbours' ids happen to average to its own is missed,
+    as there), thinned to one-pixel lines."""
+    x = np.asarray(label_map, dtype=np.float64)
+    # OpenCV's Laplacian (kernel 0 1 0 / 1 -4 1 / 0 1 0) with its default border, which mirrors the image
+    # without repeating the border pixel: numpy's "reflect".
+    p = np.pad(x, 1, mode="reflect" if min(x.shape) > 1 else "edge")
+    laplacian = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * x
+    return thin(laplacian != 0)
+
+
+def _struct_list(value):
+    """A struct array from read_mat as a list of dicts ([] for an empty array)."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    if isinstance(value, np.ndarray) and value.size == 0:
+        return []
+    raise ValueError(f"expected a struct array, found {type(value).__name__}")
+
+
+def human_parts_map(anno, shape):
+    """Human-part ids (H, W) int64 from a Pascal-Part `anno` struct, as the official loader builds them:
+    0 = background, 1..6 = HUMAN_PART_GROUPS. Every person object paints its parts in file order (a later
+    part wins where masks overlap). The map is all 0 when no person with a non-empty mask is annotated, or
+    none of them has parts; the dataset then ignores the whole map. `shape` is the size of an all-0 map."""
+    objects = _struct_list(anno["objects"])
+    people = [o for o in objects if int(np.asarray(o["class_ind"]).reshape(-1)[0]) == PASCAL_PART_PERSON]
+    if not any(np.asarray(o["mask"]).any() for o in people):  # the official "has human parts" test (area > 0)
+        return np.zeros(shape, dtype=np.int64)
+    target = None
+    for person in people:
+        for part in _struct_list(person["parts"]):
+            mask = np.asarray(part["mask"]).astype(bool)
+            if target is None:
+                target = np.zeros(mask.shape, dtype=np.int64)
+            if part["part_name"] not in HUMAN_PART_GROUPS:
+                raise ValueError(f"unknown person part {part['part_name']!r} "
+                                 f"(known: {', '.join(HUMAN_PART_GROUPS)})")
+            target[mask] = HUMAN_PART_GROUPS[part["part_name"]]
+    return np.zeros(shape, dtype=np.int64) if target is None else target
+
 
 # ------------------------------------------------------------------------------------------------------------
-# 6. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment)
+# C. Visual Decathlon: ten classification domains (MTAN's many-to-many experiment)
 # ------------------------------------------------------------------------------------------------------------
 #
 # The official data is one image folder per domain, `decathlon-1.0-data/<domain>/{train,val,test}`, with one
@@ -986,8 +1136,8 @@ def _resample_maps(sample, resample):
 # crop 72x72, normalise with the domain's mean and std. Training crops at random and flips; gtsrb, omniglot
 # and svhn use a centre crop and no flip (traffic signs, characters and digits change meaning when mirrored).
 # Deviation: the official val loader used the training transform; here val and test use the evaluation
-# transform (centre crop, no flip). The domains are DECATHLON_DOMAINS (section 2); the synthetic stand-in,
-# SyntheticDecathlon, is appendix D.
+# transform (centre crop, no flip). The domains are DECATHLON_DOMAINS (appendix A); the synthetic stand-in,
+# SyntheticDecathlon, is appendix G.
 
 DECATHLON_NO_FLIP = ("gtsrb", "omniglot", "svhn")
 
@@ -1014,16 +1164,16 @@ class Decathlon(torch.utils.data.Dataset):
     has no labels (label -1) unless it holds class folders."""
 
     def __init__(self, root, domain, split="train", train=None, size=72, num_samples=None):
-        root = _check_root("decathlon", root)
+        root = _check_folder("decathlon", root)
         self.domain, self.split, self.size = domain, split, size
         self.train = split == "train" if train is None else train
         self.mean, self.std = DECATHLON_MEAN_STD[domain]
-        _check_folder("decathlon", os.path.join(root, domain), "domain folder missing")
-        train_dir = _check_folder("decathlon", os.path.join(root, domain, "train"), "train folder missing")
+        _check_folder("decathlon", root, domain, problem="domain folder missing")
+        train_dir = _check_folder("decathlon", root, domain, "train", problem="train folder missing")
         self.classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
         if not self.classes:
             raise dataset_error("decathlon", "no class folders", train_dir)
-        split_dir = _check_folder("decathlon", os.path.join(root, domain, split), f"{split} folder missing")
+        split_dir = _check_folder("decathlon", root, domain, split, problem=f"{split} folder missing")
         self.files = self._list(split_dir)
         if num_samples is not None:
             self.files = self.files[: int(num_samples)]
@@ -1035,7 +1185,7 @@ class Decathlon(torch.utils.data.Dataset):
         else:
             files = []
             for label, name in enumerate(self.classes):
-                folder = _check_folder("decathlon", os.path.join(split_dir, name), "class folder missing")
+                folder = _check_folder("decathlon", split_dir, name, problem="class folder missing")
                 images = _image_files(folder)
                 if not images:
                     raise dataset_error("decathlon", "empty class folder (no images)", folder)
@@ -1050,7 +1200,7 @@ class Decathlon(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.files[index]
         # greyscale images (omniglot, daimlerpedcls) are read as three equal channels
-        image = _image_tensor("decathlon", _read_picture("decathlon", path), path)
+        image = _read("decathlon", path, read_image)
         return {"image": self.transform(image), "label": torch.tensor(label)}
 
     def transform(self, image):
@@ -1085,7 +1235,7 @@ def build_decathlon(name, root, split, domains=None, num_samples=None):
 def decathlon_domains_present(root):
     """The official domains that have a folder under `root`, in the official order. Many users have all but
     imagenet12, whose images need a separate licence; training then uses the other nine."""
-    root = _check_root("decathlon", root)
+    root = _check_folder("decathlon", root)
     present = [d for d in DECATHLON_DOMAINS if os.path.isdir(os.path.join(root, d))]
     if not present:
         raise dataset_error("decathlon", "no domain folder (aircraft, cifar100, ...) in this folder", root)
@@ -1117,112 +1267,11 @@ def normalise(image, mean, std):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 7. SyntheticScenes: procedural indoor rooms (the dataset; its renderer is appendix A)
-# ------------------------------------------------------------------------------------------------------------
-#
-# A scene is a box-shaped room (floor, four walls, ceiling, maybe a picture on the back wall) holding 1 to 5
-# primitives (spheres, boxes, cylinders) that stand on the floor. A pinhole camera near the front wall looks
-# in with a little random yaw, pitch and roll; a directional light plus ambient light shades every surface
-# with Lambert's law, and primitives cast shadows. Every pixel shoots one ray, and the nearest hit gives all
-# the targets at once, so they agree with each other exactly:
-#
-#   semantic  the class of the surface that was hit
-#   depth     the hit's z coordinate in the camera frame (metres along the optical axis)
-#   normal    the true unit normal of that surface, in the camera frame (x right, y down, z forward),
-#             oriented towards the camera
-#   edge      1 where the object under a pixel differs from the one under its right or lower neighbour.
-#             Objects are: the floor, the walls (all four together), the ceiling, the picture, each primitive.
-#             Every primitive is convex and the room is seen from inside, so every depth discontinuity lies
-#             on such a boundary: the rule marks all semantic and all depth discontinuities (and, besides,
-#             the outline of a primitive in front of another of the same class).
-#
-# Kinect-like holes: a few blobs (each a cluster of overlapping ellipses in the image) where depth and normal
-# are 0 and semantic is -1, as where a real depth sensor returns nothing. The image and the edges are kept.
-
-CLASS_NAMES = ("floor", "wall", "ceiling", "picture", "sphere", "box", "cylinder")
-FLOOR, WALL, CEILING, PICTURE, SPHERE, BOX, CYLINDER = range(len(CLASS_NAMES))
-
-
-class SyntheticScenes(_CachedDataset):
-    """The embedded dataset: procedurally rendered indoor rooms with the NYUv2 tasks plus edges.
-
-    SyntheticScenes(split, num_samples, resolution, seed, cache). Splits "train" (1000 samples by default)
-    and "val" (200; "test" is the same split) never share a scene. `__getitem__` renders one sample on the
-    CPU; `render_batch(indices, device)` renders a whole batch at once
-    with the same code, meant for a GPU (on the CPU, sample by sample is faster: a batch pads every sample to
-    the largest number of primitives of each kind). cache=True keeps every sample once rendered (0.5 MB at
-    96x128, 0.5 GB for the train split), so later epochs cost nothing; each DataLoader worker has its own."""
-
-    name = "synthetic"
-    class_names = CLASS_NAMES
-    DEFAULT_SIZES = {"train": 1000, "val": 200}
-
-    def __init__(self, split="train", num_samples=None, resolution=(96, 128), seed=0, cache=False):
-        split = _resolve_split(split)
-        self.split, self.seed = split, int(seed)
-        self.length = int(num_samples) if num_samples is not None else self.DEFAULT_SIZES[split]
-        self.resolution = parse_resolution(resolution)
-        K = len(CLASS_NAMES)
-        self.tasks = {"semantic": K, "depth": 1, "normal": 3, "edge": 1}
-        self.primary_tasks = {"semantic": K, "depth": 1, "normal": 3}
-        self.cache = {} if cache else None
-
-    def scene_seed(self, index):
-        """A 63-bit seed for sample `index`, hashed from (seed, split, index): stable and split-specific."""
-        return _hashed_seed("synthetic-scenes", self.seed, self.split, index)
-
-    def scene(self, index):
-        """The scene description of sample `index` (see `sample_scene`)."""
-        return sample_scene(self.scene_seed(index))
-
-    def render_batch(self, indices, device="cpu"):
-        """Render samples `indices` at once on `device`: a dict of (B, ...) tensors (see `render_scenes`)."""
-        scenes = [self.scene(self._check_index(i)) for i in indices]
-        assert scenes, "render_batch needs at least one index"
-        return render_scenes(scenes, self.resolution, device)
-
-    def load(self, index):
-        """Sample `index` rendered alone on the CPU (a batch of one)."""
-        return {key: value[0] for key, value in self.render_batch([index]).items()}
-
-
-def _hashed_seed(*parts):
-    """A 63-bit seed hashed (sha256) from `parts` joined by "/": the same on every machine and Python run
-    (unlike hash()), and unrelated for neighbouring parts, so no two splits or samples share a scene."""
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def parse_resolution(resolution, flag="resolution (--resolution)"):
-    """(H, W) from a pair or an "HxW" string; both must be positive multiples of 32 (the networks halve the
-    resolution five times)."""
-    try:
-        if isinstance(resolution, str):
-            resolution = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", resolution).groups()
-        height, width = (int(r) for r in resolution)
-    except (AttributeError, TypeError, ValueError):  # a string that is not HxW, not a pair, not numbers
-        raise ValueError(f"{flag} must look like HxW (e.g. 96x128) or (height, width), got {resolution!r}") \
-            from None
-    if height <= 0 or width <= 0 or height % 32 or width % 32:
-        raise ValueError(f"{flag} must be positive multiples of 32 (e.g. 96x128 or 288x384), "
-                         f"got {height}x{width}")
-    return height, width
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Appendices: the machinery that makes the repository self-contained
-# ------------------------------------------------------------------------------------------------------------
-#
-# Sections 1-7 call into them through render_scenes, sample_scene, read_mat, context_edges, human_parts_map
-# and SyntheticDecathlon.
-
-
-# ------------------------------------------------------------------------------------------------------------
-# A. The ray caster: scenes, rays, hits, shading
+# D. The ray caster: scenes, rays, hits, shading
 # ------------------------------------------------------------------------------------------------------------
 #
 # sample_scene draws the few numbers of a scene (room, camera, light, materials, primitives, holes) from a
-# seed; render_scenes ray-casts a batch of scenes into the samples of section 7.
+# seed; render_scenes ray-casts a batch of scenes into the samples of section 4.
 #
 # Determinism. Sample i of a split comes from a seed hashed from (seed, split, i). The scene's few numbers are
 # drawn on the CPU with a torch.Generator; the renderer then uses only +, -, *, /, sqrt, floor, comparisons
@@ -1647,25 +1696,14 @@ def render_scenes(scenes, resolution, device="cpu", objects=False):
     Returns the batched sample dict: image (B, 3, H, W), semantic (B, H, W), depth (B, 1, H, W),
     normal (B, 3, H, W), edge (B, 1, H, W). objects=True adds "object" (B, H, W): the id of the object seen in
     each pixel, with no sensor holes (ids 0..6 are the room and the picture, FIRST_PRIMITIVE + i the scene's
-    i-th primitive, counting its spheres, then boxes, then cylinders). The other outputs do not change."""
+    i-th primitive, counting its spheres, then boxes, then cylinders). The other outputs do not change: the
+    scenes are then rendered one at a time (a batch numbers its primitives in tables padded to its largest
+    counts), which gives the same bits as a batch."""
     with _one_cpu_thread(device):
+        if objects and len(scenes) > 1:
+            samples = [_render([scene], resolution, device, objects) for scene in scenes]
+            return {key: torch.cat([sample[key] for sample in samples]) for key in samples[0]}
         return _render(scenes, resolution, device, objects)
-
-
-def _scene_object_ids(obj, s):
-    """Object ids of a batch (its primitives numbered in the tables padded to the batch's largest counts)
-    -> ids that number each scene's own primitives 0, 1, 2, ... (spheres, boxes, cylinders), as if the scene
-    had been rendered alone."""
-    out = obj.clone()
-    padded_start = FIRST_PRIMITIVE
-    scene_start = torch.full_like(obj[:, :1], FIRST_PRIMITIVE)  # (B, 1)
-    for kind in ("spheres", "boxes", "cylinders"):
-        padded_count = s[kind].shape[2]
-        mine = (obj >= padded_start) & (obj < padded_start + padded_count)
-        out = torch.where(mine, obj - padded_start + scene_start, out)
-        padded_start += padded_count
-        scene_start = scene_start + s[kind + "_mask"].sum(1, keepdim=True)  # this scene's real count
-    return out
 
 
 def _render(scenes, resolution, device, objects=False):
@@ -1743,12 +1781,12 @@ def _render(scenes, resolution, device, objects=False):
         "edge": edge,
     }
     if objects:
-        out["object"] = _scene_object_ids(obj, s).reshape(B, H, W)
+        out["object"] = obj.reshape(B, H, W)  # one scene: its own primitive numbers
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------
-# B. A MATLAB v5 .mat reader (numpy, struct and zlib; no scipy)
+# E. A MATLAB v5 .mat reader (numpy, struct and zlib; no scipy), scoped to what PASCAL_MT's files hold
 # ------------------------------------------------------------------------------------------------------------
 #
 # The format (MathWorks, "MAT-File Format", version 5): a 128-byte header, then one data element per variable.
@@ -1756,11 +1794,13 @@ def _render(scenes, resolution, device, objects=False):
 # to a multiple of 8 bytes. A variable is an miMATRIX element whose data is itself a list of elements: array
 # flags (class and logical/complex bits), dimensions, name, then the values of the class. MATLAB's default
 # `save` (v7) wraps each variable in an miCOMPRESSED element: a zlib stream holding the miMATRIX element.
-# Arrays are stored in column-major (Fortran) order.
+# Arrays are stored in column-major (Fortran) order. The reader handles what PASCAL_MT's files (and scipy's
+# savemat) hold; anything else (big-endian, complex values, UTF-16/32 text, sparse arrays, ...) is refused
+# with one line naming it as unsupported.
 
-_MI_NUMBERS = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8",
-               16: "u1", 17: "u2", 18: "u4"}  # element type -> numpy code; 16-18 are UTF-8/16/32 text
-_MI_UTF8, _MI_UTF16, _MI_MATRIX, _MI_COMPRESSED = 16, 17, 14, 15
+_MI_NUMBERS = {1: "<i1", 2: "<u1", 3: "<i2", 4: "<u2", 5: "<i4", 6: "<u4", 7: "<f4", 9: "<f8", 12: "<i8",
+               13: "<u8"}  # element type -> numpy type
+_MI_MATRIX, _MI_COMPRESSED, _MI_UTF8 = 14, 15, 16
 _MX_NUMERIC = {6: np.float64, 7: np.float32, 8: np.int8, 9: np.uint8, 10: np.int16, 11: np.uint16,
                12: np.int32, 13: np.uint32, 14: np.int64, 15: np.uint64}  # array class -> value dtype
 _MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
@@ -1779,7 +1819,7 @@ def read_mat(path):
         []  (an empty element)     numpy array of shape (0, 0)
 
     Returns {variable name: value}. A missing file raises FileNotFoundError; anything unreadable raises
-    MatFileError naming the file (truncated, corrupt, MATLAB v4 or v7.3/HDF5, sparse or object arrays)."""
+    MatFileError naming the file (truncated, corrupt, MATLAB v4 or v7.3/HDF5, a feature named unsupported)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -1792,7 +1832,7 @@ def read_mat(path):
 
 class _MatReader:
     """Walks the data elements of a MATLAB v5 file held in memory. It names the problems it checks for (the
-    header, a truncated element, a corrupt compressed variable, an unsupported class); any other inconsistency
+    header, a truncated element, a corrupt compressed variable, an unsupported feature); any other inconsistency
     of a damaged file (an unknown data type, a count of values that does not fit the dimensions, ...) ends in
     a numpy or struct error, which read_mat reports as "corrupt"."""
 
@@ -1804,8 +1844,9 @@ class _MatReader:
         # in a little-endian file and "MI" in a big-endian one.
         if raw[126:128] not in (b"IM", b"MI"):
             self.fail("not a MATLAB v5 MAT-file (no 'MI' endian indicator at byte 126; v4 is not supported)")
-        self.endian = "<" if raw[126:128] == b"IM" else ">"
-        version = struct.unpack(self.endian + "H", raw[124:126])[0]
+        if raw[126:128] == b"MI":
+            self.unsupported("a big-endian file")
+        version = struct.unpack("<H", raw[124:126])[0]
         if version != 0x0100:
             self.fail(f"MAT-file version 0x{version:04x} is not supported (v7.3 files are HDF5; save with "
                       "-v7)")
@@ -1813,11 +1854,15 @@ class _MatReader:
     def fail(self, problem):
         raise MatFileError(self.path, problem)
 
+    def unsupported(self, feature):
+        self.fail(f"unsupported: {feature} (this reader handles what PASCAL_MT's files hold: little-endian "
+                  "numeric, logical, char, struct and cell arrays)")
+
     def element(self, buf, pos):
         """The data element at byte `pos` of `buf`: (type, data bytes, position of the next element)."""
         if pos + 8 > len(buf):
             self.fail(f"truncated: the element tag at byte {pos} runs past the end ({len(buf)} bytes)")
-        first, count = struct.unpack_from(self.endian + "II", buf, pos)
+        first, count = struct.unpack_from("<II", buf, pos)
         if first >> 16:  # small element: type and byte count share 4 bytes, the (<= 4) data bytes follow
             kind, count = first & 0xFFFF, first >> 16
             if count > 4:
@@ -1832,7 +1877,9 @@ class _MatReader:
 
     def numbers(self, kind, data):
         """Element data as a 1-D numpy array of its stored type."""
-        return np.frombuffer(data, np.dtype(self.endian + _MI_NUMBERS[kind]))
+        if kind not in _MI_NUMBERS:  # 17, 18: UTF-16 or UTF-32 text
+            self.unsupported(f"data element type {kind}")
+        return np.frombuffer(data, _MI_NUMBERS[kind])
 
     def array(self, buf, pos):
         """The array element at byte `pos` of `buf` (a variable, a cell, a struct field), compressed or not:
@@ -1860,7 +1907,7 @@ class _MatReader:
         if not buf:  # MATLAB writes an empty array (say [] in a struct field) as an element with no data
             return "", np.zeros((0, 0))
         _, flags, pos = self.element(buf, 0)
-        flags = struct.unpack(self.endian + "II", flags)[0]
+        flags = struct.unpack("<II", flags)[0]
         kind, dims, pos = self.element(buf, pos)
         dims = tuple(int(d) for d in self.numbers(kind, dims))
         _, name, pos = self.element(buf, pos)
@@ -1872,26 +1919,21 @@ class _MatReader:
             return name, self.char(buf, pos, dims)
         if mx in (_MX_CELL, _MX_STRUCT):
             return name, (self.cell if mx == _MX_CELL else self.struct)(buf, pos, dims)
-        self.fail(f"variable {name!r} is a MATLAB {_MX_UNSUPPORTED.get(mx, f'class {mx}')} array; "
-                  "this reader handles numeric, logical, char, struct and cell arrays")
+        self.unsupported(f"variable {name!r} is a MATLAB {_MX_UNSUPPORTED.get(mx, f'class {mx}')} array")
 
     def numeric(self, buf, pos, mx, flags, dims):
-        kind, data, pos = self.element(buf, pos)
-        values = self.numbers(kind, data).astype(_MX_NUMERIC[mx])  # may be stored in a smaller type
         if flags & _COMPLEX_FLAG:
-            kind, data, pos = self.element(buf, pos)
-            values = values + 1j * self.numbers(kind, data)
-        values = values.reshape(dims, order="F")
+            self.unsupported("complex values")
+        kind, data, pos = self.element(buf, pos)
+        values = self.numbers(kind, data).astype(_MX_NUMERIC[mx]).reshape(dims, order="F")  # maybe stored smaller
         return values != 0 if flags & _LOGICAL_FLAG else values
 
     def char(self, buf, pos, dims):
-        kind, data, pos = self.element(buf, pos)
-        if kind in (_MI_UTF8, _MI_UTF16):
-            utf16 = "utf-16-le" if self.endian == "<" else "utf-16-be"
-            text = data.decode("utf-8" if kind == _MI_UTF8 else utf16)
-            codes = np.array([ord(c) for c in text], dtype=np.int64)
+        kind, data, pos = self.element(buf, pos)  # MATLAB writes UTF-16 code units (miUINT16), scipy UTF-8
+        if kind == _MI_UTF8:
+            codes = np.array([ord(c) for c in data.decode("utf-8")], dtype=np.int64)
         else:
-            codes = self.numbers(kind, data).astype(np.int64)  # usually UTF-16 code units (miUINT16)
+            codes = self.numbers(kind, data).astype(np.int64)
         if dims[0] == 0 or codes.size == 0:
             return ""
         rows = codes.reshape(dims, order="F").reshape(dims[0], -1, order="F")  # (rows, characters per row)
@@ -1920,53 +1962,8 @@ class _MatReader:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# C. Guo-Hall thinning and the Pascal-Part / PASCAL-Context label builders
+# F. Guo-Hall thinning (PASCAL's edge labels, context_edges)
 # ------------------------------------------------------------------------------------------------------------
-
-PASCAL_PART_PERSON = 15  # Pascal-Part's class_ind of a person (its classes follow PASCAL_VOC_CLASSES)
-# Pascal-Part's person part names -> the 6 groups of MTI-Net's (ASTMT's) 6-part setting (the official
-# data/pascal_context.py): head with hair, ears, eyebrows, eyes, mouth and nose; torso with neck; upper arms;
-# lower arms with hands; upper legs; lower legs with feet. l/r = left/right, u/l = upper/lower.
-HUMAN_PART_GROUPS = {
-    "head": 1, "hair": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1, "mouth": 1,
-    "nose": 1, "torso": 2, "neck": 2, "luarm": 3, "ruarm": 3, "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
-    "luleg": 5, "ruleg": 5, "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
-}
-# The PASCAL-Context classes (LabelMap ids) on which the distilled normals are kept; elsewhere they are set to
-# zero (invalid), because the network that produced them was trained on NYUD indoor scenes. Source: the
-# official code (SimonVandenhende/Multi-Task-Learning-PyTorch, data/pascal_context.py at d16e10b) builds it
-# from two files of its data/db_info/: every class name of nyu_classes.json (894 NYU names) that is also a
-# key of context_classes.json (459 Context names -> LabelMap id), except "unknown", mapped to its Context id,
-# plus "tvmonitor" (the NYU name is "television"): 169 names + tvmonitor = 170 classes.
-NORMAL_VALID_CONTEXT_CLASSES = {
-    3: "air conditioner", 4: "antenna", 6: "ashtray", 9: "bag", 10: "ball", 11: "balloon", 13: "barrel",
-    15: "basket", 17: "bathtub", 18: "bed", 22: "bench", 23: "bicycle", 29: "blackboard", 30: "board",
-    33: "book", 34: "bottle", 36: "bowl", 37: "box", 38: "bracelet", 39: "brick", 41: "broom", 43: "bucket",
-    46: "cabinet", 49: "cake", 50: "calculator", 51: "calendar", 53: "camera", 55: "can", 56: "candle",
-    59: "car", 61: "cart", 62: "case", 65: "cat", 66: "cd", 68: "ceiling", 69: "cell phone", 72: "chair",
-    73: "chessboard", 78: "clock", 83: "coffee machine", 84: "comb", 85: "computer", 87: "cone",
-    88: "container", 95: "corkscrew", 96: "counter", 101: "crate", 104: "cup", 105: "curtain",
-    107: "cutting board", 111: "dishwasher", 113: "dog", 115: "door", 122: "drum", 124: "duck",
-    135: "envelope", 141: "fan", 142: "faucet", 143: "fax machine", 146: "fire extinguisher",
-    150: "fish tank", 154: "flag", 157: "flashlight", 158: "floor", 159: "flower", 165: "fork", 172: "fruit",
-    174: "furnace", 181: "glass", 183: "globe", 184: "glove", 191: "guitar", 193: "hammer", 195: "handle",
-    197: "hanger", 199: "hat", 202: "heater", 213: "ipod", 215: "ironing board", 216: "jar", 219: "key",
-    220: "keyboard", 223: "knife", 225: "ladder", 228: "laptop", 230: "lid", 232: "light", 233: "light bulb",
-    238: "lock", 239: "machine", 242: "map", 243: "mask", 246: "mattress", 250: "microphone",
-    251: "microwave", 252: "mirror", 255: "money", 260: "mouse", 261: "mouse pad", 263: "napkin", 269: "oven",
-    272: "pan", 273: "paper", 275: "paper cutter", 281: "pen", 283: "pencil", 284: "person", 285: "photo",
-    286: "piano", 287: "picture", 288: "pig", 290: "pillow", 291: "pipe", 292: "pitcher", 293: "plant",
-    295: "plate", 304: "pool table", 307: "pot", 309: "printer", 310: "projector", 314: "radiator",
-    315: "radio", 319: "range hood", 323: "remote control", 329: "rope", 330: "rug", 331: "ruler",
-    336: "scale", 342: "sculpture", 345: "sewing machine", 349: "shelves", 350: "shoe", 351: "shopping cart",
-    352: "shovel", 355: "sign", 357: "sink", 368: "sofa", 370: "spatula", 371: "speaker", 374: "spoon",
-    379: "stapler", 380: "stick", 383: "stool", 384: "stove", 397: "table", 401: "tape", 403: "telephone",
-    405: "tent", 407: "toaster", 408: "toilet", 411: "toothbrush", 412: "towel", 413: "toy", 414: "toy car",
-    417: "trampoline", 419: "tray", 421: "tricycle", 423: "trophy", 427: "tvmonitor", 429: "typewriter",
-    430: "umbrella", 432: "vacuum cleaner", 440: "wall", 441: "wallet", 442: "wardrobe",
-    443: "washing machine", 444: "watch", 446: "water dispenser", 454: "window", 457: "wire"
-}
-
 
 def _thinning_tables():
     """Which pixels may go in each of the two subiterations of Guo & Hall's thinning ("Parallel thinning with
@@ -2010,54 +2007,8 @@ def thin(mask):
             return skeleton
 
 
-def context_edges(label_map):
-    """Edge labels from a PASCAL-Context LabelMap (H, W) -> bool (H, W), as the official loader makes them:
-    pixels where the 4-neighbour Laplacian of the class ids is not 0 (a 2-pixel band along every boundary
-    between classes; rarely a boundary pixel whose neighbours' ids happen to average to its own is missed,
-    as there), thinned to one-pixel lines."""
-    x = np.asarray(label_map, dtype=np.float64)
-    # OpenCV's Laplacian (kernel 0 1 0 / 1 -4 1 / 0 1 0) with its default border, which mirrors the image
-    # without repeating the border pixel: numpy's "reflect".
-    p = np.pad(x, 1, mode="reflect" if min(x.shape) > 1 else "edge")
-    laplacian = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * x
-    return thin(laplacian != 0)
-
-
-def _struct_list(value):
-    """A struct array from read_mat as a list of dicts ([] for an empty array)."""
-    if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list):
-        return value
-    if isinstance(value, np.ndarray) and value.size == 0:
-        return []
-    raise ValueError(f"expected a struct array, found {type(value).__name__}")
-
-
-def human_parts_map(anno, shape):
-    """Human-part ids (H, W) int64 from a Pascal-Part `anno` struct, as the official loader builds them:
-    0 = background, 1..6 = HUMAN_PART_GROUPS. Every person object paints its parts in file order (a later
-    part wins where masks overlap). The map is all 0 when no person with a non-empty mask is annotated, or
-    none of them has parts; the dataset then ignores the whole map. `shape` is the size of an all-0 map."""
-    objects = _struct_list(anno["objects"])
-    people = [o for o in objects if int(np.asarray(o["class_ind"]).reshape(-1)[0]) == PASCAL_PART_PERSON]
-    if not any(np.asarray(o["mask"]).any() for o in people):  # the official "has human parts" test (area > 0)
-        return np.zeros(shape, dtype=np.int64)
-    target = None
-    for person in people:
-        for part in _struct_list(person["parts"]):
-            mask = np.asarray(part["mask"]).astype(bool)
-            if target is None:
-                target = np.zeros(mask.shape, dtype=np.int64)
-            if part["part_name"] not in HUMAN_PART_GROUPS:
-                raise ValueError(f"unknown person part {part['part_name']!r} "
-                                 f"(known: {', '.join(HUMAN_PART_GROUPS)})")
-            target[mask] = HUMAN_PART_GROUPS[part["part_name"]]
-    return np.zeros(shape, dtype=np.int64) if target is None else target
-
-
 # ------------------------------------------------------------------------------------------------------------
-# D. The synthetic Decathlon: four classification domains rendered from the synthetic scenes
+# G. The synthetic Decathlon: four classification domains rendered from the synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
 #
 # Each domain asks a different question about a scene, shows the scene in its own style (so the domains have
@@ -2159,18 +2110,18 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
         return sample_scene(_hashed_seed("synthetic-decathlon", self.seed, self.domain, split, j))
 
     def _render(self, count, split):
-        """Images and labels of the first `count` candidate scenes that answer the domain's question."""
+        """Images and labels of the first `count` candidate scenes that answer the domain's question, rendered
+        scene by scene (the same bits as a batch, and faster on a CPU: a batch pads every scene's tables)."""
         images, labels, j = [], [], 0
         while len(labels) < count:
-            scenes = [self._candidate(split, j + i) for i in range(32)]
-            j += len(scenes)
-            batch = render_scenes(scenes, self.resolution, objects=True)
-            for scene, image, objects in zip(scenes, batch["image"], batch["object"]):
-                label = synthetic_decathlon_label(self.domain, scene, objects)
-                balanced = labels.count(label) <= len(labels) // self.num_classes  # no class gets ahead
-                if label is not None and balanced and len(labels) < count:
-                    images.append(_styled(image, self.style))
-                    labels.append(label)
+            scene = self._candidate(split, j)
+            j += 1
+            rendered = render_scenes([scene], self.resolution, objects=True)
+            label = synthetic_decathlon_label(self.domain, scene, rendered["object"][0])
+            balanced = labels.count(label) <= len(labels) // self.num_classes  # no class gets ahead
+            if label is not None and balanced:
+                images.append(_styled(rendered["image"][0], self.style))
+                labels.append(label)
         return torch.stack(images), torch.tensor(labels)
 
     def statistics(self, train_images=None):
@@ -2196,7 +2147,7 @@ class SyntheticDecathlon(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# E. Pictures: colour maps, the montage, and `python data.py`
+# H. Pictures: colour maps, the montage, and `python data.py`
 # ------------------------------------------------------------------------------------------------------------
 
 

@@ -470,6 +470,42 @@ def test_size_mismatch_names_both_files(tmp_path):
     assert "expected (H, W, 3)" in _error(lambda: data.NYUv2(root, "val")[0])
 
 
+def test_sample_rules_print_the_excess_and_the_stored_value(tmp_path):
+    """check_sample's bounds: a value is printed with the digits that show its excess; a label as stored."""
+    root = write_nyuv2(str(tmp_path / "nyuv2"), counts=(("train", 2), ("val", 1)))
+    depth = os.path.join(root, "train", "depth", "0.npy")
+    np.save(depth, np.full((16, 24, 1), data.MAX_DEPTH, np.float32))  # the bound itself is fine
+    assert float(data.NYUv2(root, "train")[0]["depth"].max()) == data.MAX_DEPTH
+    np.save(depth, np.full((16, 24, 1), 100.0001, np.float32))
+    assert "depth up to 100.0001, expected metres" in _error(lambda: data.NYUv2(root, "train")[0])
+    np.save(os.path.join(root, "train", "image", "1.npy"), np.full((16, 24, 3), 1.0011))
+    assert "image values in [1.0011, 1.0011]" in _error(lambda: data.NYUv2(root, "train")[1])
+    with pytest.raises(IndexError):
+        data.NYUv2(root, "val")[1]
+    nyud = write_nyud(str(tmp_path / "nyud"))
+    Image.fromarray(np.full(SMALL, 45, np.uint8)).save(os.path.join(nyud, "segmentation", "0003.png"))
+    assert "label value 45 outside the expected range 1..40" in _error(lambda: data.NYUD(nyud, "val")[-1])
+
+
+def test_read_image_reads_every_bit_depth_upright(tmp_path):
+    """One reader for the loaders and eval.py --image: 8-bit RGB as before, 16-bit grey not white, EXIF turned."""
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    expected = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255)
+    assert torch.equal(data.read_image(tmp_path / "rgb.png"), expected)
+    Image.fromarray(np.full((5, 7), 65535 // 2, np.uint16)).save(tmp_path / "grey16.png")
+    notes = []
+    grey = data.read_image(tmp_path / "grey16.png", note=notes.append)
+    assert grey.shape == (3, 5, 7) and abs(float(grey.max()) - 0.5) < 1e-4 and "16-bit" in notes[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation 6: the camera was turned; the picture is shown turned back
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    assert data.read_image(tmp_path / "turned.jpg").shape == (3, 7, 5)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(data.UnreadableFileError, match="bad.png"):
+        data.read_image(tmp_path / "bad.png")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------------------
