@@ -16,7 +16,7 @@ has a `name`, `class_names`, a `tasks` dict (every target it provides: task name
 `primary_tasks` dict (the tasks the papers train on). The Visual Decathlon is a classification benchmark: its
 samples are {"image", "label"}.
 
-THE DATASET MODULE is sections 1-5, up to the line "Appendices" (about line 800):
+THE DATASET MODULE is sections 1-5, up to the line "Appendices" (about line 825):
 
 1. build_dataset: every dense dataset by name (train.py and eval.py call it).
 2. The file datasets of the two papers: NYUv2 and CityScapes (MTAN's preprocessed .npy releases) and NYUD
