@@ -963,7 +963,7 @@ def load_checkpoint(path, resuming=False):
                                   f"not a {kind.__name__})")
     if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
         raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'model' entry holds non-tensors)")
-    cfg, numbered = ckpt["config"], [r.get("epoch") if isinstance(r, dict) else r for r in ckpt.get("history", [])]
+    cfg, numbered = ckpt["config"], [isinstance(r, dict) and r.get("epoch") for r in ckpt.get("history", [])]
     if "history" in ckpt and (numbered != list(range(1, len(numbered) + 1)) or ckpt.get("epoch") != len(numbered)):
         raise CheckpointError(f"{path} is not a checkpoint of train.py (its 'history' does not hold the records of "
                               f"epochs 1 to its 'epoch' {ckpt.get('epoch')})")
@@ -1276,7 +1276,8 @@ def decathlon_baseline(args, sets):
     single-domain runs of --baseline, else the paper's Finetune row for official domains, else None."""
     domains = list(sets)
     if args.baseline:
-        baseline = read_decathlon_baseline(args.baseline)
+        baseline = {domain: accuracy for path in args.baseline.split(",") for domain, accuracy in
+                    read_json(path, "decathlon eval.json", f"--baseline {path}")[0]["accuracy"].items()}
         missing = [d for d in domains if d not in baseline]
         if missing:
             raise UsageError(f"--baseline has no accuracy for {', '.join(missing)}: pass the eval.json of "
@@ -1301,14 +1302,6 @@ def measurable_baseline(baseline, sizes):
     return adjusted
 
 
-def read_decathlon_baseline(paths):
-    """{domain: accuracy %} merged from comma-separated eval.json files (one per single-domain run)."""
-    merged = {}
-    for path in paths.split(","):
-        merged.update(read_json(path, "decathlon eval.json", f"--baseline {path}")[0]["accuracy"])
-    return merged
-
-
 def run_folder(checkpoint):
     """The run folder of --checkpoint, which names either the folder or a file in it."""
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
@@ -1326,8 +1319,8 @@ def write_report(report, args):
                          f"valid target for them; {path} was not written")
     if os.path.exists(path) and not args.replace_eval:
         old = read_json(path, ("eval.json", "decathlon eval.json"))[0]
-        on, kept = (report["evaluated_on"], report.get("sample_ids")), (old.get("evaluated_on"), old.get("sample_ids"))
-        ours, theirs = data_difference(on, kept) or (on[0], kept[0])
+        on = [(blob.get("evaluated_on"), blob.get("sample_ids")) for blob in (report, old)]
+        ours, theirs = data_difference(*on) or (on[0][0], on[1][0])
         if (report["split"], ours) != (old.get("split"), theirs):
             raise UsageError(f"{path} holds the {old.get('split')} split on {theirs}, this evaluation the "
                              f"{report['split']} split on {ours}: kept (pass --replace-eval to replace it)")
@@ -1341,10 +1334,6 @@ def read_baseline_file(path, key="final"):
     return blob["metrics" if kind == "eval.json" else key], blob
 
 
-def is_number(v):
-    return type(v) in (int, float)  # not bool, not a string; NaN is a number here (a row of n > 1 refuses it)
-
-
 # What eval.py reads of each kind of JSON file that train.py and eval.py write: (what it is, {key: shape}). The
 # one reader, read_json, checks a file against its kind where it is read, so every command that reads the file
 # refuses it with the same line, naming the file and the key.
@@ -1354,12 +1343,11 @@ JSON_FILES = {
                                                        "epochs": "count"}),
     "decathlon eval.json": ("an eval.json of a Decathlon run", {"accuracy": "numbers"}),
 }
+NUMBERS = lambda v: isinstance(v, dict) and all(type(n) in (int, float) for n in v.values())  # NaN: check_seeds
 SHAPES = {  # shape: (its test, how a value that fails it is named)
-    "results": (lambda v: isinstance(v, dict) and all(isinstance(m, dict) and all(map(is_number, m.values()))
-                                                      for m in v.values()),
+    "results": (lambda v: isinstance(v, dict) and all(map(NUMBERS, v.values())),
                 "expected {{task: {{metric: number}}}} under '{key}'"),
-    "numbers": (lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
-                "expected {{name: number}} under '{key}'"),
+    "numbers": (NUMBERS, "expected {{name: number}} under '{key}'"),
     "count": (lambda v: type(v) is int, "'{key}' is not a number of epochs"),
 }
 
@@ -1374,8 +1362,7 @@ def read_json(path, kinds, label=None):
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {label} ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict):
-        raise UsageError(f"{label} holds a JSON {type(blob).__name__}, not an object as eval.py and train.py "
-                         "write")
+        raise UsageError(f"{label} holds a JSON {type(blob).__name__}, not an object as eval.py and train.py write")
     kind = next((k for k in kinds if next(iter(JSON_FILES[k][1])) in blob), kinds[-1])
     what, keys = JSON_FILES[kind]
     for key, shape in keys.items():
@@ -1532,11 +1519,8 @@ def sample_ids(dataset):
 def data_difference(a, b):
     """None when two evaluations, each (evaluation_set's words, sample_ids), saw the same data, else the two
     in words. Ids that one side does not record (a file of an older version) are not held against it."""
-    if a[0] != b[0]:
-        return a[0], b[0]
-    if None not in (a[1], b[1]) and a[1] != b[1]:
-        return f"{a[0]}: {a[1]}", f"{b[0]}: {b[1]}"
-    return None
+    if a[0] != b[0] or None not in (a[1], b[1]) and a[1] != b[1]:
+        return (a[0], b[0]) if a[0] != b[0] else (f"{a[0]}: {a[1]}", f"{b[0]}: {b[1]}")
 
 
 def check_comparable(runs):
@@ -1631,23 +1615,18 @@ def seed_groups(runs, epoch="protocol", per_seed=False):
 def check_seeds(members):
     """One-line errors, naming the file and the key, for a seed group that is not distinct seeds with the same
     finite metrics: a copy of a run is not a second seed, and a mean ± std needs every number of every seed."""
-    seeds = {}
+    seeds, names = {}, lambda run: {f"{t} {m}" for t, values in run["numbers"].items() for m in values}
     for run in members if len(members) > 1 else []:  # a row of one run shows its numbers as they are
-        seed, key = run["config"].get("seed", 0), run["key"]
+        seed = (run["config"] or {}).get("seed", 0)  # a lone --baseline file given twice: seed 0 twice
         twin = seeds.setdefault(seed, run)
         if twin is not run:
             raise UsageError(f"{twin['folder']} and {run['folder']} are both seed {seed} of one configuration: a "
-                             "copy of a run is not a second seed (drop one, or train another seed)")
-        bad = non_finite_metrics(run["numbers"])
-        if bad:
-            raise UsageError(f"{run['file']}: {bad[0]} under '{key}' is not a finite number: a row's mean ± std "
-                             "needs finite numbers in every seed")
+                             "copy of a run is not a second seed (drop one, or train another)")
         for a, b in ((run, members[0]), (members[0], run)):
-            missing = [f"{t} {m}" for t, values in b["numbers"].items() for m in values
-                       if m not in a["numbers"].get(t, {})]
-            if missing:
-                raise UsageError(f"{a['file']}: no {missing[0]} under '{a['key']}', which {b['file']} has: the "
-                                 "seeds of a row must hold the same metrics")
+            bad = [f"{n} under '{a['key']}' is not a finite number" for n in non_finite_metrics(a["numbers"])]
+            bad += [f"no {n} under '{a['key']}', which {b['file']} has" for n in sorted(names(b) - names(a))]
+            if bad:
+                raise UsageError(f"{a['file']}: {bad[0]}: the seeds of a row need the same finite metrics")
 
 
 def row_delta_m(numbers, reference, tasks, convention):

@@ -458,7 +458,8 @@ def test_what_makes_a_seed_group(runs, tmp_path):
 
 def test_a_seed_without_a_number_is_named(runs, tmp_path):
     nan = seeds(runs, tmp_path, "sem", [0.4, float("nan")])
-    assert nan[1] + "/metrics.json: semantic miou under 'mean_last_10' is not a finite number" in one_line_error(*nan)
+    message = one_line_error(*nan)
+    assert nan[1] + "/metrics.json: semantic miou under 'mean_last_10' is not a finite number" in message
     blob = metrics_json(runs["sem"])
     del blob["final"]["semantic"]["pixel_acc"]
     lacking = copy_run(nan[0], tmp_path, "lacking", config_with(seed=2), {"metrics.json": blob})
@@ -476,7 +477,8 @@ def test_baseline_seeds_are_averaged(runs, tmp_path):
 
 def test_a_run_of_an_older_version_is_migrated_or_refused(runs, tmp_path):
     # the model facts follow from the model and its tasks: recomputed, so the run is still the baseline
-    older = copy_run(runs["sem"], tmp_path, "older", lambda ckpt: [ckpt["config"].pop(k) for k in evaluation.MODEL_FACTS])
+    older = copy_run(runs["sem"], tmp_path, "older",
+                     lambda ckpt: [ckpt["config"].pop(k) for k in evaluation.MODEL_FACTS])
     doc = compare(runs["mtan"], older)
     assert doc["rows"][1]["name"] == "single semantic" and doc["baselines"] == {"semantic": older}
     # any other key: refused, never filled in from train.py's defaults (resuming needs every one of them)
