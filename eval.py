@@ -1014,23 +1014,25 @@ def model_from_checkpoint(ckpt):
 INPUT_MULTIPLE = {"SegNet": 32, "MTAN": 32, "DenseSegNet": 32, "CrossStitchSegNet": 32, "MTANDeepLabv3": 8}
 
 
-def check_first_samples(model, dataset, split, count=2):
-    """Read the first samples of a split of files before any training or evaluation starts, so that a damaged
-    file, a label outside the class range or an image outside [0, 1] (data.py checks them as it reads) stops
-    the run at once, and check that their size fits the model. The synthetic scenes (code, no file) are
-    skipped."""
+def check_first_samples(model, splits, count=2):
+    """Read the first samples of each split of files ({name: dataset}) before any training or evaluation
+    starts, so that a damaged file, a label outside the class range or an image outside [0, 1] (data.py checks
+    them as it reads) stops the run at once, and check that their size fits the model. The synthetic scenes
+    (code, no file) are skipped. The random state is left as it was (PASCAL's training samples draw their
+    augmentation)."""
     import data
 
-    if not data.sample_files(dataset, 0):
-        return
-    for index in range(min(count, len(dataset))):
-        height, width = dataset[index]["image"].shape[-2:]
-        multiple = INPUT_MULTIPLE.get(type(model).__name__)
-        if multiple and (height % multiple or width % multiple):
-            raise data.DatasetError(
-                f"{data.sample_files(dataset, index)['image']}: the {split} images are {height}x{width}, but "
-                f"{type(model).__name__} needs heights and widths that are multiples of {multiple} (the SegNet "
-                f"models: 32, MTAN-DeepLabv3: 8; the HRNet models and DeepLabv3 take any size): crop or pad them")
+    multiple = INPUT_MULTIPLE.get(type(model).__name__)
+    with torch.random.fork_rng(devices=[]):
+        for split, dataset in splits.items():
+            for index in range(min(count, len(dataset)) if data.sample_files(dataset, 0) else 0):
+                height, width = dataset[index]["image"].shape[-2:]
+                if multiple and (height % multiple or width % multiple):
+                    raise data.DatasetError(
+                        f"{data.sample_files(dataset, index)['image']}: the {split} images are {height}x{width}, "
+                        f"but {type(model).__name__} needs heights and widths that are multiples of {multiple} "
+                        f"(the SegNet models: 32, MTAN-DeepLabv3: 8; the HRNet models and DeepLabv3 take any "
+                        f"size): crop or pad them")
 
 
 def build_parser():
@@ -1177,7 +1179,7 @@ def evaluate_checkpoint(args):
             raise UsageError("--bench times the dense datasets' evaluation; not the Decathlon's")
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
     dataset = evaluation_split(cfg, args)
-    check_first_samples(model, dataset, args.split)
+    check_first_samples(model, {args.split: dataset})
     loader = evaluation_loader(dataset, cfg)
     if args.bench:
         return bench_evaluation(args, cfg, model, loader, device, normalise)

@@ -23,6 +23,7 @@ live in eval.py (train.py imports eval.py, never the other way round).
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -280,25 +281,24 @@ def run_training(cfg, resume_from=None):
 
 
 def train_one_epoch(run, epoch):
-    """One pass over the training split. Returns the (K,) mean task losses of the epoch over all batches (and
-    all ranks): DWA's L_k(t), and the log's training losses."""
-    cfg, device = run.cfg, run.device
+    """One pass over the training split: the (K,) mean task losses over all batches and ranks (DWA's L_k(t))."""
     run.model.train()
-    set_learning_rate(run.optimizer, cfg, epoch)
-    batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch)
-    augment = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + epoch)
-    loss_sum = torch.zeros(len(run.loss_tasks), device=device)  # on the device: no host sync per step
+    set_learning_rate(run.optimizer, run.cfg, epoch)
+    batches = epoch_batches(run, epoch)  # the same batches for the same (seed, epoch), on every rank as many
+    augment = torch.Generator(device=run.device).manual_seed(run.cfg["seed"] * 1000 + epoch)
+    loss_sum = torch.zeros(len(run.loss_tasks), device=run.device)  # on the device: no host sync per step
     first = torch.zeros_like(loss_sum)  # the first step's losses: the reference of check_epoch in epoch 1
-    progress = Progress(epoch, cfg["epochs"], len(batches), cfg["batch_size"])
+    progress = Progress(epoch, run.cfg["epochs"], len(batches), run.cfg["batch_size"])
     for step, batch in enumerate(batches):
-        losses = run.step(prepare_batch(run, batch, augment))  # training_step, or its CUDA graph's replay
+        batch = prepare_batch(run, batch, augment)
+        losses = run.graph(batch) if run.graph else training_step(run, batch)  # the graph replays training_step
         loss_sum += losses
         if step == 0:
             first = losses.clone()  # a CUDA graph returns its losses in the same tensors every step
         progress.maybe_print(step, loss_sum)  # reads the loss (a sync) only when it prints, every 5 s
-    counts = all_reduce(torch.tensor(float(len(batches)), device=device))
-    means = torch.stack([all_reduce(loss_sum) / counts.clamp_min(1), all_reduce(first) / world_size()]).cpu()
-    mean_losses, first_losses = (dict(zip(run.loss_tasks, m.tolist())) for m in means)  # the one sync, above
+    means = torch.stack([all_reduce(loss_sum) / max(len(batches) * world_size(), 1),
+                         all_reduce(first) / world_size()]).cpu()  # (2, K): the one sync of the epoch
+    mean_losses, first_losses = (dict(zip(run.loss_tasks, m.tolist())) for m in means)
     check_epoch(run, mean_losses, epoch, first_losses)  # diverged? every task's labels seen?
     return means[0]
 
@@ -319,6 +319,198 @@ def training_step(run, batch):
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return losses.detach()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. The run and the loop's helpers, in the order the loop first calls them
+#
+# `setup_run` (with the optimiser), the run folder opened, the loaders, then per epoch: the learning rate, the
+# batches, the progress line, each batch prepared (and, on a GPU, the step's CUDA graph), the torchrun sums,
+# the checks of the epoch's losses, the evaluation's schedule, then `save_epoch`, and at the end `finish`.
+#
+# Under torchrun (`torchrun --nproc_per_node=N train.py ...`) each rank trains on its shard and DDP averages the
+# model's gradients; everything averaged over an epoch (the DWA losses, the metric accumulators) is summed
+# across ranks, so every rank computes the same task weights and the evaluation equals a single-process one.
+# Only rank 0 prints and writes files.
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `setup_run`."""
+    cfg: dict  # the resolved configuration; saved in last.pt
+    device: torch.device
+    model: nn.Module  # the plain model: evaluation and checkpoints use it
+    compiled: nn.Module  # what the training step calls: the model under DDP and/or torch.compile
+    normalise: nn.Module  # ImageNet mean/std for a pretrained backbone, else the identity
+    forward_kwargs: dict  # {"return_aux": True} for models with deep supervision (MTI-Net, PAD-Net)
+    loss_tasks: list  # main tasks, then auxiliary ones: the order of every (K,) loss vector
+    task_weights: torch.Tensor  # (K,) fixed loss weights (MTI-Net's recipe), applied before `weighting`
+    weighting: nn.Module  # equal, uncertainty or DWA, over the main tasks
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for --amp fp16, a no-op otherwise
+    train_set: object  # a dataset (the Decathlon: {domain: dataset})
+    val_set: object
+    train_tensors: dict = None  # --data-on-device: the training split stacked on the device
+    graph: "CudaGraphStep" = None  # training_step recorded as a CUDA graph (on a GPU), else None
+    start_epoch: int = 0  # epochs already done (a resumed run)
+    history: list = field(default_factory=list)  # one log record per finished epoch
+
+
+def setup_run(cfg, resume_from=None):
+    """Build data, model, optimiser and weighting from a resolved configuration, and restore the state of a
+    checkpoint to continue from."""
+    device = init_distributed(cfg)
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    train_set, val_set = datasets_for(cfg)
+    model = build_model(cfg).to(device)
+    if cfg["data"] not in DECATHLON_DATASETS:  # a bad file, or a size the model cannot take, stops the run now
+        evaluation.check_first_samples(model, {"train": train_set, "val": val_set})
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    normalise = nn.Identity()
+    if cfg.get("pretrained"):
+        if resume_from is None:  # a resumed run's weights are all in its checkpoint: the file may have moved
+            load_pretrained(model, cfg["pretrained"])
+        normalise = mtinet.ImageNetNormalisation().to(device)
+    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
+    params = list(model.parameters()) + list(weighting.parameters())
+    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
+    run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
+              normalise=normalise, loss_tasks=loss_tasks,
+              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
+              task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
+              weighting=weighting, optimizer=build_optimizer(cfg, params, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
+              train_set=train_set, val_set=val_set,
+              train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
+    graph = cfg.get("cuda_graph") and device.type == "cuda"  # a GPU run resumed on a CPU continues eagerly
+    run.graph = CudaGraphStep(run) if graph else None
+    if resume_from is not None:
+        try:
+            run.model.load_state_dict(resume_from["model"])
+            run.optimizer.load_state_dict(resume_from["optimizer"])
+            run.weighting.load_state_dict(resume_from["weighting"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every mismatched tensor: keep one line
+            raise evaluation.CheckpointError(f"the weights in {cfg['out']}/last.pt do not fit its configuration "
+                                             f"({evaluation.first_line(e)})") from None
+        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
+            run.scaler.load_state_dict(resume_from["scaler"])
+        run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
+        say(f"resumed {cfg['out']} after epoch {run.start_epoch}")
+    return run
+
+
+def build_optimizer(cfg, params, device, lr=None):
+    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times
+    # faster than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf
+    # check to the fused kernel instead of reading it on the host.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
+    lr = cfg["lr"] if lr is None else lr
+    if cfg["optimizer"] == "sgd":
+        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
+        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
+        # path handles that and is still one multi-tensor update.
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
+                               foreach=True)
+    if cfg.get("cuda_graph") and device.type == "cuda":  # its step counters on the device (CudaGraphStep)
+        fused["capturable"] = True
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
+
+
+def open_run_folder(run):
+    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
+    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
+    if is_main() and run.history:  # a new run's log.jsonl begins with its first epoch (save_epoch)
+        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
+                                     os.path.join(run.cfg["out"], "log.jsonl"))
+    say(describe(run))
+
+
+def describe(run):
+    cfg = run.cfg
+    params = sum(p.numel() for p in run.model.parameters())
+    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
+    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
+            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
+            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
+            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
+            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
+
+
+def make_loader(dataset, cfg, epoch, train):
+    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
+    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
+    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
+    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+    # A last batch of one sample is dropped: BatchNorm's statistics need two (a bigger one is kept, as the
+    # MTAN recipe does, unless the recipe drops it).
+    last = len(dataset) % cfg["batch_size"]
+    drop_last = train and (cfg["drop_last"] or last == 1) and len(dataset) > cfg["batch_size"]
+    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
+    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
+    sampler = None
+    if world_size() > 1 and train:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    elif world_size() > 1:
+        sampler = list(range(rank(), len(dataset), world_size()))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        generator=generator if train and sampler is None else None, drop_last=drop_last,
+        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
+
+
+def set_learning_rate(optimizer, cfg, epoch):
+    lr = learning_rate(cfg, epoch)
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):  # read by a CUDA graph (CudaGraphStep): the same tensor, a new value
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def learning_rate(cfg, epoch):
+    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
+    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
+    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
+        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
+    if cfg["schedule"] == "step":
+        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
+    if cfg["schedule"] == "poly":
+        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
+    return cfg["lr"]
+
+
+def epoch_batches(run, epoch):
+    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
+    if run.train_tensors is not None:
+        return DeviceBatches(run.train_tensors, run.cfg, epoch)
+    return make_loader(run.train_set, run.cfg, epoch, train=True)
+
+
+class Progress:
+    """A progress line every `every` seconds, printed by rank 0: epoch, step, loss, images/s (of all ranks),
+    ETA. Reading the loss is the only host-device synchronisation of the training loop, and it happens only
+    when a line is printed."""
+
+    def __init__(self, epoch, num_epochs, steps, batch_size, every=5.0, name=""):
+        self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
+        self.batch_size = batch_size * world_size()  # the images of one step over all ranks
+        self.name = f"{name}  " if name else ""  # the Decathlon's domain
+        self.enabled, self.every, self.start, self.last = is_main(), every, time.time(), time.time()
+
+    def maybe_print(self, step, loss_sum):
+        """`loss_sum`: the running sum of the step losses, a tensor on the device (its elements summed)."""
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
+            return
+        self.last = now
+        rate = (step + 1) * self.batch_size / (now - self.start)
+        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
+        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
+              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s",
+              flush=True)
 
 
 def prepare_batch(run, batch, augment):
@@ -376,9 +568,35 @@ class CudaGraphStep:
         return self.losses
 
 
-def evaluation_due(cfg, epoch):
-    """Evaluate every `eval_every` epochs, and always after the last one."""
-    return (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg)
+all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def average_gradients_across_ranks(module):
+    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
+    if world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce(p.grad).div_(world_size())
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
+    statistics on its own last batches, and the evaluation must use one set of weights."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 EXPLOSION = 1e4  # a training loss this many times its reference has diverged, even while it is still finite
@@ -389,7 +607,7 @@ def check_epoch(run, losses, epoch, first=None):
     when it is non-finite or above EXPLOSION times its reference, the mean over the first epoch (in the first
     epoch: `first`, the first step's). The training samples are finite (data.py checks images and turns NaN or
     inf targets into the 'invalid' marker as it reads them), so the cause is the optimisation. After a dense
-    run's first epoch: did every task see a label (section 6)?"""
+    run's first epoch: did every task see a label (check_labels_seen)?"""
     reference, since = (run.history[0]["train_loss"], "the first epoch") if run.history else (first or {},
                                                                                          "the first step")
     bad = [t for t, v in losses.items() if not math.isfinite(v)]
@@ -447,222 +665,9 @@ def valid_targets(task, target):
     return None
 
 
-# ------------------------------------------------------------------------------------------------------------
-# 4. The run and the loop's helpers: schedule and optimiser, batches, progress, torchrun, the run folder
-#
-# What the loop calls on every run, in the order it calls them. Under torchrun (`torchrun --nproc_per_node=N
-# train.py ...`) each rank trains on its shard and DDP averages the model's gradients; everything averaged
-# over an epoch (the DWA losses, the metric accumulators) is summed across ranks, so every rank computes the
-# same task weights and the evaluation equals a single-process one. Only rank 0 prints and writes files.
-# ------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """Everything one training run holds, built once by `setup_run`."""
-    cfg: dict  # the resolved configuration; saved in last.pt
-    device: torch.device
-    model: nn.Module  # the plain model: evaluation and checkpoints use it
-    compiled: nn.Module  # what the training step calls: the model under DDP and/or torch.compile
-    normalise: nn.Module  # ImageNet mean/std for a pretrained backbone, else the identity
-    forward_kwargs: dict  # {"return_aux": True} for models with deep supervision (MTI-Net, PAD-Net)
-    loss_tasks: list  # main tasks, then auxiliary ones: the order of every (K,) loss vector
-    task_weights: torch.Tensor  # (K,) fixed loss weights (MTI-Net's recipe), applied before `weighting`
-    weighting: nn.Module  # equal, uncertainty or DWA, over the main tasks
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # loss scaling for --amp fp16, a no-op otherwise
-    train_set: object  # a dataset (the Decathlon: {domain: dataset})
-    val_set: object
-    train_tensors: dict = None  # --data-on-device: the training split stacked on the device
-    step: Callable = None  # training_step on a batch, or its CudaGraphStep
-    start_epoch: int = 0  # epochs already done (a resumed run)
-    history: list = field(default_factory=list)  # one log record per finished epoch
-
-
-def setup_run(cfg, resume_from=None):
-    """Build data, model, optimiser and weighting from a resolved configuration, and restore the state of a
-    checkpoint to continue from."""
-    device = init_distributed(cfg)
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    train_set, val_set = datasets_for(cfg)
-    model = build_model(cfg).to(device)
-    check_first_samples(cfg, model, train_set, val_set)  # a bad file or size stops the run now (section 6)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    normalise = nn.Identity()
-    if cfg.get("pretrained"):
-        if resume_from is None:  # a resumed run's weights are all in its checkpoint: the file may have moved
-            load_pretrained(model, cfg["pretrained"])
-        normalise = mtinet.ImageNetNormalisation().to(device)
-    weighting = build_weighting(cfg["weighting"], len(cfg["tasks"]), cfg["temperature"]).to(device)
-    params = list(model.parameters()) + list(weighting.parameters())
-    loss_tasks = list(cfg["tasks"]) + [t for t in cfg["aux_tasks"] if t not in cfg["tasks"]]
-    run = Run(cfg=cfg, device=device, model=model, compiled=wrap_for_training(model, cfg, device),
-              normalise=normalise, loss_tasks=loss_tasks,
-              forward_kwargs={"return_aux": True} if MODELS[cfg["model"]].aux else {},
-              task_weights=torch.tensor([cfg["task_weights"].get(t, 1.0) for t in loss_tasks], device=device),
-              weighting=weighting, optimizer=build_optimizer(cfg, params, device),
-              scaler=torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16"),
-              train_set=train_set, val_set=val_set,
-              train_tensors=stack_on_device(train_set, device, cfg["workers"]) if cfg["data_on_device"] else None)
-    graph = cfg.get("cuda_graph") and device.type == "cuda"  # a GPU run resumed on a CPU continues eagerly
-    run.step = CudaGraphStep(run) if graph else lambda batch: training_step(run, batch)
-    if resume_from is not None:
-        try:
-            run.model.load_state_dict(resume_from["model"])
-            run.optimizer.load_state_dict(resume_from["optimizer"])
-            run.weighting.load_state_dict(resume_from["weighting"])
-        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every mismatched tensor: keep one line
-            raise evaluation.CheckpointError(f"the weights in {cfg['out']}/last.pt do not fit its configuration "
-                                             f"({evaluation.first_line(e)})") from None
-        if resume_from.get("scaler"):  # fp16 runs: the loss scale carries on where it was
-            run.scaler.load_state_dict(resume_from["scaler"])
-        run.start_epoch, run.history = resume_from["epoch"], list(resume_from["history"])
-        say(f"resumed {cfg['out']} after epoch {run.start_epoch}")
-    return run
-
-
-def open_run_folder(run):
-    """Create the run folder and write log.jsonl with exactly the epochs of the checkpoint being continued (a
-    run can die after writing the log line of an epoch whose checkpoint it never finished)."""
-    if is_main() and run.history:  # a new run's log.jsonl begins with its first epoch (save_epoch)
-        evaluation.write_text_atomic("".join(evaluation.strict_json(r) + "\n" for r in run.history),
-                                     os.path.join(run.cfg["out"], "log.jsonl"))
-    say(describe(run))
-
-
-def describe(run):
-    cfg = run.cfg
-    params = sum(p.numel() for p in run.model.parameters())
-    sizes = [sum(map(len, s.values())) if isinstance(s, dict) else len(s) for s in (run.train_set, run.val_set)]
-    return (f"{cfg['model']} on {cfg['data']} ({sizes[0]} train / {sizes[1]} val), "
-            f"tasks {dict(cfg['tasks'])}" + (f", aux {dict(cfg['aux_tasks'])}" if cfg["aux_tasks"] else "")
-            + f", {params:,} parameters, device {cfg['device']}, weighting {cfg['weighting']}, "
-            f"batch {cfg['batch_size']}, {total_epochs(cfg)} epochs, run folder {cfg['out']}"
-            + (f"\n{DETERMINISM[run.device.type]}" if cfg["deterministic"] else ""))
-
-
-def set_learning_rate(optimizer, cfg, epoch):
-    lr = learning_rate(cfg, epoch)
-    for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):  # read by a CUDA graph (CudaGraphStep): the same tensor, a new value
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
-def learning_rate(cfg, epoch):
-    """The learning rate of an epoch. Both schedules are functions of the epoch alone, so resuming needs no
-    scheduler object: StepLR(step_size, 0.5) of the MTAN code; poly lr0 * (1 - e/E)^0.9 of MTI-Net."""
-    if cfg.get("finetune_epochs") and epoch >= cfg["epochs"]:  # Decathlon phase 2: a fresh StepLR at lr 0.01
-        return cfg["finetune_lr"] * 0.5 ** ((epoch - cfg["epochs"]) // cfg["step_size"])
-    if cfg["schedule"] == "step":
-        return cfg["lr"] * 0.5 ** (epoch // cfg["step_size"])
-    if cfg["schedule"] == "poly":
-        return cfg["lr"] * (1 - epoch / cfg["epochs"]) ** 0.9
-    return cfg["lr"]
-
-
-def build_optimizer(cfg, params, device, lr=None):
-    # Fused optimisers run the whole update in one kernel (CUDA, and CPU since PyTorch 2.4), several times
-    # faster than the default per-parameter loop (README, "Performance"). With fp16, GradScaler hands its inf
-    # check to the fused kernel instead of reading it on the host.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") and cfg.get("fused", True) else {}
-    lr = cfg["lr"] if lr is None else lr
-    if cfg["optimizer"] == "sgd":
-        # Not fused: the fused SGD kernel (torch 2.x) fails when a parameter gets its first gradient after
-        # others already hold momentum buffers, which wrn-mtan's per-domain attention chains do. The foreach
-        # path handles that and is still one multi-tensor update.
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"],
-                               foreach=True)
-    if cfg.get("cuda_graph") and device.type == "cuda":  # its step counters on the device (CudaGraphStep)
-        fused["capturable"] = True
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg["weight_decay"], **fused)
-
-
-def make_loader(dataset, cfg, epoch, train):
-    """A DataLoader whose order depends only on (seed, epoch), so a resumed run sees the same batches. Under
-    torchrun, training uses a DistributedSampler (a different shard per rank, reshuffled per epoch) and
-    evaluation a plain stride over the split (no padding: every sample is counted exactly once)."""
-    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    # A last batch of one sample is dropped: BatchNorm's statistics need two (a bigger one is kept, as the
-    # MTAN recipe does, unless the recipe drops it).
-    last = len(dataset) % cfg["batch_size"]
-    drop_last = train and (cfg["drop_last"] or last == 1) and len(dataset) > cfg["batch_size"]
-    # Targets of different sizes (PASCAL val, kept at the original image size) cannot be stacked: batch 1.
-    batch_size = 1 if not train and evaluation.variable_size(dataset) else cfg["batch_size"]
-    sampler = None
-    if world_size() > 1 and train:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    elif world_size() > 1:
-        sampler = list(range(rank(), len(dataset), world_size()))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        generator=generator if train and sampler is None else None, drop_last=drop_last,
-        num_workers=cfg["workers"], pin_memory=cfg["device"] == "cuda")
-
-
-def epoch_batches(run, epoch):
-    """The training batches of an epoch: from the device with --data-on-device, else from a DataLoader."""
-    if run.train_tensors is not None:
-        return DeviceBatches(run.train_tensors, run.cfg, epoch)
-    return make_loader(run.train_set, run.cfg, epoch, train=True)
-
-
-class Progress:
-    """A progress line every `every` seconds, printed by rank 0: epoch, step, loss, images/s (of all ranks),
-    ETA. Reading the loss is the only host-device synchronisation of the training loop, and it happens only
-    when a line is printed."""
-
-    def __init__(self, epoch, num_epochs, steps, batch_size, every=5.0, name=""):
-        self.epoch, self.num_epochs, self.steps = epoch, num_epochs, steps
-        self.batch_size = batch_size * world_size()  # the images of one step over all ranks
-        self.name = f"{name}  " if name else ""  # the Decathlon's domain
-        self.enabled, self.every, self.start, self.last = is_main(), every, time.time(), time.time()
-
-    def maybe_print(self, step, loss_sum):
-        """`loss_sum`: the running sum of the step losses, a tensor on the device (its elements summed)."""
-        now = time.time()
-        if not self.enabled or (now - self.last < self.every and step + 1 != self.steps):
-            return
-        self.last = now
-        rate = (step + 1) * self.batch_size / (now - self.start)
-        eta = (self.steps - step - 1) * self.batch_size / max(rate, 1e-9)
-        print(f"epoch {self.epoch + 1}/{self.num_epochs}  {self.name}step {step + 1}/{self.steps}  "
-              f"loss {float(loss_sum.sum()) / (step + 1):.4f}  {rate:.1f} img/s  epoch ETA {eta:.0f}s",
-              flush=True)
-
-
-all_reduce = evaluation.all_reduce  # sums a tensor over ranks; the identity in a single process
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def is_main():
-    return rank() == 0
-
-
-def average_gradients_across_ranks(module):
-    """The uncertainty log-variances are not inside the DDP model: average their gradients by hand."""
-    if world_size() == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce(p.grad).div_(world_size())
-
-
-def broadcast_buffers(model):
-    """Copy rank 0's BatchNorm statistics to every rank before evaluating: each rank updated its own running
-    statistics on its own last batches, and the evaluation must use one set of weights."""
-    if world_size() > 1:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, 0)
+def evaluation_due(cfg, epoch):
+    """Evaluate every `eval_every` epochs, and always after the last one."""
+    return (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == total_epochs(cfg)
 
 
 def save_epoch(run, record):
@@ -975,6 +980,9 @@ def datasets_for(cfg):
         if cfg["subset"]:
             dataset = torch.utils.data.Subset(dataset, range(min(cfg["subset"], len(dataset))))
         sets.append(dataset)
+    if len(sets[0]) < 2:
+        raise UsageError(f"the training split has {len(sets[0])} sample: BatchNorm needs batches of two or more "
+                         f"(--subset 2 or more, or more data)")
     return sets
 
 
@@ -1069,21 +1077,6 @@ def train_decathlon_epoch(run, epoch):
 # 7. The data before training: the first samples checked, the training split held on the device
 # ------------------------------------------------------------------------------------------------------------
 
-def check_first_samples(cfg, model, train_set, val_set):
-    """eval.check_first_samples on both splits of a dense dataset of files: the first samples are read
-    (data.py checks their labels and image range as it reads them) and their size is checked against the
-    model, before the first step. The random state is left as it was (PASCAL's training samples draw their
-    augmentation). A training split of one sample is refused: BatchNorm's statistics need batches of two."""
-    if cfg["data"] in DECATHLON_DATASETS:
-        return
-    if len(train_set) < 2:
-        raise UsageError(f"the training split has {len(train_set)} sample: BatchNorm needs batches of two or "
-                         f"more (--subset 2 or more, or more data)")
-    with torch.random.fork_rng(devices=[]):
-        for split, dataset in (("train", train_set), ("val", val_set)):
-            evaluation.check_first_samples(model, dataset, split)
-
-
 def stack_on_device(dataset, device, workers=0):
     """--data-on-device: every sample of `dataset` stacked once into (N, ...) tensors on `device` (NYUv2's 795
     training samples take about 2.8 GB as float32; whether that fits is the user's call). The tensors are
@@ -1176,47 +1169,38 @@ def claim_run_folder(cfg, resuming, named):
 
 
 def take_lock(folder):
-    """Create folder/lock holding this process's id, exclusively (O_CREAT | O_EXCL: of two trainers, one
-    wins). A lock whose process is gone (a killed run) is stale and taken over; a live one stops this run."""
+    """Create folder/lock holding this process's id, exclusively (mode "x" is O_CREAT | O_EXCL: of two
+    trainers, one wins). A lock whose process is gone (a killed run) is stale and taken over."""
     path = os.path.join(folder, "lock")
-    for _ in range(3):
-        try:
-            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(f"{os.getpid()}\n")
+    for _ in range(3):  # of two trainers that take over a stale lock, one creates the new one first
+        with contextlib.suppress(FileExistsError), open(path, "x") as f:
+            f.write(f"{os.getpid()}\n")
             return path
-        except FileExistsError:
-            if not os.path.isfile(path):
-                raise UsageError(f"{path} is not a file: the run folder's lock must be; remove it") from None
-            holder = lock_holder(path)
-            if holder not in (None, os.getpid()):
-                raise UsageError(f"{folder} is in use by process {holder} (another trainer is writing "
-                                 f"it); wait for it to end, or choose another folder (if no trainer "
-                                 f"runs, delete {path})") from None
-            evaluation.remove_quietly(path)  # stale: its process was killed
-    raise UsageError(f"cannot take the lock {path}: other processes keep taking it")
+        holder = lock_holder(path)
+        if holder not in (None, os.getpid()):
+            with contextlib.suppress(OSError):  # what the process runs, where /proc tells it (Linux)
+                holder = f"{holder} ({open(f'/proc/{holder}/cmdline').read().replace(chr(0), ' ').strip()})"
+            raise UsageError(f"{folder} is in use by process {holder}; wait for it to end, or choose another "
+                             f"folder (if no trainer runs, delete {path})")
+        evaluation.remove_quietly(path)  # stale: its process was killed
+    raise UsageError(f"cannot take the lock {path}: " + ("it is not a file; remove it" if os.path.isdir(path)
+                                                         else "other processes keep taking it"))
 
 
 def lock_holder(path):
     """The id of the live process whose lock `path` is; None for no lock, an unreadable or a stale one."""
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError, TypeError, OverflowError):  # TypeError: path None
         with open(path) as f:
             pid = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError, TypeError):  # TypeError: no lock (path None, ranks other than 0)
-        return None
-    if pid <= 0:  # os.kill would signal a whole process group (0) or every process (-1)
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
-        return None
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return pid
+        if pid > 1:  # 1 is init, never a trainer; 0 and -1 would make os.kill signal whole process groups
+            with contextlib.suppress(PermissionError):  # it exists, owned by another user
+                os.kill(pid, 0)  # signal 0 only asks whether the process exists (else ProcessLookupError)
+            return pid
+    return None
 
 
 def release_lock(path):
-    """Remove the lock taken by take_lock, if it is still this process's."""
-    if lock_holder(path) == os.getpid():
+    if lock_holder(path) == os.getpid():  # the lock of take_lock, still this process's
         evaluation.remove_quietly(path)
 
 
@@ -1229,7 +1213,8 @@ def checkpoint_state(run):
     return {"model": run.model.state_dict(), "optimizer": optimizer,
             "weighting": run.weighting.state_dict(), "epoch": len(run.history), "config": run.cfg,
             "model_args": model_args(run.cfg), "history": run.history, "rng": {"torch": torch.get_rng_state()},
-            "scaler": run.scaler.state_dict()}
+            "scaler": run.scaler.state_dict(),  # and which samples the val split held, for eval.py --compare:
+            "sample_ids": None if isinstance(run.val_set, dict) else evaluation.sample_ids(run.val_set)}
 
 
 def save_atomic(obj, path):
@@ -1378,11 +1363,12 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
                for b, _ in zip(loader, range(4))]
     flops = forward_flops_per_image(run, batches[0])
     clock = evaluation.DeviceClock(device)
+    step = run.graph or (lambda batch: training_step(run, batch))  # as train_one_epoch steps
     for i in range(warmup):
-        run.step(batches[i % len(batches)])
+        step(batches[i % len(batches)])
 
     def timed_step(i):
-        losses = run.step(batches[(warmup + i) % len(batches)])
+        losses = step(batches[(warmup + i) % len(batches)])
         if sync_every_step:  # the official loops read every task loss with .item(), every step
             for value in losses:
                 value.item()
@@ -1392,7 +1378,7 @@ def benchmark(cfg, steps, warmup=None, sync_every_step=False):
     result = {"model": cfg["model"], "data": cfg["data"], "images_per_s": round(batch_size / median, 2),
               "ms_per_step": round(1000 * median, 2),
               **evaluation.speed_fields(cfg, device, batches[0]["image"]),
-              "compile": cfg["compile"], "cuda_graph": isinstance(run.step, CudaGraphStep),
+              "compile": cfg["compile"], "cuda_graph": run.graph is not None,
               "gflops_per_image": round(flops / 1e9, 3),
               "sync_every_step": sync_every_step, "fused_optimizer": cfg.get("fused", True),
               "world_size": world_size()}
@@ -1437,6 +1423,15 @@ def wrn_depth(text):
     if depth < 10 or (depth - 4) % 6:
         raise argparse.ArgumentTypeError(f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
     return depth
+
+
+def resolution(text):
+    """--resolution HxW: data.parse_resolution's checks (positive multiples of 32), at parse time."""
+    try:
+        data.parse_resolution(text, flag="--resolution")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def task_weight_pairs(pairs):
@@ -1517,7 +1512,7 @@ def build_parser():
     run.add_argument("--eval-every", type=positive_int, metavar="N", help="evaluate every N epochs and after the last "
                      "(default 1; 2 on synthetic data)")
     run.add_argument("--subset", type=positive_int, metavar="N", help="use only the first N samples of each split")
-    run.add_argument("--resolution", type=text, metavar="HxW", help="size of the synthetic scenes, "
+    run.add_argument("--resolution", type=resolution, metavar="HxW", help="size of the synthetic scenes, "
                      "multiples of 32 (default 96x128)")
     run.add_argument("--seed", type=seed_type, metavar="N", help="model init, batch order, augmentation "
                      "(default 0)")
@@ -1566,28 +1561,9 @@ def resolve_config(args, parser):
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["amp"] is None:  # the fast path by default on a GPU (fp16 on GPUs without bf16); opt-in on a CPU
         cfg["amp"] = evaluation.default_amp(cfg["device"])
-    graphable = (cfg["device"] == "cuda" and cfg["amp"] != "fp16" and family != "wrn"
-                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)  # fp16's loss scale is read on the host
-    if cfg["cuda_graph"] and not graphable:
-        parser.error("--cuda-graph needs --device cuda, a dense model, no --amp fp16 and one process")
     # With --compile only when asked (--compile --cuda-graph): the compiled kernels recorded in the graph
-    cfg["cuda_graph"] = graphable and not cfg["compile"] if cfg["cuda_graph"] is None else cfg["cuda_graph"]
-    if cfg["data_on_device"] and (dataset == "pascal" or dataset in DECATHLON_DATASETS):
-        parser.error(f"--data-on-device: the {dataset} training samples are augmented one by one (PASCAL) or "
-                     f"kept per domain (Decathlon); it applies to the other dense datasets")
-    if "backbone" in given and family != "hrnet":
-        parser.error(f"--backbone chooses the HRNet of mtinet, padnet and hrnet-mtl; --model {model} has no HRNet")
-    if "resolution" in given and dataset != "synthetic":
-        parser.error("--resolution applies to --data synthetic only (real datasets have a fixed size)")
-    if "pretrained" in given and family not in ("hrnet", "resnet"):
-        parser.error(f"--pretrained loads the ImageNet backbone of the HRNet and ResNet-50 models; --model {model} "
-                     f"has none")
-    if "pretrained" in given and not os.path.isfile(given["pretrained"]):
-        parser.error(f"--pretrained {given['pretrained']}: no such file")
-    if cfg["resolution"] is not None:
-        parse_resolution(cfg["resolution"])
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
+    cfg["cuda_graph"] = graphable(cfg) and not cfg["compile"] if cfg["cuda_graph"] is None else cfg["cuda_graph"]
+    check_flags(cfg, {**given, **task_flags, "bench": "bench" in vars(args)}, parser)
     cfg["tasks"], cfg["aux_tasks"] = resolve_tasks(cfg, task_flags, parser)
     tasks = list(cfg["tasks"]) + list(cfg["aux_tasks"])
     for name in task_flags["task_weights"] or {}:
@@ -1596,19 +1572,63 @@ def resolve_config(args, parser):
     recipe = cfg["task_weights"] or {}  # the fixed weights of the family's recipe (MTI-Net's), then the flag
     cfg["task_weights"] = {**{t: recipe.get(t, 1.0) for t in tasks if recipe},
                            **(task_flags["task_weights"] or {})}
-    if not any(cfg["task_weights"].get(t, 1.0) for t in cfg["tasks"]):
-        parser.error("--task-weights: every main task has weight 0: the run would learn nothing")
+    # What the loss will see: the weights as the float32 tensor of training_step (1e-300 is 0 there)
+    if not torch.tensor([cfg["task_weights"].get(t, 1.0) for t in cfg["tasks"]], dtype=torch.float32).any():
+        parser.error("--task-weights: every main task has weight 0 (in float32, as the loss sees it): the run "
+                     "would learn nothing")
     cfg.update(model_facts(model, cfg["tasks"]))
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
 
 
-def parse_resolution(text):
-    """data.parse_resolution's checks (HxW, multiples of 32), as a one-line command-line error."""
-    try:
-        return data.parse_resolution(text, flag="--resolution")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+def graphable(cfg):
+    """Whether the training step can be one CUDA graph (CudaGraphStep): fp16's loss scale is read on the host,
+    the Decathlon's step changes with the domain, and torchrun's collectives run outside the graph."""
+    return (cfg["device"] == "cuda" and cfg["amp"] != "fp16" and MODELS[cfg["model"]].family != "wrn"
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1)
+
+
+# Every flag applies or is refused: the flags below apply only where their test on the configuration holds
+# (the rest apply to every run). check_flags refuses a typed flag outside its scope in one line, for a new run
+# and a resume alike, instead of letting it do nothing.
+FLAG_SCOPE = {  # flag: (the runs it applies to, a test on the configuration)
+    "backbone": ("the HRNet models (mtinet, padnet, hrnet-mtl)", lambda c: MODELS[c["model"]].family == "hrnet"),
+    "width": ("the SegNet, ResNet-50 and wide ResNet models (an HRNet's width is its --backbone)",
+              lambda c: MODELS[c["model"]].family != "hrnet"),
+    "pretrained": ("the HRNet and ResNet-50 models (their ImageNet backbone)",
+                   lambda c: MODELS[c["model"]].family in ("hrnet", "resnet")),
+    "task": ("single-task models (single, stan, hrnet-mtl, deeplab, wrn-mtan)",
+             lambda c: MODELS[c["model"]].single_task or MODELS[c["model"]].one_task),
+    "fpm_softmax": ("--model mtinet", lambda c: c["model"] == "mtinet"),
+    "aux_tasks": ("--model mtinet and padnet", lambda c: MODELS[c["model"]].aux),
+    "wrn_depth": ("--model wrn-mtan", lambda c: c["model"] == "wrn-mtan"),
+    "finetune_epochs": ("--model wrn-mtan (its fine-tuning phase)", lambda c: c["model"] == "wrn-mtan"),
+    "temperature": ("--weighting dwa", lambda c: c["weighting"] == "dwa"),
+    "num_classes": ("--data cityscapes", lambda c: c["data"] == "cityscapes"),
+    "resolution": ("--data synthetic (real datasets have a fixed size)", lambda c: c["data"] == "synthetic"),
+    "data_root": ("the datasets read from files, not the synthetic ones", lambda c: "synthetic" not in c["data"]),
+    "augment": ("the dense datasets (the Decathlon's domains augment their own way)",
+                lambda c: c["data"] in DENSE_DATASETS),
+    "data_on_device": ("the dense datasets but pascal (its training samples are augmented one by one)",
+                       lambda c: c["data"] in DENSE_DATASETS and c["data"] != "pascal"),
+    "cuda_graph": ("dense models on --device cuda in one process, without --amp fp16",
+                   lambda c: not c["cuda_graph"] or graphable(c)),
+    "sync_bn": ("runs under torchrun", lambda c: int(os.environ.get("WORLD_SIZE", "1")) > 1),
+    "peak_tflops": ("--bench (its MFU)", lambda c: c["bench"]),
+}
+
+
+def check_flags(cfg, typed, parser):
+    """Refuse a typed flag outside its FLAG_SCOPE, and the values no flag's type can check alone."""
+    scope = dict(cfg, bench=typed.get("bench"))
+    for key in typed:
+        if typed[key] is not None and key in FLAG_SCOPE and not FLAG_SCOPE[key][1](scope):
+            run = " ".join(f"--{k} {cfg[k]}" for k in ("model", "data", "weighting", "device", "amp"))
+            parser.error(f"--{key.replace('_', '-')} applies only to {FLAG_SCOPE[key][0]} (this run: {run})")
+    if typed.get("pretrained") and not os.path.isfile(typed["pretrained"]):
+        parser.error(f"--pretrained {typed['pretrained']}: no such file")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
 
 
 def dataset_tasks(cfg):
@@ -1641,8 +1661,6 @@ def resolve_tasks(cfg, flags, parser):
     if flags["task"]:
         if flags["task"] not in available:
             parser.error(f"--task {flags['task']}: the {dataset} dataset has tasks {', '.join(available)}")
-        if not (spec.single_task or spec.one_task):
-            parser.error(f"--task applies to single-task models (single, stan, hrnet-mtl, deeplab), not {model}")
         primary = {flags["task"]: available[flags["task"]]}
     elif flags["tasks"]:
         for name in flags["tasks"].split(","):
@@ -1651,8 +1669,6 @@ def resolve_tasks(cfg, flags, parser):
         primary = {name: available[name] for name in flags["tasks"].split(",")}
     aux = {}
     for name in filter(None, (flags["aux_tasks"] or "").split(",")):
-        if not spec.aux:
-            parser.error("--aux-tasks applies to --model mtinet and padnet only")
         if name in primary:
             parser.error(f"--aux-tasks {name}: already a main task")
         if name not in available:
@@ -1668,40 +1684,41 @@ def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
     honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
     resume = evaluation.load_checkpoint(args.resume, resuming=True)
-    cfg = {**DEFAULTS, **resume["config"]}  # a checkpoint written before a key existed gets its default
+    cfg = dict(resume["config"])  # complete: load_checkpoint migrated or refused a file of another version
     out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}
     for key, value in given.items():
+        recorded, typed = compared_values(cfg, key, value, out)
         if key in RESUMABLE:
             cfg[key] = value
-        elif value != recorded_flag(cfg, key, value, out):
+        elif typed != recorded:
+            shown = ",".join(sorted(recorded)) if isinstance(recorded, set) else recorded
             flag, allowed = "--" + key.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
-            raise UsageError(f"{flag} {value}: the run in {out} has {recorded_flag(cfg, key, value, out)}, "
-                             f"which cannot change when it resumes ({allowed} can); start a new run with --out "
-                             f"for another setting")
+            raise UsageError(f"{flag} {value}: the run in {out} has {shown}, which cannot change when it resumes "
+                             f"({allowed} can); start a new run with --out for another setting")
     cfg["out"] = out
     if total_epochs(cfg) < resume["epoch"]:
         raise UsageError(f"--epochs {cfg['epochs']}: the run in {out} has trained {resume['epoch']} epochs "
                          f"already; pass more to train longer")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        if "device" in given:
-            parser.error("--device cuda: no CUDA device is available here")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available() and "device" not in given:
         print(f"note: {out} was trained on a GPU; no CUDA device here, so it continues on the CPU")
         cfg["device"] = "cpu"
+    check_flags(cfg, {**given, "bench": "bench" in vars(args)}, parser)  # as for a new run
     return cfg, resume
 
 
-def recorded_flag(cfg, key, value, out):
-    """What a flag typed on --resume must equal: the checkpoint's setting, written as the flag writes it."""
-    if key == "task":
-        return value if list(cfg["tasks"]) == [value] else ",".join(cfg["tasks"])
-    if key in ("tasks", "aux_tasks"):
-        return ",".join(cfg[key] or {})
+def compared_values(cfg, key, value, out):
+    """(the run's setting, the typed flag's) for --resume to compare as values, not as the strings typed: task
+    sets, parsed resolutions, absolute folders, the weights of the tasks named."""
+    if key in ("task", "tasks", "aux_tasks"):
+        return set(cfg["tasks" if key == "task" else key] or {}), set(value.split(","))
     if key == "task_weights":
-        return {name: cfg["task_weights"].get(name, 1.0) for name in value}
+        return {name: cfg["task_weights"].get(name, 1.0) for name in value}, value
+    if key == "resolution":
+        return cfg[key] and data.parse_resolution(cfg[key]), data.parse_resolution(value)
     if key == "out":
-        return value if os.path.abspath(value) == os.path.abspath(out) else out
-    return cfg.get(key)
+        return os.path.abspath(out), os.path.abspath(value)
+    return cfg.get(key), value
 
 
 def main(argv=None):

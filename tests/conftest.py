@@ -60,6 +60,15 @@ TINY = ["--data", "synthetic", "--resolution", "64x64", "--subset", "4", "--batc
         "--epochs", "1"]
 
 
+def tiny(model):
+    """TINY for `--model model`: the HRNet models take no --width (their size is their --backbone)."""
+    flags = list(TINY)
+    if model in ("mtinet", "padnet", "hrnet-mtl"):
+        width = flags.index("--width")
+        del flags[width:width + 2]
+    return ["--model", model] + flags
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The folder of one finished TINY run of MTAN (equal weighting), trained once for the whole session and

@@ -100,6 +100,16 @@ def released(device):
         torch.cuda.empty_cache()
 
 
+def attempt(what, measure):
+    """measure() -> (its row, True), or ({"error": ...}, False) when it failed: an out-of-memory batch, or a user
+    error that train.py or eval.py ends with SystemExit, marks its own row failed while the other rows go on."""
+    try:
+        return measure(), True
+    except (Exception, SystemExit) as e:  # noqa: BLE001 (SystemExit is not an Exception)
+        print(f"FAILED: {what}: {type(e).__name__}: {e}", flush=True)
+        return {"error": type(e).__name__}, False
+
+
 def bench_rows(device, size, out, profile, official, with_compile=False):
     rows, ok = [], True
     for name, flags, steps, settings_of_size, case in BENCHES[size]:
@@ -109,13 +119,10 @@ def bench_rows(device, size, out, profile, official, with_compile=False):
         for settings in settings_of_size:
             run_flags = ["--data", "synthetic", "--subset", "64", "--device", device] + flags + SETTINGS[settings]
             argv = run_flags + ["--bench", str(steps)]
-            try:
-                result = train.main(argv)
-                if profile and settings == "default":
-                    result.update(profiled(run_flags))
-            except Exception as e:  # noqa: BLE001 (an out-of-memory batch must not hide the other rows)
-                print(f"FAILED: train.py {' '.join(argv)}: {type(e).__name__}: {e}", flush=True)
-                result, ok = {"error": f"{type(e).__name__}"}, False
+            profiling = profile and settings == "default"
+            result, row_ok = attempt(f"train.py {' '.join(argv)}", lambda: {
+                **train.main(argv), **(profiled(run_flags) if profiling else {})})
+            ok = ok and row_ok
             rows.append(record(out, {"kind": "train", "name": name, "settings": settings, "argv": argv, **result}))
             released(device)
     return rows, ok
@@ -132,12 +139,13 @@ def profiled(run_flags, skipped=2, recorded=5):
     run = train.setup_run(cfg)
     loader = train.make_loader(run.train_set, cfg, 0, train=True)
     batches = [train.prepare_batch(run, batch, None) for batch, _ in zip(loader, range(4))]
+    step = run.graph or (lambda batch: train.training_step(run, batch))  # as train.train_one_epoch steps
     for i in range(5):  # warm-up (and the CUDA graph's recording)
-        run.step(batches[i % len(batches)])
+        step(batches[i % len(batches)])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
     with profile(activities=activities, schedule=schedule(wait=0, warmup=skipped, active=recorded)) as prof:
         for i in range(skipped + recorded):
-            run.step(batches[i % len(batches)])
+            step(batches[i % len(batches)])
             prof.step()
     train.evaluation.synchronize(run.device)
     device_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
@@ -166,13 +174,12 @@ def official_row(name, case, folder):
 def eval_row(device, size, out):
     train_flags, eval_flags = EVALUATION[size]
     run = os.path.join(out, "quickstart")
-    try:
+
+    def train_then_time():
         train.main(["--data", "synthetic", "--epochs", "1", "--device", device, "--out", run] + train_flags)
-        result = evaluation.main(["--checkpoint", run, "--device", device] + eval_flags)
-        ok = True
-    except Exception as e:  # noqa: BLE001
-        print(f"FAILED: the evaluation benchmark: {type(e).__name__}: {e}", flush=True)
-        result, ok = {"error": type(e).__name__}, False
+        return evaluation.main(["--checkpoint", run, "--device", device] + eval_flags)
+
+    result, ok = attempt("the evaluation benchmark", train_then_time)
     released(device)
     return {"kind": "eval", "name": "MTAN quickstart (eval)", "settings": "default", **result}, ok
 
@@ -220,21 +227,27 @@ def table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = evaluation.ArgumentParser(description=__doc__.split("\n\n")[0])  # train.py's one-line errors
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: check the steps, not the speed")
-    parser.add_argument("--out", help="folder for gpu_check.jsonl, pytest.txt and the evaluation's run (default: a "
-                        "temporary one)")
+    parser.add_argument("--out", type=evaluation.text, help="a new or empty folder for gpu_check.jsonl, pytest.txt "
+                        "and the evaluation's run, as train.py --out (default: a new temporary one)")
     parser.add_argument("--profile", action="store_true", help="profile the defaults of each row (GPU busy time)")
     parser.add_argument("--with-compile", action="store_true", help="also --compile rows of each model, with and "
                         "without the CUDA graph (each compiles for a minute or so)")
     parser.add_argument("--all-tests", action="store_true", help="step 1 runs the whole suite, not the CUDA tests")
-    parser.add_argument("--official", metavar="BENCH_DIR",
+    parser.add_argument("--official", metavar="BENCH_DIR", type=evaluation.text,
                         help="also time the official models with BENCH_DIR/bench.py")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device here (`--device cpu --tiny` checks the steps on the CPU)")
+        parser.error("--device cuda: no CUDA device here (`--device cpu --tiny` checks the steps on the CPU)")
+    if args.device == "cpu" and not args.tiny:
+        parser.error("--device cpu runs the GPU rows' full sizes for many minutes and times nothing the README "
+                     "reports: add --tiny to check the steps")
     out = args.out or tempfile.mkdtemp(prefix="gpu_check-")
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        parser.error(f"--out {out}: not a new or empty folder (a second check would mix its rows into "
+                     f"{out}/gpu_check.jsonl); choose another")
     os.makedirs(out, exist_ok=True)
     size = "tiny" if args.tiny else "full"
     start = time.time()
@@ -243,17 +256,14 @@ def main(argv=None):
                                     args.with_compile)
     row, eval_ok = eval_row(args.device, size, out)
     rows.append(record(out, row))
-    try:
-        rows.append(record(out, nyuv2_val_row(args.device, size)))
-    except Exception as e:  # noqa: BLE001
-        print(f"FAILED: the evaluation at NYUv2's val size: {type(e).__name__}: {e}", flush=True)
-        eval_ok = False
+    row, nyuv2_ok = attempt("the evaluation at NYUv2's val size", lambda: nyuv2_val_row(args.device, size))
+    rows.append(record(out, {"kind": "eval", "name": "MTAN eval, NYUv2 val size", "settings": "default", **row}))
     released(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{name}, torch {torch.__version__}, {time.time() - start:.0f} s (synthetic data; baseline: "
           f"{' '.join(SETTINGS['baseline'])}; the evaluation row: one pass over the split with its metrics)\n")
     print(table(rows))
-    if not (tests_ok and benches_ok and eval_ok):
+    if not (tests_ok and benches_ok and eval_ok and nyuv2_ok):
         raise SystemExit(1)
 
 

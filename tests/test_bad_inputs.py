@@ -22,7 +22,7 @@ import data
 import eval as evaluation
 import mtinet
 import train
-from conftest import TINY
+from conftest import TINY, tiny
 from test_data import write_nyud, write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,10 +266,10 @@ CASES = [
     ("train", TINY + ["--peak-tflops", "0"], 2, "--peak-tflops", None),
     ("train", TINY + ["--device", "cuda"], 2, "CUDA", no_cuda),
     ("train", TINY + ["--pretrained", "{run}/last.pt"], 2, "--pretrained", None),  # mtan has no backbone
-    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{tmp}/missing.pth"], 2, "no such file", None),
-    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{run}/log.jsonl", "--out", "{tmp}/new"], 1,
+    ("train", tiny("mtinet") + ["--pretrained", "{tmp}/missing.pth"], 2, "no such file", None),
+    ("train", tiny("mtinet") + ["--pretrained", "{run}/log.jsonl", "--out", "{tmp}/new"], 1,
      "--pretrained", None),
-    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{run}/last.pt", "--out", "{tmp}/new"], 1,
+    ("train", tiny("mtinet") + ["--pretrained", "{run}/last.pt", "--out", "{tmp}/new"], 1,
      "not the ImageNet weights", None),
     # run folders: never overwritten, never shared
     ("train", TINY + ["--out", "{run}"], 1, "--resume", None),
@@ -352,7 +352,7 @@ CASES = [
                                     "torch.Size([1, 8, 1, 1])"))),
     # 6: the right cause named
     ("train", TINY + ["--temperature", "1e-300"], 2, "--temperature", None),
-    ("train", ["--model", "mtinet"] + TINY + ["--pretrained", "{tmp}/hrnet.pth", "--out", "{tmp}/new"], 1,
+    ("train", tiny("mtinet") + ["--pretrained", "{tmp}/hrnet.pth", "--out", "{tmp}/new"], 1,
      "non-finite weights", nan_pretrained),
     ("train", ["--resume", "{copy}"], 1, "non-finite weights", nan_weights),
     # 7: flags that would learn nothing or be dropped
@@ -361,7 +361,7 @@ CASES = [
      None),
     ("train", TINY + ["--task-weights", "depth=1,depth=2"], 2, "twice", None),
     ("train", TINY + ["--tasks", "depth,depth"], 2, "--tasks", None),
-    ("train", ["--model", "mtinet", "--aux-tasks", "normal,edge"] + TINY, 2, "already a main task", None),
+    ("train", tiny("mtinet") + ["--aux-tasks", "normal,edge"], 2, "already a main task", None),
     # 8: resources and signals (a closed pipe: test_a_closed_stdout_ends_quietly)
     ("train", ["--resume", "{copy}", "--epochs", "2"], 1, "out of memory", raising(
         "training_step", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))),

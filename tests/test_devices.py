@@ -18,12 +18,12 @@ import eval as evaluation
 import mtan
 import mtinet
 import train
-from conftest import ROOT, TINY, requires_cuda
+from conftest import ROOT, TINY, requires_cuda, tiny
 
 
-def resolve(*argv):
+def resolve(*argv, model="mtan"):
     parser = train.build_parser()
-    return train.resolve_config(parser.parse_args(TINY + list(argv)), parser)
+    return train.resolve_config(parser.parse_args(tiny(model) + list(argv)), parser)
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def test_deterministic_resume_is_exact_on_cuda(model, extra, tmp_path):
     torch warns that an op has no deterministic implementation (the stand-ins of max-unpooling, bilinear resizing
     and the 2-D cross entropy exist to avoid exactly that). It compares two runs on the same GPU, nothing else."""
     # --eval-every 1: the straight run evaluates epoch 1 as the 1-epoch run does, so the two logs can be compared
-    flags = TINY + ["--model", model, "--device", "cuda", "--deterministic", "--seed", "3", "--eval-every",
+    flags = tiny(model) + ["--device", "cuda", "--deterministic", "--seed", "3", "--eval-every",
                     "1"] + extra
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     with warnings.catch_warnings(record=True) as caught:
@@ -264,18 +264,18 @@ def test_cuda_graph_step_equals_the_eager_step(model, extra, torch_flags):
     (deterministic kernels, so both sides run the same arithmetic in the same order)."""
     outcomes = []
     for graph in ("--cuda-graph", "--no-cuda-graph"):
-        cfg = resolve("--model", model, "--device", "cuda", "--deterministic", "--amp", "off", "--subset", "8",
-                      graph, *extra)
+        cfg = resolve("--device", "cuda", "--deterministic", "--amp", "off", "--subset", "8",
+                      graph, *extra, model=model)
         evaluation.configure_torch(cfg)
         run = train.setup_run(cfg)
         batches = [train.prepare_batch(run, b, None) for b in train.make_loader(run.train_set, cfg, 0, train=True)]
-        losses = []
+        losses, step = [], run.graph or (lambda batch: train.training_step(run, batch))
         for i in range(9):
             if i == 6:
-                train.set_learning_rate(run.optimizer, 3e-3)
+                train.set_learning_rate(run.optimizer, dict(cfg, lr=3e-3), 0)
             batch = {k: v[:1] for k, v in batches[0].items()} if i == 7 else batches[i % len(batches)]
-            losses.append(run.step(batch).clone())
-        outcomes.append((torch.stack(losses), run.model.state_dict(), isinstance(run.step, train.CudaGraphStep)))
+            losses.append(step(batch).clone())
+        outcomes.append((torch.stack(losses), run.model.state_dict(), run.graph is not None))
     (graph_losses, graph_weights, graphed), (eager_losses, eager_weights, eager_graphed) = outcomes
     assert graphed and not eager_graphed
     assert torch.equal(graph_losses, eager_losses)

@@ -23,11 +23,11 @@ import mtan
 import mtinet
 import train
 from conftest import ROOT, requires_cuda
-from conftest import TINY as TINY_4
+from conftest import TINY, tiny
 
-# conftest's TINY with 8 synthetic samples per split (a 1/16-width MTAN, 4 channels in the first layer): a training
-# step takes tens of milliseconds on a CPU.
-TINY = TINY_4 + ["--subset", "8"]
+# Added to conftest's TINY: 8 synthetic samples per split (a 1/16-width MTAN, 4 channels in the first layer): a
+# training step takes tens of milliseconds on a CPU.
+EIGHT = ["--subset", "8"]
 SYNTHETIC_TASKS = {"semantic": 7, "depth": 1, "normal": 3}
 BENCH_FIELDS = {"images_per_s", "ms_per_step", "peak_mem_mb", "device", "amp", "channels_last", "compile",
                 "batch_size", "resolution", "gflops_per_image"}
@@ -65,7 +65,7 @@ def trained_run(tmp_path_factory):
     """A 2-epoch tiny run (batch 3 over 8 samples: batches of 3, 3, 2), shared by the tests that need weights
     that have seen data. Returns its folder."""
     out = str(tmp_path_factory.mktemp("speed") / "run")
-    train.main(TINY + ["--batch-size", "3", "--epochs", "2", "--out", out])
+    train.main(TINY + EIGHT + ["--batch-size", "3", "--epochs", "2", "--out", out])
     return out
 
 
@@ -85,7 +85,7 @@ def test_flop_count_is_the_hand_count_and_the_published_216_gmac_of_mtan():
 
 
 def test_bench_prints_one_json_line_with_every_field(capsys):
-    result = train.main(TINY + ["--bench", "2"])
+    result = train.main(TINY + EIGHT + ["--bench", "2"])
     assert last_json_line(capsys) == result
     assert BENCH_FIELDS <= set(result)
     assert "mfu" not in result  # a CPU has no entry in the table of peaks, and no --peak-tflops was given
@@ -99,7 +99,7 @@ def test_bench_prints_one_json_line_with_every_field(capsys):
 
 def test_bench_mfu_with_a_given_peak_and_the_baseline_switches(capsys):
     # A tiny peak of 0.01 TFLOP/s makes the MFU of the tiny model large enough for its 4 decimals to matter.
-    result = train.main(TINY + ["--bench", "2", "--peak-tflops", "0.01", "--no-channels-last", "--amp", "bf16",
+    result = train.main(TINY + EIGHT + ["--bench", "2", "--peak-tflops", "0.01", "--no-channels-last", "--amp", "bf16",
                                 "--sync-every-step", "--no-fused"])
     assert last_json_line(capsys) == result
     assert (result["amp"], result["channels_last"], result["sync_every_step"]) == ("bf16", False, True)
@@ -172,7 +172,7 @@ def test_channels_last_predictions_match_for_mtinet():
 def test_amp_defaults_to_bf16_on_cuda_and_off_on_cpu(monkeypatch):
     def resolve(*extra):
         parser = train.build_parser()
-        return train.resolve_config(parser.parse_args(TINY + list(extra)), parser)
+        return train.resolve_config(parser.parse_args(TINY + EIGHT + list(extra)), parser)
 
     assert (resolve()["amp"], resolve()["channels_last"]) == ("off", True)
     assert resolve("--no-channels-last")["channels_last"] is False
@@ -189,8 +189,8 @@ def test_fp16_scales_the_loss_and_resume_restores_the_scale(tmp_path, trained_ru
     """fp16 trains with a GradScaler (here on the CPU, where fp16 autocast also works); a resumed run continues
     with the saved loss scale and equals an uninterrupted one. Without --amp fp16 the scaler is off."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.main(TINY + ["--amp", "fp16", "--epochs", "2", "--out", straight])
-    train.main(TINY + ["--amp", "fp16", "--epochs", "1", "--out", resumed])
+    train.main(TINY + EIGHT + ["--amp", "fp16", "--epochs", "2", "--out", straight])
+    train.main(TINY + EIGHT + ["--amp", "fp16", "--epochs", "1", "--out", resumed])
     train.main(["--resume", resumed, "--epochs", "2"])
     states = [torch.load(os.path.join(d, "last.pt"), weights_only=True)["scaler"] for d in (straight, resumed)]
     assert states[0] == states[1]
@@ -208,7 +208,7 @@ def test_data_on_device_draws_the_same_batches_as_the_loader(tmp_path, trained_r
     """The same 2 epochs as `trained_run` with the split held in (CPU) device memory: the same batches in the
     same order, so the same losses and metrics to the last bit (only the epoch times differ)."""
     out = str(tmp_path / "on-device")
-    train.main(TINY + ["--batch-size", "3", "--epochs", "2", "--out", out, "--data-on-device"])
+    train.main(TINY + EIGHT + ["--batch-size", "3", "--epochs", "2", "--out", out, "--data-on-device"])
 
     def untimed(records):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
@@ -248,7 +248,7 @@ def test_compile_compiles_once_per_batch_shape_not_per_step(tmp_path, monkeypatc
     frames = count_graphs_per_epoch(monkeypatch, "train_one_epoch")
     torch._dynamo.reset()
     try:
-        train.main(TINY + ["--model", "split", "--subset", "5", "--batch-size", "3", "--epochs", "2", "--compile",
+        train.main(TINY + EIGHT + ["--model", "split", "--subset", "5", "--batch-size", "3", "--epochs", "2", "--compile",
                            "--out", str(tmp_path / "run")])
     finally:
         torch._dynamo.reset()
@@ -283,7 +283,7 @@ def test_every_dense_model_trains_every_parameter(one_thread):
         task = ["--task", "semantic"] if spec.single_task else []
         aux = ["--aux-tasks", "edge"] if model in ("mtinet", "padnet") else []
         parser = train.build_parser()
-        cfg = train.resolve_config(parser.parse_args(TINY + ["--model", model] + task + aux), parser)
+        cfg = train.resolve_config(parser.parse_args(tiny(model) + EIGHT + task + aux), parser)
         net = train.build_model(cfg)
         outputs = net(torch.rand(2, 3, 64, 64), **({"return_aux": True} if aux else {}))  # + deep supervision
         preds, scales = outputs if aux else (outputs, [])
@@ -315,7 +315,7 @@ def ddp_rank(rank, world_size, port, argv, results):
 def test_ddp_ranks_agree_and_match_a_single_process_evaluation(tmp_path):
     out, results = tmp_path / "run", tmp_path / "ranks"
     results.mkdir()
-    argv = TINY + ["--weighting", "dwa", "--epochs", "2", "--device", "cpu", "--out", str(out)]
+    argv = TINY + EIGHT + ["--weighting", "dwa", "--epochs", "2", "--device", "cpu", "--out", str(out)]
     torch.multiprocessing.spawn(ddp_rank, args=(2, free_port(), argv, str(results)), nprocs=2)
     ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -380,7 +380,7 @@ def test_training_epoch_does_not_synchronise_on_cuda(model, amp, weighting, tmp_
     if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16 units (its default is fp16, tested by the fp16 case)")
     parser = train.build_parser()
-    cfg = train.resolve_config(parser.parse_args(TINY + [
+    cfg = train.resolve_config(parser.parse_args(TINY + EIGHT + [
         "--model", model, "--amp", amp, "--weighting", weighting, "--device", "cuda", "--augment",
         "--data-on-device", "--out", str(tmp_path)]), parser)
     evaluation.configure_torch(cfg)
@@ -409,7 +409,7 @@ def test_bench_on_cuda_reports_mfu(capsys):
     """The same fields as on the CPU, with the GPU's defaults (bf16, or fp16 on GPUs without bf16; channels_last),
     its name, and the MFU from a given peak, or from PEAK_TFLOPS for a GPU of the table. Figures only: no speed
     is asserted."""
-    result = train.main(TINY + ["--device", "cuda", "--bench", "3", "--peak-tflops", "0.001"])
+    result = train.main(TINY + EIGHT + ["--device", "cuda", "--bench", "3", "--peak-tflops", "0.001"])
     assert last_json_line(capsys) == result and BENCH_FIELDS <= set(result)
     assert (result["amp"], result["channels_last"]) == (evaluation.default_amp("cuda"), True)
     assert result["device"] == torch.cuda.get_device_name()
@@ -417,4 +417,4 @@ def test_bench_on_cuda_reports_mfu(capsys):
     expected = 3 * flops * result["batch_size"] / (result["ms_per_step"] / 1000) / 0.001e12
     assert result["mfu"] == pytest.approx(expected, rel=0.01)
     if train.peak_of_device(result["device"]):  # a GPU of the table needs no flag
-        assert "mfu" in train.main(TINY + ["--device", "cuda", "--bench", "2"])
+        assert "mfu" in train.main(TINY + EIGHT + ["--device", "cuda", "--bench", "2"])

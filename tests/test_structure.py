@@ -14,7 +14,7 @@ import torch
 import data
 import eval as evaluation
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, tiny
 from test_data import write_nyuv2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,7 +157,7 @@ def test_the_guard_catches_each_kind_of_host_sync():
 ])
 def test_an_epoch_of_training_steps_never_reads_the_device(model, weighting, extra, monkeypatch, tmp_path):
     parser = train.build_parser()
-    args = ["--model", model, "--weighting", weighting, "--out", str(tmp_path)] + TINY + ["--subset", "4"] + extra
+    args = ["--weighting", weighting, "--out", str(tmp_path)] + tiny(model) + ["--subset", "4"] + extra
     cfg = train.resolve_config(parser.parse_args(args), parser)
     run = train.setup_run(cfg)
     monkeypatch.setattr(train.Progress, "maybe_print", lambda self, step, loss: None)  # reads the loss on purpose
@@ -171,14 +171,14 @@ def test_an_epoch_of_training_steps_never_reads_the_device(model, weighting, ext
 # ---- the backbones of the papers' headline results, from the command line ----------------------------------
 
 
-@pytest.mark.parametrize("args, module, cls", [
-    (["--model", "mtan-deeplab"], "mtan", "MTANDeepLabv3"),
-    (["--model", "deeplab", "--task", "semantic"], "mtan", "DeepLabv3"),
-    (["--model", "mtinet", "--backbone", "w48", "--tasks", "semantic,depth"], "mtinet", "MTINet"),
+@pytest.mark.parametrize("args, model, module, cls", [
+    (["--width", "0.25"], "mtan-deeplab", "mtan", "MTANDeepLabv3"),
+    (["--width", "0.25", "--task", "semantic"], "deeplab", "mtan", "DeepLabv3"),
+    (["--backbone", "w48", "--tasks", "semantic,depth"], "mtinet", "mtinet", "MTINet"),
 ])
-def test_each_new_backbone_trains_a_step_and_evaluates(args, module, cls, tmp_path):
+def test_each_new_backbone_trains_a_step_and_evaluates(args, model, module, cls, tmp_path):
     out = str(tmp_path / "run")
-    result = train.main(args + TINY + ["--width", "0.25", "--out", out])
+    result = train.main(tiny(model) + args + ["--out", out])
     assert all(torch.isfinite(torch.tensor(v)).all() for m in result["final"].values() for v in m.values())
     ckpt = evaluation.load_checkpoint(out)
     assert (ckpt["model_args"]["module"], ckpt["model_args"]["class"]) == (module, cls)

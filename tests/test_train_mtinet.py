@@ -10,7 +10,7 @@ import data
 import eval as evaluation
 import mtinet
 import train
-from conftest import TINY  # --width does not apply to the HRNet models
+from conftest import tiny  # TINY without --width, which the HRNet models do not take
 from test_data import write_nyud, write_nyuv2
 
 
@@ -37,7 +37,7 @@ def test_deep_supervision_loss_adds_every_scale():
 
 def test_mtinet_recipe_and_task_weights_are_the_defaults(tmp_path):
     cfg = train.resolve_config(train.build_parser().parse_args(
-        TINY + ["--model", "mtinet", "--aux-tasks", "edge", "--out", str(tmp_path)]), train.build_parser())
+        tiny("mtinet") + ["--aux-tasks", "edge", "--out", str(tmp_path)]), train.build_parser())
     assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["schedule"]) == ("adam", 1e-3, 1e-4, "poly")
     assert cfg["task_weights"] == {"semantic": 1.0, "depth": 1.0, "normal": 10.0, "edge": 50.0}
     real = train.resolve_config(train.build_parser().parse_args(
@@ -48,7 +48,7 @@ def test_mtinet_recipe_and_task_weights_are_the_defaults(tmp_path):
 @pytest.mark.parametrize("model", ["mtinet", "padnet", "hrnet-mtl"])
 def test_short_training_of_every_hrnet_model(tmp_path, model):
     extra = ["--aux-tasks", "edge"] if model != "hrnet-mtl" else []
-    result = train.main(TINY + ["--model", model, "--out", str(tmp_path)] + extra)
+    result = train.main(tiny(model) + ["--out", str(tmp_path)] + extra)
     assert set(result["final"]) == {"semantic", "depth", "normal"}
     record = json.loads(open(tmp_path / "log.jsonl").readline())
     assert all(v == v for v in record["train_loss"].values())  # finite, not NaN
@@ -79,7 +79,7 @@ def test_pretrained_imagenet_weights_load_and_switch_on_normalisation(tmp_path):
     state["classifier.weight"] = torch.zeros(1000, 2048)  # the classification head is reported and skipped
     torch.save(state, tmp_path / "hrnet_w18_small_model_v2.pth")
     cfg = train.resolve_config(train.build_parser().parse_args(
-        TINY + ["--model", "hrnet-mtl", "--pretrained", str(tmp_path / "hrnet_w18_small_model_v2.pth"),
+        tiny("hrnet-mtl") + ["--pretrained", str(tmp_path / "hrnet_w18_small_model_v2.pth"),
                 "--out", str(tmp_path / "run")]), train.build_parser())
     run = train.setup_run(cfg)
     loaded = run.model.backbone.state_dict()
@@ -89,6 +89,6 @@ def test_pretrained_imagenet_weights_load_and_switch_on_normalisation(tmp_path):
 
 def test_fpm_softmax_flag_reaches_the_model(tmp_path):
     cfg = train.resolve_config(train.build_parser().parse_args(
-        TINY + ["--model", "mtinet", "--fpm-softmax", "official", "--out", str(tmp_path)]), train.build_parser())
+        tiny("mtinet") + ["--fpm-softmax", "official", "--out", str(tmp_path)]), train.build_parser())
     model = train.build_model(cfg)
     assert {m.softmax for m in model.modules() if hasattr(m, "softmax") and isinstance(m.softmax, str)} == {"official"}
