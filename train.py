@@ -1401,13 +1401,9 @@ datasets are read from data/<name> unless --data-root says otherwise (README, "D
 
 # argparse `type`s: a bad number is a one-line error at parse time that names the flag and the allowed range.
 positive_int, non_negative_int = evaluation.positive_int, evaluation.number_type(int, 0)
-
 positive_float = evaluation.number_type(float, 0.0, low_inclusive=False)
-
 non_negative_float = evaluation.number_type(float, 0.0)
-
 text = evaluation.text  # every string flag: an empty value (an unset shell variable) is an error
-
 seed_type = evaluation.number_type(int, 0, high=2 ** 53)  # seed * 1000 + epoch (section 3): within 64 bits
 
 def name_list(value):
@@ -1591,30 +1587,29 @@ def graphable(cfg):
 # Every flag applies or is refused: the flags below apply only where their test on the configuration holds
 # (the rest apply to every run). check_flags refuses a typed flag outside its scope in one line, for a new run
 # and a resume alike, instead of letting it do nothing.
-FLAG_SCOPE = {  # flag: (the runs it applies to, a test on the configuration)
-    "backbone": ("the HRNet models (mtinet, padnet, hrnet-mtl)", lambda c: MODELS[c["model"]].family == "hrnet"),
+FLAG_SCOPE = {  # flag: (the runs it applies to, a test on the model's ModelSpec and the configuration)
+    "backbone": ("the HRNet models (mtinet, padnet, hrnet-mtl)", lambda spec, c: spec.family == "hrnet"),
     "width": ("the SegNet, ResNet-50 and wide ResNet models (an HRNet's width is its --backbone)",
-              lambda c: MODELS[c["model"]].family != "hrnet"),
-    "pretrained": ("the HRNet and ResNet-50 models (their ImageNet backbone)",
-                   lambda c: MODELS[c["model"]].family in ("hrnet", "resnet")),
+              lambda spec, c: spec.family != "hrnet"),
+    "pretrained": ("the HRNet and ResNet-50 models", lambda spec, c: spec.family in ("hrnet", "resnet")),
     "task": ("single-task models (single, stan, hrnet-mtl, deeplab, wrn-mtan)",
-             lambda c: MODELS[c["model"]].single_task or MODELS[c["model"]].one_task),
-    "fpm_softmax": ("--model mtinet", lambda c: c["model"] == "mtinet"),
-    "aux_tasks": ("--model mtinet and padnet", lambda c: MODELS[c["model"]].aux),
-    "wrn_depth": ("--model wrn-mtan", lambda c: c["model"] == "wrn-mtan"),
-    "finetune_epochs": ("--model wrn-mtan (its fine-tuning phase)", lambda c: c["model"] == "wrn-mtan"),
-    "temperature": ("--weighting dwa", lambda c: c["weighting"] == "dwa"),
-    "num_classes": ("--data cityscapes", lambda c: c["data"] == "cityscapes"),
-    "resolution": ("--data synthetic (real datasets have a fixed size)", lambda c: c["data"] == "synthetic"),
-    "data_root": ("the datasets read from files, not the synthetic ones", lambda c: "synthetic" not in c["data"]),
+             lambda spec, c: spec.single_task or spec.one_task),
+    "aux_tasks": ("--model mtinet and padnet", lambda spec, c: spec.aux),
+    "fpm_softmax": ("--model mtinet", lambda spec, c: c["model"] == "mtinet"),
+    "wrn_depth": ("--model wrn-mtan", lambda spec, c: c["model"] == "wrn-mtan"),
+    "finetune_epochs": ("--model wrn-mtan (its fine-tuning phase)", lambda spec, c: c["model"] == "wrn-mtan"),
+    "temperature": ("--weighting dwa", lambda spec, c: c["weighting"] == "dwa"),
+    "num_classes": ("--data cityscapes", lambda spec, c: c["data"] == "cityscapes"),
+    "resolution": ("--data synthetic (real datasets have a fixed size)", lambda spec, c: c["data"] == "synthetic"),
+    "data_root": ("datasets read from files, not synthetic ones", lambda spec, c: "synthetic" not in c["data"]),
     "augment": ("the dense datasets (the Decathlon's domains augment their own way)",
-                lambda c: c["data"] in DENSE_DATASETS),
+                lambda spec, c: c["data"] in DENSE_DATASETS),
     "data_on_device": ("the dense datasets but pascal (its training samples are augmented one by one)",
-                       lambda c: c["data"] in DENSE_DATASETS and c["data"] != "pascal"),
+                       lambda spec, c: c["data"] in DENSE_DATASETS and c["data"] != "pascal"),
     "cuda_graph": ("dense models on --device cuda in one process, without --amp fp16",
-                   lambda c: not c["cuda_graph"] or graphable(c)),
-    "sync_bn": ("runs under torchrun", lambda c: int(os.environ.get("WORLD_SIZE", "1")) > 1),
-    "peak_tflops": ("--bench (its MFU)", lambda c: c["bench"]),
+                   lambda spec, c: not c["cuda_graph"] or graphable(c)),
+    "sync_bn": ("runs under torchrun", lambda spec, c: int(os.environ.get("WORLD_SIZE", "1")) > 1),
+    "peak_tflops": ("--bench (its MFU)", lambda spec, c: c["bench"]),
 }
 
 
@@ -1622,7 +1617,7 @@ def check_flags(cfg, typed, parser):
     """Refuse a typed flag outside its FLAG_SCOPE, and the values no flag's type can check alone."""
     scope = dict(cfg, bench=typed.get("bench"))
     for key in typed:
-        if typed[key] is not None and key in FLAG_SCOPE and not FLAG_SCOPE[key][1](scope):
+        if typed[key] is not None and key in FLAG_SCOPE and not FLAG_SCOPE[key][1](MODELS[cfg["model"]], scope):
             run = " ".join(f"--{k} {cfg[k]}" for k in ("model", "data", "weighting", "device", "amp"))
             parser.error(f"--{key.replace('_', '-')} applies only to {FLAG_SCOPE[key][0]} (this run: {run})")
     if typed.get("pretrained") and not os.path.isfile(typed["pretrained"]):

@@ -372,6 +372,19 @@ CASES = [
     ("eval", EVAL + ["--image", "{tmp}/bomb.png"], 1, "--image", bomb_limit),
     ("train", ["--resume", "{copy}"], 1, "not a file", lock_folder),
     ("train", TINY + ["--seed", str(2 ** 64)], 2, "--seed", None),
+    # 9: every flag applies or is refused (train.FLAG_SCOPE), for a new run and a resume alike
+    ("train", TINY + ["--finetune-epochs", "5"], 2, "--finetune-epochs", None),
+    ("train", TINY + ["--num-classes", "19"], 2, "--num-classes", None),
+    ("train", TINY + ["--weighting", "equal", "--temperature", "3"], 2, "--temperature", None),
+    ("train", TINY + ["--data-root", "{tmp}"], 2, "--data-root", None),
+    ("train", TINY + ["--fpm-softmax", "official"], 2, "--fpm-softmax", None),
+    ("train", TINY + ["--wrn-depth", "16"], 2, "--wrn-depth", None),
+    ("train", tiny("mtinet") + ["--width", "0.5"], 2, "--width", None),
+    ("train", TINY + ["--peak-tflops", "100"], 2, "--peak-tflops", None),  # no --bench: no MFU to compute
+    ("train", ["--resume", "{run}", "--cuda-graph"], 2, "--cuda-graph", None),  # a CPU, as for a new run
+    # 10: checks on what the computation will see
+    ("train", TINY + ["--task-weights", "semantic=1e-300,depth=0,normal=0"], 2, "float32", None),
+    ("train", NYU, 1, "100.0001", nyuv2_tree(save_array("val/depth/1.npy", lambda a: a * 0 + 100.0001))),
 ]
 MAINS = {"train": train.main, "eval": evaluation.main}
 
@@ -488,13 +501,51 @@ def test_image_never_replaces_a_file_and_is_resized_for_the_model(finished_run, 
     assert {k: v for k, v in after.items() if not k.startswith("photo_predictions-2")} == before
 
 
-@pytest.mark.parametrize("pid", ["99999999999999999999999", "0", "-1", "not-a-pid", ""])
+@pytest.mark.parametrize("pid", ["99999999999999999999999", "0", "-1", "1", "not-a-pid", ""])
 def test_a_lock_of_an_odd_pid_is_stale(finished_run, tmp_path, pid, capsys):
     copy = copy_of_run(tmp_path, finished_run, None)["copy"]
     with open(os.path.join(copy, "lock"), "w") as f:
         f.write(pid)
     train.main(["--resume", copy])  # already finished: rebuilds the table only
     assert not os.path.exists(os.path.join(copy, "lock"))
+
+
+def test_a_live_lock_names_its_process(finished_run, tmp_path, capsys):
+    copy = copy_of_run(tmp_path, finished_run, None)["copy"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(copy, "lock"), "w") as f:
+            f.write(f"{holder.pid}\n")
+        with pytest.raises(SystemExit) as info:
+            train.main(["--resume", copy])
+    finally:
+        holder.kill()
+    error = str(info.value.code)
+    assert f"in use by process {holder.pid}" in error
+    assert "time.sleep(60)" in error or not os.path.isdir("/proc")  # its command line, where /proc tells it
+
+
+def test_resume_compares_values_not_strings(finished_run, tmp_path, capsys):
+    """The run's tasks in another order and its resolution written otherwise are the run's own settings."""
+    copy = copy_of_run(tmp_path, finished_run, None)["copy"]
+    train.main(["--resume", copy, "--tasks", "normal,depth,semantic", "--resolution", "064x064"])
+    assert "final evaluation" in capsys.readouterr().out  # already finished: the table rebuilt, nothing refused
+
+
+def test_gpu_check_follows_the_scripts_rules(tmp_path, capsys):
+    """tests/gpu_check.py: one-line errors for an --out that is a file and for full sizes on a CPU, and a failed
+    row (a user error's SystemExit too) marked failed instead of ending the check."""
+    import gpu_check
+
+    (tmp_path / "file").write_text("")
+    for argv, word in ([["--device", "cpu", "--tiny", "--out", str(tmp_path / "file")], "--out"],
+                       [["--device", "cpu"], "--tiny"]):
+        with pytest.raises(SystemExit) as info:
+            gpu_check.main(argv)
+        error = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and error.startswith("error: ") and word in error and "\n" not in error
+    row, ok = gpu_check.attempt("a bad flag", lambda: train.main(TINY + ["--batch-size", "0"]))
+    assert (row, ok) == ({"error": "SystemExit"}, False)
 
 
 def test_a_closed_stdout_ends_quietly(tmp_path):
