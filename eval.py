@@ -51,12 +51,12 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -102,14 +102,9 @@ class Metric:
     def host_state(self):
         """The state on the CPU as float64, with a single device-to-host copy."""
         state = self.state if self.state is not None else self.new_state("cpu")
-        names = list(state)
-        flat = torch.cat([state[k].reshape(-1).to(torch.float64) for k in names]).cpu()  # the one sync
-        out, start = {}, 0
-        for k in names:
-            n = state[k].numel()
-            out[k] = flat[start:start + n].reshape(state[k].shape)
-            start += n
-        return out
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in state.values()]).cpu()  # the one sync
+        parts = flat.split([v.numel() for v in state.values()])
+        return {k: part.reshape(v.shape) for (k, v), part in zip(state.items(), parts)}
 
 
 def _ratio(num, den):
@@ -152,9 +147,7 @@ class SegMetrics(Metric):
         super().__init__()
         if absent not in ("skip", "zero", "nan"):
             raise ValueError(f'absent must be "skip", "zero" or "nan", got {absent!r}')
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.absent = absent
+        self.num_classes, self.ignore_index, self.absent = num_classes, ignore_index, absent
 
     def new_state(self, device):
         k = self.num_classes
@@ -167,11 +160,8 @@ class SegMetrics(Metric):
     @torch.no_grad()
     def update(self, pred, target):
         k = self.num_classes
-        if pred.dim() == 4:  # logits (B, K, H, W) -> class ids (B, H, W)
-            pred = pred.argmax(1)
-        if target.dim() == 4:  # tolerate (B, 1, H, W)
-            target = target[:, 0]
-        pred, target = pred.long(), target.long()
+        pred = (pred.argmax(1) if pred.dim() == 4 else pred).long()  # logits (B, K, H, W) -> class ids (B, H, W)
+        target = (target[:, 0] if target.dim() == 4 else target).long()  # tolerate (B, 1, H, W)
         valid = (target != self.ignore_index) & (target >= 0) & (target < k)  # (B, H, W)
         valid &= self.image_mask(target)[:, None, None]
         # cell index GT * K + prediction; invalid pixels add 0 to cell 0. (torch.bincount would read the
@@ -180,25 +170,16 @@ class SegMetrics(Metric):
         confusion = self._state_on(pred.device)["confusion"]
         confusion.view(-1).index_add_(0, cell.reshape(-1), valid.reshape(-1).long())
 
-    def class_iou(self):
+    def class_iou(self, conf=None):
         """Per-class IoU as a float64 CPU tensor (NaN for a class absent from GT and prediction)."""
-        conf = self.host_state()["confusion"]
-        tp = conf.diag()
-        union = conf.sum(0) + conf.sum(1) - tp  # TP + FP + FN
-        return tp / union
+        conf = self.host_state()["confusion"] if conf is None else conf
+        return conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag())  # TP / (TP + FP + FN)
 
     def compute(self):
         conf = self.host_state()["confusion"]
-        tp = conf.diag()
-        union = conf.sum(0) + conf.sum(1) - tp
-        iou = tp / union  # NaN where union == 0
-        if self.absent == "zero":
-            miou = torch.where(union > 0, iou, torch.zeros_like(iou)).mean()
-        elif self.absent == "nan":
-            miou = iou.mean()
-        else:
-            miou = iou.nanmean()
-        return {"miou": float(miou), "pixel_acc": _ratio(tp.sum(), conf.sum())}
+        iou = self.class_iou(conf)  # NaN where TP + FP + FN == 0: an absent class is left out, 0 or NaN
+        miou = {"skip": iou.nanmean, "zero": iou.nan_to_num(0.0).mean, "nan": iou.mean}[self.absent]()
+        return {"miou": float(miou), "pixel_acc": _ratio(conf.diag().sum(), conf.sum())}
 
 
 class PartsMetrics(SegMetrics):
@@ -215,8 +196,7 @@ class PartsMetrics(SegMetrics):
         super().__init__(num_classes, ignore_index, absent)
 
     def image_mask(self, target):
-        all_background = (target == 0).flatten(1).all(1)  # (B,)
-        return ~all_background
+        return ~(target == 0).flatten(1).all(1)  # (B,): not all background
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -232,11 +212,9 @@ class DepthMetrics(Metric):
         rel_err = sum |p - t| / t   / N        # MTAN utils.depth_error
         rmse    = sqrt(sum (p - t)^2 / N)      # MTI-Net eval_depth: RMSE pooled over all pixels
 
-    The official MTAN code computes abs_err and rel_err per batch and then
-    averages the batch values, so pixels of a small last batch weigh more;
-    we pool instead (see the module docstring). MTI-Net's `eval_depth`
-    replaces predictions <= 0 by 1e-9 before the RMSE (it also takes logs):
-    pass `clamp_nonpositive=True` to do the same.
+    The official MTAN code computes abs_err and rel_err per batch and then averages the batch values, so pixels of a
+    small last batch weigh more; we pool instead (see the module docstring). MTI-Net's `eval_depth` replaces
+    predictions <= 0 by 1e-9 before the RMSE (it also takes logs): pass `clamp_nonpositive=True` to do the same.
     Inputs: pred and target (B, 1, H, W), in metres (NYU) or disparity units.
     """
 
@@ -278,22 +256,19 @@ class DepthMetrics(Metric):
 class NormalMetrics(Metric):
     """Angular error (degrees) between predicted and ground-truth normals.
 
-    Per valid pixel (ground truth not the zero vector), after normalising
-    the prediction (so its length does not matter) and the ground truth:
+    Per valid pixel (ground truth not the zero vector), after normalising the prediction (so its length does not
+    matter) and the ground truth:
 
         angle = degrees(acos(clamp(<p, g>, -1, 1)))   # MTAN normal_error, MTI-Net eval_normals
 
     Reported over all valid pixels of the dataset: the mean, the median, the RMSE sqrt(mean angle^2)
     (MTI-Net), and the fractions of pixels with an angle *strictly below* 11.25, 22.5 and 30 degrees.
 
-    The median needs every error, which does not fit a bounded state; we
-    keep a histogram of `bins` equal bins over [0, 180] on the device (36000
-    bins = 0.005 degree) and interpolate linearly inside the bin holding the
-    middle pixel, so the median is off by less than one bin width (checked
-    against torch.median in the tests). The official MTAN code instead
-    averages per-batch medians, which is not the dataset median.
-    The angle is computed in float64: acos loses precision near 0 degrees
-    in float32.
+    The median needs every error, which does not fit a bounded state; we keep a histogram of `bins` equal bins over
+    [0, 180] on the device (36000 bins = 0.005 degree) and interpolate linearly inside the bin holding the middle
+    pixel, so the median is off by less than one bin width (checked against torch.median in the tests). The official
+    MTAN code instead averages per-batch medians, which is not the dataset median. The angle is computed in float64:
+    acos loses precision near 0 degrees in float32.
     """
 
     thresholds = (11.25, 22.5, 30.0)
@@ -329,22 +304,19 @@ class NormalMetrics(Metric):
     def compute(self):
         s = self.host_state()
         n = s["count"]
-        out = {"mean": _ratio(s["sum"], n), "median": self._median(s["hist"]),
-               "rmse": math.sqrt(_ratio(s["sq"], n))}
-        for t, w in zip(self.thresholds, s["within"]):
-            out[f"within_{t:g}"] = _ratio(w, n)
-        return out
+        return {"mean": _ratio(s["sum"], n), "median": self._median(s["hist"]),
+                "rmse": math.sqrt(_ratio(s["sq"], n)),
+                **{f"within_{t:g}": _ratio(w, n) for t, w in zip(self.thresholds, s["within"])}}
 
     def _median(self, hist):
         """The 50 % point of the histogram, interpolated linearly inside its bin."""
         n = float(hist.sum())
         if n == 0:
             return float("nan")
-        width = 180.0 / self.bins
         cum = hist.cumsum(0)  # pixels in bins 0..k
         k = int(torch.searchsorted(cum, torch.tensor([n / 2], dtype=cum.dtype)))  # bin with the middle
         below = float(cum[k] - hist[k])  # pixels in bins before k
-        return (k + (n / 2 - below) / float(hist[k])) * width
+        return (k + (n / 2 - below) / float(hist[k])) * (180.0 / self.bins)  # in degrees: times the bin width
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -383,16 +355,14 @@ class EdgeMetrics(Metric):
         F(t) = 2 P R / (P + R),   odsF = max_t F(t)   # ODS: one threshold for the whole dataset
 
     Here, on the device and without MATLAB:
-      * a predicted pixel is a hit if a GT pixel lies within the tolerance
-        (GT dilated by a disk), a GT pixel is recalled if a predicted pixel
-        lies within it (the probability map max-filtered by the same disk);
-      * no thinning of the prediction and no one-to-one matching: several
-        predicted pixels may claim the same GT pixel and vice versa.
-    So it over-counts matches and the score is biased *upwards* (optimistic)
-    compared with SEISM, typically by a fraction of a point for thin maps and
-    more for thick, blurry ones (a thick band inside the tolerance is all
-    "hits"; only band pixels farther than the tolerance are penalised).
-    Report it as "approx-odsF", never next to SEISM numbers as if equal.
+      * a predicted pixel is a hit if a GT pixel lies within the tolerance (GT dilated by a disk), a GT pixel is
+        recalled if a predicted pixel lies within it (the probability map max-filtered by the same disk);
+      * no thinning of the prediction and no one-to-one matching: several predicted pixels may claim the same GT
+        pixel and vice versa.
+    So it over-counts matches and the score is biased *upwards* (optimistic) compared with SEISM, typically by a
+    fraction of a point for thin maps and more for thick, blurry ones (a thick band inside the tolerance is all
+    "hits"; only band pixels farther than the tolerance are penalised). Report it as "approx-odsF", never next to
+    SEISM numbers as if equal.
 
     State: per-threshold histograms (additive), independent of image size. `tolerance` is in pixels
     (`unit="pixels"`) or a fraction of the image diagonal (`unit="diagonal"`, default 0.0075 as SEISM/BSDS).
@@ -414,9 +384,7 @@ class EdgeMetrics(Metric):
         return {"pred": z(), "pred_hit": z(), "gt": z()}
 
     def radius(self, height, width):
-        if self.unit == "pixels":
-            return float(self.tolerance)
-        return self.tolerance * math.hypot(height, width)
+        return float(self.tolerance) if self.unit == "pixels" else self.tolerance * math.hypot(height, width)
 
     @torch.no_grad()
     def update(self, pred, target):
@@ -518,23 +486,16 @@ def metrics_for(tasks, **options):
     keyword arguments per task, e.g. metrics_for(tasks, edge={"tolerance": 1, "unit": "pixels"},
     semantic={"absent": "zero"}).
     """
-    makers = {
-        "semantic": lambda c, o: SegMetrics(c, **o),
-        "parts": lambda c, o: PartsMetrics(c, **o),
-        "depth": lambda c, o: DepthMetrics(**o),
-        "normal": lambda c, o: NormalMetrics(**o),
-        "edge": lambda c, o: EdgeMetrics(**o),
-        "saliency": lambda c, o: SaliencyMetrics(**o),
-    }
+    makers = {"semantic": SegMetrics, "parts": PartsMetrics, "depth": DepthMetrics, "normal": NormalMetrics,
+              "edge": EdgeMetrics, "saliency": SaliencyMetrics}  # the first two take the number of classes
     for name in list(tasks) + list(options):
         if name not in makers:
             raise ValueError(f"no metrics for task {name!r}; known tasks: {', '.join(makers)}")
     for name in options:
         if name not in tasks:
             raise ValueError(f"options given for task {name!r}, which is not in {list(tasks)}")
-    return {name: makers[name](channels, dict(options.get(name, {}))) for name, channels in tasks.items()}
-
-
+    return {name: makers[name](*([channels] if name in ("semantic", "parts") else []), **options.get(name, {}))
+            for name, channels in tasks.items()}
 
 
 def average_results(history):
@@ -552,11 +513,9 @@ def average_results(history):
 # Results dicts are {task: {metric: value}} as returned by `evaluate`; a baseline must use the same units as
 # the results (fractions or percentages alike), since Delta_m only uses ratios.
 
-HIGHER_IS_BETTER = {
-    "miou": True, "pixel_acc": True, "maxf": True, "odsf": True,
-    "within_11.25": True, "within_22.5": True, "within_30": True,
-    "abs_err": False, "rel_err": False, "rmse": False, "mean": False, "median": False,
-}
+HIGHER_IS_BETTER = {"miou": True, "pixel_acc": True, "maxf": True, "odsf": True, "within_11.25": True,
+                    "within_22.5": True, "within_30": True,
+                    "abs_err": False, "rel_err": False, "rmse": False, "mean": False, "median": False}
 
 # One metric per task, as MTI-Net's calculate_multi_task_performance (evaluation/evaluate_utils.py).
 PRIMARY_METRIC = {"semantic": "miou", "parts": "miou", "saliency": "miou",
@@ -599,25 +558,22 @@ def _relative_gain(results, baseline, task, metric):
 def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
     """Relative multi-task performance against a single-task baseline, in percent.
 
-    The three published conventions give different numbers and even
-    different signs, so the caller must name one:
+    The three published conventions give different numbers and even different signs, so the caller must name one:
 
     convention="mtinet"  (Maninis et al. 2019 / MTI-Net / Auto-Lambda; higher is better)
         Delta_m = 100/T * sum_t (-1)^{l_t} (M_t - M_stl,t) / M_stl,t
-        one metric per task (PRIMARY_METRIC: mIoU, odsF, mean angle, depth
-        RMSE; override with metrics={"depth": "abs_err"} for Auto-Lambda),
-        l_t = 1 if lower is better. Positive = better than single-task.
-        Tasks: `tasks` if given (MTI-Net counts main tasks only), else all
-        tasks of `results`.
+        one metric per task (PRIMARY_METRIC: mIoU, odsF, mean angle, depth RMSE; override with metrics={"depth":
+        "abs_err"} for Auto-Lambda), l_t = 1 if lower is better. Positive = better than single-task. Tasks: `tasks`
+        if given (MTI-Net counts main tasks only), else all tasks of `results`.
 
     convention="nyuv2-9"  (Nash-MTL / CAGrad / FAMO; lower is better)
         Delta_m = 100/9 * sum_m (-1)^{h_m} (M_m - M_stl,m) / M_stl,m
-        over the 9 NYUv2 metrics NYUV2_9, h_m = 1 if higher is better.
-        Negative = better than single-task; use STL_NYUV2_SEGNET as baseline.
+        over the 9 NYUv2 metrics NYUV2_9, h_m = 1 if higher is better. Negative = better than single-task; use
+        STL_NYUV2_SEGNET as baseline.
 
     convention="libmtl"  (LibMTL's Delta_p; higher is better)
-        the mean of the per-metric gains within each task, then over tasks,
-        over every metric the baseline lists for the task.
+        the mean of the per-metric gains within each task, then over tasks, over every metric the baseline lists for
+        the task.
     """
     if convention == "nyuv2-9":
         return -100.0 * sum(_relative_gain(results, baseline, t, m) for t, m in NYUV2_9) / len(NYUV2_9)
@@ -647,9 +603,8 @@ def delta_m(results, baseline, *, convention, tasks=None, metrics=None):
 
 # Top-1 test accuracy (%) of the "Finetune" baseline (per-domain fine-tuned ResNet-26), keyed by the official
 # domain (folder) names, MTAN Table 4.
-FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82,
-            "dtd": 55.53, "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69,
-            "svhn": 96.55, "ucf101": 51.20}
+FINETUNE = {"imagenet12": 59.87, "aircraft": 60.34, "cifar100": 82.12, "daimlerpedcls": 92.82, "dtd": 55.53,
+            "gtsrb": 97.53, "vgg-flowers": 81.41, "omniglot": 87.69, "svhn": 96.55, "ucf101": 51.20}
 
 
 def decathlon_score(accuracy, baseline=FINETUNE):
@@ -681,8 +636,7 @@ def decathlon_score(accuracy, baseline=FINETUNE):
 # Table rows as the papers print them
 # ------------------------------------------------------------------------------------------------------------
 
-# (task, metric) -> (column header, scale, decimals). Scale 100 turns a fraction into the percentage the
-# papers print.
+# (task, metric) -> (column header, scale, decimals). Scale 100 makes a fraction the percentage the papers print.
 COLUMNS = {
     ("semantic", "miou"): ("mIoU", 100, 2), ("semantic", "pixel_acc"): ("Pix Acc", 100, 2),
     ("parts", "miou"): ("Parts mIoU", 100, 2), ("parts", "pixel_acc"): ("Parts Acc", 100, 2),
@@ -719,10 +673,7 @@ def table_row(results, tasks=None, style="mtan"):
     row = []
     for task in (tasks if tasks is not None else results):
         values = results.get(task, {})
-        if style == "all":
-            names = list(values)
-        else:
-            names = STYLES[style].get(task) or STYLES["mtinet"].get(task) or list(values)
+        names = style != "all" and (STYLES[style].get(task) or STYLES["mtinet"].get(task)) or list(values)
         for metric in names:
             header, scale, decimals = COLUMNS.get((task, metric), (f"{task} {metric}", 1, 4))
             if style == "mtan-cityscapes" and (task, metric) == ("depth", "rel_err"):
@@ -740,15 +691,12 @@ def format_table(rows, tasks=None, style="mtan"):
     either a `table_row` output or a results dict {task: {metric: value}} (turned into a row with `tasks` and
     `style`). Columns are the union of the rows' headers in first-seen order.
     """
-    if isinstance(rows, dict):
-        rows = list(rows.items())
-    rows = list(rows)
+    rows = list(rows.items() if isinstance(rows, dict) else rows)
     named = bool(rows) and all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], (list, dict))
                                for r in rows)
     names = [str(n) for n, _ in rows] if named else None
     rows = [r for _, r in rows] if named else rows
     rows = [table_row(r, tasks, style) if isinstance(r, dict) else r for r in rows]
-
     headers = []
     for row in rows:
         headers += [h for h, _ in row if h not in headers]
@@ -758,12 +706,10 @@ def format_table(rows, tasks=None, style="mtan"):
         table = [[n] + r for n, r in zip(names, table)]
     widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)]
     left = 1 if names is not None else 0  # the method names are left-aligned, numbers right-aligned
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(":" + "-" * (w + 1) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    line = lambda cells: "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
+                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i < left else "-" * (w + 1) + ":"
+                          for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), rule] + [line(r) for r in table])
 
 
@@ -783,7 +729,8 @@ def format_decathlon_table(rows, baseline=None):
         table.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in table])
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in table])
 
 
 def format_metrics(results):
@@ -898,11 +845,10 @@ def calibrate_batchnorm(model, dataset, index, cfg, device, batches=BN_CALIBRATI
 
 
 def restore_batchnorm(saved):
-    for m, (momentum, mean, var, tracked) in saved:
+    for m, (momentum, *buffers) in saved:
         m.momentum = momentum
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        m.num_batches_tracked.copy_(tracked)
+        for buffer, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers):
+            buffer.copy_(value)
 
 
 @torch.no_grad()
@@ -1048,18 +994,19 @@ def build_parser():
                       "seeds of the single-task runs among them)")
     p.add_argument("--data-root", type=text, metavar="DIR", help="dataset folder, if it moved since "
                    "training")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"], help="the split to evaluate (default val)")
     p.add_argument("--baseline", type=text, metavar="FILE", help="eval.json or metrics.json of a baseline "
                    "run: adds delta_m (Decathlon: comma-separated eval.json files of single-domain runs, "
                    "for the score; --compare: comma-separated run folders or metrics.json / eval.json files "
                    "of single-task runs, instead of the single-task runs among those compared)")
-    p.add_argument("--convention", default="mtinet", choices=["mtinet", "nyuv2-9", "libmtl"],
-                   help="delta_m convention (see delta_m's docstring)")
+    p.add_argument("--convention", choices=["mtinet", "nyuv2-9", "libmtl"],
+                   help="delta_m convention (default mtinet; see delta_m's docstring)")
     p.add_argument("--save-vis", type=text, metavar="DIR", help="write input / ground truth / prediction "
                    "PNGs into this new (or empty) folder; else into DIR-2, DIR-3, ...")
     p.add_argument("--replace-eval", action="store_true", help="replace the run's eval.json even when it is of "
                    "another split or other data (kept otherwise)")
-    p.add_argument("--num-vis", type=positive_int, default=4, metavar="N", help="how many samples --save-vis draws")
+    p.add_argument("--num-vis", type=positive_int, metavar="N", help="how many samples --save-vis draws "
+                   "(default 4)")
     p.add_argument("--image", type=text, metavar="FILE", help="predict one image of any size and write "
                    "per-task PNGs into a new folder beside it")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -1068,18 +1015,48 @@ def build_parser():
                    "GPUs without bf16, off on a CPU)")
     p.add_argument("--batch-size", type=positive_int, metavar="N")
     p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate only the first N samples")
-    p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, metrics "
-                   "included), print one JSON line and exit (dense datasets)")
+    p.add_argument("--bench", type=positive_int, metavar="N", help="time N evaluations of the split (images/s, "
+                   "metrics included), print one JSON line and exit (dense datasets)")
     compare = p.add_argument_group("--compare only")
     compare.add_argument("--epoch", choices=list(EPOCH_CHOICES), help="protocol: the mean of the last 10 "
                          "evaluations (the MTAN paper's protocol, default); last: the last evaluation")
-    compare.add_argument("--from-eval", action="store_true", help="the numbers of each run's eval.json (written by "
-                         "--checkpoint) instead of its last evaluation during training")
-    compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the MTI-Net "
-                         "paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
+    compare.add_argument("--from-eval", action="store_true", help="the numbers of each run's eval.json (written "
+                         "by --checkpoint) instead of its last evaluation during training")
+    compare.add_argument("--style", choices=list(STYLES) + ["all"], help="the table's columns (default: the "
+                         "MTI-Net paper's for NYUD, PASCAL and HRNet models, else the MTAN paper's)")
     compare.add_argument("--json", action="store_true", help="print the numbers as one JSON document")
     compare.add_argument("--per-seed", action="store_true", help="one row per run, not one per configuration")
     return p
+
+
+# Which flags each mode of eval.py takes (issue 28, rule 3): --compare; --checkpoint, which evaluates a dense run's
+# split, a Decathlon run's domains, times the split (--bench) or predicts one picture (--image). A typed flag
+# outside its modes is one error line (check_flags), never silently ignored; --checkpoint and --compare go
+# everywhere. Defaults are filled in after the check, so that a flag is "typed" exactly when it is not None.
+MODE_NAMES = {"checkpoint": "--checkpoint", "decathlon": "a Decathlon run", "bench": "--bench", "image": "--image",
+              "compare": "--compare"}
+EVAL_FLAG_SCOPE = {
+    "data_root": "checkpoint decathlon bench", "split": "checkpoint decathlon bench",
+    "subset": "checkpoint decathlon bench", "batch_size": "checkpoint decathlon bench",
+    "device": "checkpoint decathlon bench image", "amp": "checkpoint decathlon bench image",
+    "baseline": "checkpoint decathlon compare", "convention": "checkpoint compare",
+    "replace_eval": "checkpoint decathlon", "save_vis": "checkpoint", "num_vis": "checkpoint",
+    "image": "checkpoint", "bench": "checkpoint",  # the flags that choose a mode: refused in the others
+    "epoch": "compare", "from_eval": "compare", "style": "compare", "json": "compare", "per_seed": "compare",
+}
+EVAL_DEFAULTS = {"split": "val", "convention": "mtinet", "num_vis": 4}
+
+
+def check_flags(args, mode):
+    """Refuse a typed flag outside its EVAL_FLAG_SCOPE, in one line; then fill in EVAL_DEFAULTS."""
+    for flag, modes in EVAL_FLAG_SCOPE.items():
+        if getattr(args, flag) not in (None, False) and flag != mode and mode not in modes.split():
+            where = " and ".join(MODE_NAMES[m] for m in modes.split() if m != "decathlon")
+            raise UsageError(f"--{flag.replace('_', '-')} applies to {where}, not {MODE_NAMES[mode]}")
+    if args.num_vis and not args.save_vis:
+        raise UsageError("--num-vis applies to --save-vis (how many samples it draws)")
+    for flag, value in EVAL_DEFAULTS.items():
+        setattr(args, flag, value if getattr(args, flag) is None else getattr(args, flag))
 
 
 def load_run(args):
@@ -1087,8 +1064,7 @@ def load_run(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dict(ckpt["config"])
     cfg["checkpoint_epoch"] = ckpt.get("epoch")  # eval.json records it: --compare --from-eval checks it
-    if args.data_root:
-        cfg["data_root"] = args.data_root
+    cfg["data_root"] = args.data_root or cfg["data_root"]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here (drop --device, or pass "
                          "--device cpu)")
@@ -1160,23 +1136,19 @@ def main(argv=None):
 
 
 def evaluate_checkpoint(args):
-    for flag, value in (("--epoch", args.epoch), ("--from-eval", args.from_eval), ("--style", args.style),
-                        ("--json", args.json), ("--per-seed", args.per_seed)):
-        if value:
-            raise UsageError(f"{flag} applies to --compare, not --checkpoint")
     cfg, model, device = load_run(args)
+    decathlon = cfg["data"] in DECATHLON_DATASETS
+    check_flags(args, "decathlon" if decathlon else "image" if args.image else "bench" if args.bench else
+                "checkpoint")
     configure_torch(cfg)  # on a GPU the cuDNN autotuner and TF32 of training; the checkpoint's --deterministic
     normalise = input_normalisation(cfg, device)
     if args.image:
         return predict_image(args, cfg, model, device, normalise)
-    if args.batch_size:
-        cfg["batch_size"] = args.batch_size
+    cfg["batch_size"] = args.batch_size or cfg["batch_size"]
     if args.save_vis:  # a new or empty folder (else FOLDER-2, ...), made now: an unwritable one stops at once
         empty = os.path.isdir(args.save_vis) and not os.listdir(args.save_vis)
         args.save_vis = args.save_vis if empty else new_folder(args.save_vis)
-    if cfg["data"] in DECATHLON_DATASETS:
-        if args.bench:
-            raise UsageError("--bench times the dense datasets' evaluation; not the Decathlon's")
+    if decathlon:
         return evaluate_decathlon_checkpoint(args, cfg, model, device)
     dataset = evaluation_split(cfg, args)
     check_first_samples(model, {args.split: dataset})
@@ -1191,7 +1163,7 @@ def evaluate_checkpoint(args):
                                                                                 cfg.get("subset"))),
               "sample_ids": sample_ids(dataset)}
     if args.baseline:
-        baseline, _ = read_baseline_file(args.baseline)
+        baseline = read_baseline_source(args.baseline, "last", False)["numbers"]
         rows.append(("baseline", baseline))
         try:
             report["delta_m"] = delta_m(results, baseline, convention=args.convention)
@@ -1322,18 +1294,12 @@ def write_report(report, args):
     if os.path.exists(path) and not args.replace_eval:
         old = read_json(path, ("eval.json", "decathlon eval.json"))[0]
         on = [(blob.get("evaluated_on"), blob.get("sample_ids")) for blob in (report, old)]
-        ours, theirs = data_difference(*on) or (on[0][0], on[1][0])
+        ours, theirs = data_in_words(*on)
         if (report["split"], ours) != (old.get("split"), theirs):
             raise UsageError(f"{path} holds the {old.get('split')} split on {theirs}, this evaluation the "
                              f"{report['split']} split on {ours}: kept (pass --replace-eval to replace it)")
     write_text_atomic(strict_json(report, indent=2), path)
     print(f"wrote {path}")
-
-
-def read_baseline_file(path, key="final"):
-    """(metrics, the whole file) of a baseline's eval.json ("metrics") or metrics.json (`key`)."""
-    blob, kind = read_json(path, ("eval.json", "metrics.json"), f"--baseline {path}")
-    return blob["metrics" if kind == "eval.json" else key], blob
 
 
 # What eval.py reads of each kind of JSON file that train.py and eval.py write: (what it is, {key: shape}). The
@@ -1448,7 +1414,7 @@ def run_numbers(run, epoch, from_eval):
     path, last = run["eval_json"], run["metrics"]["epochs"]  # last.pt's epoch (read_finished_run)
     blob = read_json(path, "eval.json")[0]
     on = (blob.get("evaluated_on"), blob.get("sample_ids"))
-    theirs, ours = data_difference(on, run["evaluated_on"]) or (on[0], run["evaluated_on"][0])
+    theirs, ours = data_in_words(on, run["evaluated_on"])
     if blob.get("epoch") != last or theirs != ours:
         raise UsageError(f"--from-eval: {path} is of epoch {blob.get('epoch')} on {theirs}, but last.pt holds "
                          f"epoch {last} on {ours}: evaluate it again with python eval.py --checkpoint "
@@ -1462,18 +1428,12 @@ def row_name(cfg, weighting=True):
     a multi-task one (left out when `weighting` is False), the HRNet when not the paper's, the auxiliary
     tasks, and the seed when not 0: "mtan dwa", "single semantic", "mtinet w48 +normal,edge", "split dwa seed
     1"."""
-    parts = [cfg["model"]]
-    if cfg["single_task"]:
-        parts.append(next(iter(cfg["tasks"])))
-    elif weighting:
-        parts.append(cfg.get("weighting", "equal"))
-    if cfg["family"] == "hrnet" and cfg["backbone"] != DEFAULT_HRNET:
-        parts.append(cfg["backbone"])
-    if cfg.get("aux_tasks"):
-        parts.append("+" + ",".join(cfg["aux_tasks"]))
-    if cfg.get("seed", 0):
-        parts.append(f"seed {cfg['seed']}")
-    return " ".join(parts)
+    parts = [cfg["model"],
+             next(iter(cfg["tasks"])) if cfg["single_task"] else weighting and cfg.get("weighting", "equal"),
+             cfg["family"] == "hrnet" and cfg["backbone"] != DEFAULT_HRNET and cfg["backbone"],
+             cfg.get("aux_tasks") and "+" + ",".join(cfg["aux_tasks"]),
+             cfg.get("seed", 0) and f"seed {cfg['seed']}"]
+    return " ".join(part for part in parts if part)
 
 
 def row_names(runs):
@@ -1496,14 +1456,10 @@ def row_names(runs):
 
 def evaluation_set(cfg):
     """The data a run was evaluated on, in words: runs evaluated on different data cannot share a table."""
-    words = [cfg["data"]]
-    if cfg["data"] == "synthetic":
-        words.append(str(cfg.get("resolution")))
-    if cfg["data"] == "cityscapes":
-        words.append(f"{cfg.get('num_classes', 7)} classes")
-    if cfg.get("subset"):
-        words.append(f"(first {cfg['subset']} samples)")
-    return " ".join(words)
+    words = [cfg["data"], cfg["data"] == "synthetic" and str(cfg.get("resolution")),
+             cfg["data"] == "cityscapes" and f"{cfg.get('num_classes', 7)} classes",
+             cfg.get("subset") and f"(first {cfg['subset']} samples)"]
+    return " ".join(word for word in words if word)
 
 
 def sample_ids(dataset):
@@ -1518,11 +1474,13 @@ def sample_ids(dataset):
     return f"{len(indices)} samples, ids {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def data_difference(a, b):
-    """None when two evaluations, each (evaluation_set's words, sample_ids), saw the same data, else the two
-    in words. Ids that one side does not record (a file of an older version) are not held against it."""
-    if a[0] != b[0] or None not in (a[1], b[1]) and a[1] != b[1]:
-        return (a[0], b[0]) if a[0] != b[0] else (f"{a[0]}: {a[1]}", f"{b[0]}: {b[1]}")
+def data_in_words(a, b):
+    """Two evaluations, each (evaluation_set's words, sample_ids), in words that differ exactly when they saw
+    different data: the ids are named where the words alone are equal. Ids that one side does not record (a
+    file of an older version) are not held against it."""
+    if a[0] == b[0] and None not in (a[1], b[1]) and a[1] != b[1]:
+        return f"{a[0]}: {a[1]}", f"{b[0]}: {b[1]}"
+    return a[0], b[0]
 
 
 def check_comparable(runs):
@@ -1533,12 +1491,11 @@ def check_comparable(runs):
     for r, folder in zip(runs, folders):
         if folders.count(folder) > 1:
             raise UsageError(f"{r['folder']} is given twice to --compare")
-    first = runs[0]
     for r in runs[1:]:
-        differ = data_difference(first["evaluated_on"], r["evaluated_on"])
-        if differ:
-            raise UsageError(f"{first['folder']} ({differ[0]}) and {r['folder']} ({differ[1]}) were evaluated "
-                             "on different data: they cannot share a table")
+        first, other = data_in_words(runs[0]["evaluated_on"], r["evaluated_on"])
+        if first != other:
+            raise UsageError(f"{runs[0]['folder']} ({first}) and {r['folder']} ({other}) were evaluated on "
+                             "different data: they cannot share a table")
     channels = {}
     for r in runs:
         for task, n in r["config"]["tasks"].items():
@@ -1549,8 +1506,9 @@ def check_comparable(runs):
 
 
 def read_baseline_source(path, epoch, from_eval):
-    """A --baseline of --compare: a run folder (its numbers chosen as the rows' are), train.py's metrics.json
-    (the --epoch key; beside its last.pt, which says what data it was evaluated on) or eval.json ("metrics").
+    """A --baseline of --compare (of --checkpoint: epoch "last"): a run folder (its numbers chosen as the rows'
+    are), train.py's metrics.json (the --epoch key; beside its last.pt, which says what data it was evaluated
+    on) or eval.json ("metrics").
     Returns a run as read_finished_run does with the fields of run_numbers, or for a lone file {"folder",
     "config": None, "data" and "evaluated_on" (None where the file does not say), "numbers", "file", "key"}."""
     if os.path.isdir(path) or (os.path.basename(path) == "metrics.json"
@@ -1558,10 +1516,10 @@ def read_baseline_source(path, epoch, from_eval):
         run = read_finished_run(path)
         return dict(run, folder=path, data=run["config"]["data"],
                     **run_numbers(run, epoch, from_eval and os.path.isdir(path)))
-    numbers, blob = read_baseline_file(path, EPOCH_CHOICES[epoch])
-    return {"folder": path, "config": None, "data": blob.get("data"), "numbers": numbers, "file": path,
-            "key": "metrics" if "metrics" in blob else EPOCH_CHOICES[epoch],
-            "evaluated_on": (blob.get("evaluated_on"), blob.get("sample_ids"))}
+    blob, kind = read_json(path, ("eval.json", "metrics.json"), f"--baseline {path}")
+    key = "metrics" if kind == "eval.json" else EPOCH_CHOICES[epoch]
+    return {"folder": path, "config": None, "data": blob.get("data"), "numbers": blob[key], "file": path,
+            "key": key, "evaluated_on": (blob.get("evaluated_on"), blob.get("sample_ids"))}
 
 
 def find_baselines(runs, named=None):
@@ -1666,11 +1624,11 @@ def compare_runs(folders, epoch="protocol", convention="mtinet", baseline=None, 
     if baseline:  # the runs of one configuration among them are seeds of one baseline, as among the rows
         named = [read_baseline_source(path, epoch, from_eval) for path in baseline.split(",")]
         for source in named:
-            differ = source["evaluated_on"][0] and data_difference(source["evaluated_on"], runs[0]["evaluated_on"])
-            theirs, ours = differ or (source["evaluated_on"][0] or source["data"], runs[0]["evaluated_on"][0])
-            if source["data"] not in (None, runs[0]["config"]["data"]) or differ:
-                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run ({theirs}), the "
-                                 f"compared runs are on {ours}: they cannot share a table")
+            theirs, ours = data_in_words(source["evaluated_on"], runs[0]["evaluated_on"])
+            if source["data"] not in (None, runs[0]["config"]["data"]) or theirs not in (None, ours):
+                raise UsageError(f"--baseline {source['folder']} is a {source['data']} run "
+                                 f"({theirs or source['data']}), the compared runs are on {ours}: they cannot "
+                                 "share a table")
             if len(source["numbers"]) > 1:
                 raise UsageError(f"--baseline {source['folder']} is a multi-task run (tasks "
                                  f"{', '.join(source['numbers'])}): a baseline is a single-task run")
@@ -1766,8 +1724,7 @@ def format_comparison(doc):
             cells = [(h, v if s == "-" else f"{v} ± {s}")
                      for (h, v), (_, s) in zip(cells, table_row(r["std"], tasks, doc["style"]))]
         delta = "-" if r["delta_m"] is None else f"{round(r['delta_m'], 9) + 0:+.2f}"  # + 0: no "-0.00"
-        if r["delta_m_std"] is not None:
-            delta += f" ± {r['delta_m_std']:.2f}"
+        delta += "" if r["delta_m_std"] is None else f" ± {r['delta_m_std']:.2f}"
         cells = ([("n", str(r["n"]))] if seeds else []) + cells + [("Params", format_params(r["params"])),
                                                                    (DELTA_M_HEADER, delta)]
         table.append((r["name"], cells))
@@ -1782,23 +1739,18 @@ def format_comparison(doc):
 def compare_command(args):
     """`python eval.py --compare RUN ...`: the table (Markdown, or with --json one JSON document) of finished
     runs; returns the document."""
-    for flag, value in (("--data-root", args.data_root), ("--save-vis", args.save_vis), ("--image", args.image),
-                        ("--batch-size", args.batch_size), ("--subset", args.subset), ("--bench", args.bench),
-                        ("--replace-eval", args.replace_eval or None)):
-        if value is not None:
-            raise UsageError(f"{flag} applies to --checkpoint, not --compare (which re-evaluates nothing)")
+    check_flags(args, "compare")
     if args.from_eval and args.epoch == "protocol":
         raise UsageError("--from-eval replaces the last evaluation by eval.json's; it goes with --epoch last, "
                          "not --epoch protocol")
     epoch = args.epoch or ("last" if args.from_eval else "protocol")
     rows = compare_runs(args.compare, epoch=epoch, convention=args.convention, baseline=args.baseline,
                         from_eval=args.from_eval, per_seed=args.per_seed)
-    baselines = {}
-    for row in rows:
-        baselines.update(row["baselines"])
+    baselines = {task: runs for row in rows for task, runs in row["baselines"].items()}
     doc = {"epoch": epoch, "from_eval": args.from_eval, "convention": args.convention,
            "style": args.style or comparison_style(rows), "data": rows[0]["data"],
-           "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))), "rows": rows}
+           "baselines": dict(sorted(baselines.items(), key=lambda kv: table_tasks(rows).index(kv[0]))),
+           "rows": rows}
     print(strict_json(doc, indent=2) if args.json else format_comparison(doc))
     return doc
 
@@ -1855,9 +1807,7 @@ def image_picture(image):
 def model_outputs(model, image, with_attention):
     """Predictions (and MTAN's attention masks when asked and available) for a (1, 3, H, W) batch."""
     with torch.no_grad():
-        if with_attention:
-            return model(image, return_attention=True)
-        return model(image), None
+        return model(image, return_attention=True) if with_attention else (model(image), None)
 
 
 def has_attention(model):
@@ -1908,13 +1858,10 @@ def predict_image(args, cfg, model, device, normalise):
 
     array = read_image(args.image)
     height, width = array.shape[:2]
+    scale = min(1.0, MAX_SIDE / max(height, width))
+    size = (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
     if cfg["data"] == "synthetic":
-        import data
-
-        size = data.parse_resolution(cfg["resolution"], flag="--resolution")
-    else:
-        scale = min(1.0, MAX_SIDE / max(height, width))
-        size = (max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32))
+        size = dataset_options(cfg)["resolution"]
     image = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
     image = F.interpolate(image, size=size, mode="bilinear", antialias=True)
     preds, _ = model_outputs(model, normalise(image), False)
@@ -1930,42 +1877,14 @@ def predict_image(args, cfg, model, device, normalise):
 
 
 def read_image(path):
-    """(H, W, 3) float32 in [0, 1] from an image file of any bit depth. 8-bit files divide by 255; 16-bit and
-    32-bit integer files by their type's maximum; float files (mode F) are used as they are when they lie in
-    [0, 1] and rescaled from their own minimum and maximum otherwise. PIL's convert("RGB") would instead clip
-    16-bit values to 255 (an all-white picture) and float ones to 0 or 255. A rescaling is said on one line."""
-    import numpy as np
-    from PIL import Image
+    """(H, W, 3) float32 in [0, 1]: data.read_image (any bit depth, EXIF orientation), a rescaling said on one
+    line, an unreadable file one error line."""
+    import data
 
     try:
-        with warnings.catch_warnings():  # PIL warns above 89M pixels, refuses above twice that: refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            picture = Image.open(path)
-        with picture:
-            mode = picture.mode
-            if mode in ("I", "F") or mode.startswith("I;16"):
-                array = np.asarray(picture, dtype=np.float64)
-            else:
-                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UsageError(f"cannot read --image {path}: {e}") from None
-    if array.ndim == 3:
-        return array
-    if not np.isfinite(array).all():
-        raise UsageError(f"--image {path} holds NaN or infinite values")
-    low, high = float(array.min()), float(array.max())
-    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
-        scale, how = (0.0, 65535.0), "a 16-bit image: values divided by 65535"
-    elif mode == "I":
-        scale, how = (0.0, 2.0 ** 31 - 1), "a 32-bit image: values divided by 2^31 - 1"
-    elif low >= 0 and high <= 1:
-        scale, how = (0.0, 1.0), None
-    else:
-        scale, how = (low, max(high, low + 1e-12)), f"a float image in [{low:.4g}, {high:.4g}]: rescaled"
-    if how:
-        print(f"note: --image {path} is {how} to [0, 1] (grey, used for all three channels)")
-    grey = ((array - scale[0]) / (scale[1] - scale[0])).clip(0, 1).astype(np.float32)
-    return np.repeat(grey[..., None], 3, axis=2)
+        return data.read_image(path, note=lambda line: print(f"note: --image {line}")).permute(1, 2, 0).numpy()
+    except data.UnreadableFileError as e:
+        raise UsageError(f"cannot read --image {e.path}: {e.problem}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1997,8 +1916,7 @@ def read_test_annotations(root, path):
         categories = sorted(int(c["id"]) for c in blob["categories"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise data.DatasetError(f"cannot read test annotations {path}: {type(e).__name__}: {e}") from None
-    prefix = "data/"
-    files = [(i, os.path.join(root, name[len(prefix):] if name.startswith(prefix) else name)) for i, name in images]
+    files = [(i, os.path.join(root, name.removeprefix("data/"))) for i, name in images]
     return files, categories
 
 
@@ -2043,15 +1961,12 @@ def dataset_options(cfg):
     """The data.build_dataset options of a run's configuration."""
     import data
 
-    options = {}
-    if cfg["data"] == "synthetic":
-        options["resolution"] = data.parse_resolution(cfg["resolution"], flag="--resolution")
-        options["cache"] = True  # render each scene once; later epochs read it from memory
+    if cfg["data"] == "synthetic":  # cache: render each scene once; later epochs read it from memory
+        return {"resolution": data.parse_resolution(cfg["resolution"], flag="--resolution"), "cache": True}
     if cfg["data"] == "cityscapes":
-        options["num_classes"] = cfg["num_classes"]
-    if cfg["data"] == "pascal":  # PASCAL augments each sample itself (rotation, scale, fixed resize)
-        options["augment"] = cfg["augment"]
-    return options
+        return {"num_classes": cfg["num_classes"]}
+    # PASCAL augments each sample itself (rotation, scale, fixed resize)
+    return {"augment": cfg["augment"]} if cfg["data"] == "pascal" else {}
 
 
 def write_atomic(path, write):
@@ -2074,10 +1989,7 @@ def write_atomic(path, write):
 
 
 def write_text_atomic(text, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def first_line(error):
@@ -2092,21 +2004,16 @@ def first_line(error):
 def new_folder(path):
     """Create a folder that did not exist, `path` or else `path-2`, `path-3`, ..., and return it: os.mkdir
     is exclusive, so of two processes started together each gets its own, and no file there is replaced."""
-    for count in range(1, 1000):
-        folder = path if count == 1 else f"{path}-{count}"
-        try:
+    for folder in [path] + [f"{path}-{count}" for count in range(2, 1000)]:
+        with contextlib.suppress(FileExistsError):
             os.makedirs(folder)
             return folder
-        except FileExistsError:
-            pass
     raise UsageError(f"cannot create a new folder {path}: {path}-2 to {path}-999 exist too")
 
 
 def remove_quietly(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def strict_json(obj, **options):

@@ -92,3 +92,34 @@ def test_pascal_trains_and_evaluates_at_the_original_size(tmp_path):
     assert set(result["final"]["saliency"]) == {"maxf", "miou"}
     cfg = torch.load(os.path.join(out, "last.pt"), weights_only=True)["config"]
     assert cfg["task_weights"] == {"semantic": 1.0, "parts": 2.0, "saliency": 5.0, "normal": 10.0, "edge": 50.0}
+
+
+# Every flag applies or is refused (issue 28, rule 3): one EVAL_FLAG_SCOPE table; a flag outside its modes is one
+# line naming where it applies (the --checkpoint / --compare rows: test_compare.py)
+@pytest.mark.parametrize("flags, message", [
+    (["--image", "photo.png", "--split", "train"], "--split applies to --checkpoint and --bench, not --image"),
+    (["--image", "photo.png", "--subset", "2"], "--subset applies to --checkpoint and --bench, not --image"),
+    (["--image", "photo.png", "--data-root", "."], "--data-root applies to --checkpoint and --bench, not --image"),
+    (["--image", "photo.png", "--batch-size", "2"], "--batch-size applies to --checkpoint and --bench, not"),
+    (["--image", "photo.png", "--save-vis", "vis"], "--save-vis applies to --checkpoint, not --image"),
+    (["--image", "photo.png", "--replace-eval"], "--replace-eval applies to --checkpoint, not --image"),
+    (["--image", "photo.png", "--baseline", "b.json"], "--baseline applies to --checkpoint and --compare, not"),
+    (["--image", "photo.png", "--convention", "libmtl"], "--convention applies to --checkpoint and --compare, not"),
+    (["--image", "photo.png", "--bench", "2"], "--bench applies to --checkpoint, not --image"),
+    (["--bench", "2", "--save-vis", "vis"], "--save-vis applies to --checkpoint, not --bench"),
+    (["--bench", "2", "--baseline", "b.json"], "--baseline applies to --checkpoint and --compare, not --bench"),
+    (["--bench", "2", "--replace-eval"], "--replace-eval applies to --checkpoint, not --bench"),
+    (["--bench", "2", "--num-vis", "2"], "--num-vis applies to --checkpoint, not --bench"),
+    (["--num-vis", "2"], "--num-vis applies to --save-vis"),
+    (["--per-seed"], "--per-seed applies to --compare, not --checkpoint"),
+])
+def test_a_flag_outside_its_mode_is_refused(tiny_run, flags, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        evaluation.main(["--checkpoint", tiny_run, "--device", "cpu"] + flags)
+
+
+@pytest.mark.parametrize("flags", [["--device", "cpu"], ["--amp", "off"], ["--image", "photo.png"],
+                                   ["--bench", "2"], ["--num-vis", "2"]])
+def test_compare_refuses_the_flags_of_checkpoint(tiny_run, flags):
+    with pytest.raises(SystemExit, match=f"^error: {flags[0]} applies to --checkpoint"):
+        evaluation.main(["--compare", tiny_run] + flags)
