@@ -431,11 +431,6 @@ def _to_tensor(task, array, path, label_offset=0):
     return torch.from_numpy(values)
 
 
-def _depth_tensor(name, array, path):
-    """The depth conversion alone (tests/test_bad_inputs.py calls it)."""
-    return _to_tensor("depth", array, path)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # 3. Augmentation (batched, any device) and derived targets
 # ------------------------------------------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def run_training(cfg, resume_from=None):
         if evaluation_due(cfg, epoch):
             broadcast_buffers(run.model)
             record["val"] = evaluation.evaluate(run.model, val_loader, cfg["tasks"], run.device, cfg["amp"],
-                                                cfg["channels_last"], run.normalise)
+                                                cfg["channels_last"], run.normalise, exact_edges=False)
         record["seconds"] = round(time.time() - start, 2)
         save_epoch(run, record)  # log.jsonl, last.pt (atomic), curves.png
     return finish(run)  # metrics.json and the final table
@@ -759,7 +759,7 @@ def trivial_baseline(run):
 
     loader = make_loader(run.val_set, cfg, 0, train=False)
     return evaluation.evaluate(Constant(), loader, {t: c for t, c in tasks.items() if t in prediction}, device,
-                               cfg["amp"], cfg["channels_last"])
+                               cfg["amp"], cfg["channels_last"], exact_edges=False)
 
 
 def say(text):
@@ -1678,7 +1678,7 @@ RESUMABLE = ("epochs", "data_root", "device", "workers", "compile", "cuda_graph"
 def resume_config(args, parser):
     """(configuration, checkpoint) of `--resume DIR`: the run's own configuration. The RESUMABLE flags are
     honoured and checked as for a new run; any other flag must agree with the checkpoint, else one line."""
-    resume = evaluation.load_checkpoint(args.resume, resuming=True)
+    resume = evaluation.load_checkpoint(args.resume, resuming=True, model_facts=model_facts, config_keys=DEFAULTS)
     cfg = dict(resume["config"])  # complete: load_checkpoint migrated or refused a file of another version
     out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "bench", "sync_every_step")}

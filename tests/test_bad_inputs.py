@@ -579,8 +579,8 @@ def test_non_positive_depth_is_invalid(capsys):
     metric.update(pred, target)
     assert metric.compute()["abs_err"] == 0.5 and metric.compute()["rel_err"] == 0.25
     data._negative_depth_noted.clear()
-    data._depth_tensor("nyuv2", target[0].permute(1, 2, 0).numpy(), "d.npy")
-    data._depth_tensor("nyuv2", target[0].permute(1, 2, 0).numpy(), "e.npy")
+    data._to_tensor("depth", target[0].permute(1, 2, 0).numpy(), "d.npy")
+    data._to_tensor("depth", target[0].permute(1, 2, 0).numpy(), "e.npy")
     assert capsys.readouterr().out.count("negative depth") == 1
 
 

@@ -234,9 +234,10 @@ def edge_maps(gt_col, pred_col, size=8):
 
 
 def edge_f(pred, gt, **kw):
-    m = ev.EdgeMetrics(**kw)
+    """The approximation (no thinning, no one-to-one matching): training's evaluation after every epoch."""
+    m = ev.EdgeMetrics(exact=False, **kw)
     m.update(pred, gt)
-    return m.compute()["odsf"]
+    return m.compute()["approx_odsf"]
 
 
 def test_edge_shifted_line_and_tolerance():
@@ -271,11 +272,119 @@ def test_edge_hand_computed_thresholds():
     prob[0, 0, :4, 4] = 0.9
     prob[0, 0, 4:, 4] = 0.4
     prob[0, 0, 0, 7] = 0.6
-    m = ev.EdgeMetrics(tolerance=1, unit="pixels")
+    m = ev.EdgeMetrics(tolerance=1, unit="pixels", exact=False)
     m.update(logit(prob), gt)
     # t <= 0.4: P = 8/9, R = 1 -> F = 16/17; 0.4 < t <= 0.6: P = 4/5, R = 4/8;
     # 0.6 < t <= 0.9: P = 1, R = 1/2 -> F = 2/3. odsF = 16/17.
-    assert m.compute()["odsf"] == pytest.approx(16 / 17)
+    assert m.compute()["approx_odsf"] == pytest.approx(16 / 17)
+
+
+# The exact odsF: the BSDS benchmark's thinning and one-to-one matching, known answers
+
+ON, OFF = 10.0, -10.0  # logits: p = 0.99995 and 0.00005
+
+
+def f_exact(pred, gt, tolerance, unit="pixels"):
+    m = ev.EdgeMetrics(tolerance=tolerance, unit=unit, exact=True)
+    m.update(pred, gt)
+    return m.compute()["odsf"]
+
+
+def maps(h, w, gt_px, pred_px):
+    """Logits and a GT map of (1, 1, h, w) with the listed (row, col) pixels on."""
+    gt, pred = torch.zeros(1, 1, h, w), torch.full((1, 1, h, w), OFF)
+    for y, x in gt_px:
+        gt[0, 0, y, x] = 1
+    for y, x in pred_px:
+        pred[0, 0, y, x] = ON
+    return pred, gt
+
+
+def test_line_against_its_one_pixel_shift():
+    # GT column 3, prediction column 4 of an 8 x 8 image: every pixel pairs with its neighbour at distance 1.
+    col = lambda c: [(y, c) for y in range(8)]  # noqa: E731
+    pred, gt = maps(8, 8, col(3), col(4))
+    assert f_exact(pred, gt, 1) == pytest.approx(1.0)
+    assert f_exact(pred, gt, 0.99) == 0.0  # nothing within reach
+    pred, _ = maps(8, 8, [], col(5))  # two pixels away
+    assert f_exact(pred, gt, 1.99) == 0.0
+    assert f_exact(pred, gt, 2) == pytest.approx(1.0)  # distance <= maxDist counts
+
+
+def test_just_inside_and_just_outside_max_dist():
+    # one GT pixel and one predicted pixel diagonally next to it: distance sqrt(2) = 1.414
+    pred, gt = maps(8, 6, [(3, 2)], [(4, 3)])
+    assert f_exact(pred, gt, 1.41) == 0.0
+    assert f_exact(pred, gt, 1.42) == pytest.approx(1.0)
+    # maxDist as a fraction of the diagonal (10 px for 8 x 6): 0.142 -> 1.42 px, 0.141 -> 1.41 px
+    assert f_exact(pred, gt, 0.142, unit="diagonal") == pytest.approx(1.0)
+    assert f_exact(pred, gt, 0.141, unit="diagonal") == 0.0
+
+
+def test_two_predictions_claiming_one_gt_pixel_count_once():
+    # GT (3, 3); predictions left and right of it, both at distance 1. One-to-one: one pair, so P = 1/2, R = 1
+    # and F = 2/3 (the approximation counts both predictions as hits: F = 1).
+    pred, gt = maps(7, 7, [(3, 3)], [(3, 2), (3, 4)])
+    assert f_exact(pred, gt, 1) == pytest.approx(2 / 3)
+    approx = ev.EdgeMetrics(tolerance=1, unit="pixels", exact=False)
+    approx.update(pred, gt)
+    assert approx.compute()["approx_odsf"] == pytest.approx(1.0)
+
+
+def test_maximum_matching_not_greedy():
+    # Row: GT at x = 0 and 3, predictions at x = 2 and 5, maxDist 2. Pairing the nearest pair (2, 3) first
+    # leaves both others alone; the maximum matching pairs 2-0 and 5-3: P = R = 1.
+    pred, gt = maps(3, 8, [(1, 0), (1, 3)], [(1, 2), (1, 5)])
+    assert f_exact(pred, gt, 2) == pytest.approx(1.0)
+
+
+def test_three_pixel_band_thinned_to_one():
+    # A band 3 px wide across an 8 x 9 image thins to its middle column, a pixel shorter at each end (bwmorph
+    # 'thin' peels the corners too): 6 pixels. Against the middle column as GT: P = 6/6, R = 6/8, F = 6/7.
+    band = torch.zeros(1, 8, 9, dtype=torch.bool)
+    band[0, :, 3:6] = True
+    line = torch.zeros_like(band)
+    line[0, 1:7, 4] = True
+    assert torch.equal(ev.thin(band), line)
+    assert torch.equal(ev.thin(line), line)  # a thin line stays as it is
+    pred = torch.where(band[:, None], ON, OFF)
+    gt = torch.zeros(1, 1, 8, 9)
+    gt[..., 4] = 1
+    m = ev.EdgeMetrics(tolerance=1, unit="pixels", exact=True)
+    m.update(pred, gt)
+    assert m.state["sumP"].tolist() == [6] * 99 and m.state["cntR"].tolist() == [6] * 99
+    assert m.compute()["odsf"] == pytest.approx(6 / 7)
+
+
+def test_empty_prediction_and_empty_ground_truth():
+    pred, gt = maps(6, 6, [(2, 2), (2, 3)], [])
+    assert f_exact(pred, gt, 1) == 0.0  # P = R = 0
+    pred, gt = maps(6, 6, [], [(2, 2)])
+    m = ev.EdgeMetrics(tolerance=1, unit="pixels", exact=True)
+    m.update(pred, gt)
+    assert m.state["sumP"].tolist() == [1] * 99 and m.state["sumR"].sum() == 0
+    assert m.compute()["odsf"] == 0.0
+
+
+def test_thresholds_and_batches_add_up():
+    # Image 1: GT column 3; prediction column 4 with p = 0.85 on rows 0-3 and 0.35 on rows 4-7, and a false
+    # positive (0, 7) at 0.55. Image 2: the same GT, an empty prediction. Over both: t <= 0.35: P = 8/9,
+    # R = 8/16 (the best F); 0.35 < t <= 0.55: P = 4/5, R = 4/16; 0.55 < t <= 0.85: P = 1, R = 4/16.
+    gt = torch.zeros(2, 1, 8, 8)
+    gt[..., 3] = 1
+    prob = torch.full((2, 1, 8, 8), 0.001)
+    prob[0, 0, :4, 4], prob[0, 0, 4:, 4], prob[0, 0, 0, 7] = 0.85, 0.35, 0.55
+    logits = torch.log(prob) - torch.log1p(-prob)
+    whole, parts = (ev.EdgeMetrics(tolerance=1, unit="pixels", exact=True) for _ in range(2))
+    whole.update(logits, gt)
+    parts.update(logits[:1], gt[:1])
+    parts.update(logits[1:], gt[1:])
+    assert all(torch.equal(whole.state[k], parts.state[k]) for k in whole.state)
+    t = [29, 39, 49, 59, 79, 89]  # t = 0.3, 0.4, ..., 0.9
+    assert whole.state["cntP"][t].tolist() == [8, 4, 4, 4, 4, 0]
+    assert whole.state["sumP"][t].tolist() == [9, 5, 5, 4, 4, 0]
+    assert whole.state["sumR"].tolist() == [16] * 99
+    assert whole.compute()["odsf"] == pytest.approx(2 * (8 / 9) * 0.5 / (8 / 9 + 0.5))  # R = 8/16
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -356,9 +465,10 @@ def test_update_needs_no_data_on_the_host():
     # Meta tensors have shapes but no data: anything that reads values back
     # (.item(), .cpu(), nonzero, masked_select, boolean indexing, bincount)
     # raises on them. So an update that runs on "meta" cannot sync with the
-    # host on a GPU either; the CUDA test below checks the same directly.
+    # host on a GPU either; the CUDA test below checks the same directly. (The exact edge metric's thinning
+    # and matching loop until nothing changes, which the host must read: training evaluates with exact=False.)
     gen = torch.Generator().manual_seed(4)
-    for task, m in ev.metrics_for(TASKS, edge={"tolerance": 2, "unit": "pixels"}).items():
+    for task, m in ev.metrics_for(TASKS, edge={"tolerance": 2, "unit": "pixels", "exact": False}).items():
         pred, target = random_batch(task, 2, gen)
         m.update(pred.to("meta"), target.to("meta"))
         assert all(t.device.type == "meta" for t in m.state.values()), task
@@ -593,7 +703,7 @@ def test_update_does_not_sync_with_host():
     """Every accumulator's update under set_sync_debug_mode("error"): a blocking host-device call raises."""
     gen = torch.Generator().manual_seed(3)
     batches = {task: [x.cuda() for x in random_batch(task, 2, gen)] for task in TASKS}
-    metrics = ev.metrics_for(TASKS)
+    metrics = ev.metrics_for(TASKS, edge={"exact": False})  # the exact odsF loops on the host (see above)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
