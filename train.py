@@ -6,16 +6,16 @@ Sections 1-5 are the training, to be read top to bottom:
 2. Task weighting: equal, uncertainty (Kendall et al.) and DWA (MTAN paper, Eq. 7). Each is a small class that
    depends on torch only, so it can be lifted into another training loop.
 3. The loop, on one screen: `run_training` (the epochs, where DWA updates its weights) -> `train_one_epoch`
-   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step), and the checks
-   after each epoch.
-4. The loop's helpers, in the order it calls them: the schedule and the optimiser, the batches, the progress
-   line, the run folder's log, checkpoint and final table, and the few torchrun helpers.
+   (the batches) -> `training_step` (forward, losses, weighting, backward, optimiser step).
+4. The loop's helpers, in the order it first calls them: the run and its optimiser, the loaders and the
+   schedule, the progress line, the batch and the CUDA graph, the torchrun helpers, the checks after each
+   epoch, the run folder's log, checkpoint and final table.
 5. Models, recipes and configuration: which class each `--model` builds and what else it implies
    (`ModelSpec`), the published recipe of each model family, and every configuration key with its default.
 
 Sections 6-11 are machinery you can skip on a first reading: 6. the Visual Decathlon (a classification
-benchmark with its own loop), 7. the data checks before training and --data-on-device, 8. joining torchrun's
-process group, 9. the run folder (its lock, checkpoints, curves), 10. `--bench`, 11. the command line.
+benchmark with its own loop), 7. --data-on-device, 8. joining torchrun's process group, 9. the run folder (its
+lock, checkpoints, curves), 10. `--bench`, 11. the command line and which flags apply where (FLAG_SCOPE).
 
 `python train.py` with no argument is the quickstart: MTAN with DWA on the embedded synthetic scenes, small
 enough to finish on a laptop CPU in a few minutes. The evaluation loop, checkpoint reading and the metrics
@@ -1074,7 +1074,7 @@ def train_decathlon_epoch(run, epoch):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 7. The data before training: the first samples checked, the training split held on the device
+# 7. --data-on-device: the training split held on the device
 # ------------------------------------------------------------------------------------------------------------
 
 def stack_on_device(dataset, device, workers=0):
