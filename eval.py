@@ -1181,10 +1181,10 @@ def build_parser():
     return p
 
 
-# Which flags each mode of eval.py takes (issue 28, rule 3): --compare; --checkpoint, which evaluates a dense run's
-# split, a Decathlon run's domains, times the split (--bench) or predicts one picture (--image). A typed flag
-# outside its modes is one error line (check_flags), never silently ignored; --checkpoint and --compare go
-# everywhere. Defaults are filled in after the check, so that a flag is "typed" exactly when it is not None.
+# Which flags each mode of eval.py takes (README, "Training", rule 3): --compare; --checkpoint, which evaluates
+# a dense run's split, a Decathlon run's domains, times the split (--bench) or predicts one picture (--image).
+# A typed flag outside its modes is one error line (check_flags), never silently ignored; --checkpoint and
+# --compare go everywhere. Defaults are filled in after the check, so a flag is "typed" exactly when not None.
 MODE_NAMES = {"checkpoint": "--checkpoint", "decathlon": "a Decathlon run", "bench": "--bench", "image": "--image",
               "compare": "--compare"}
 EVAL_FLAG_SCOPE = {

@@ -94,8 +94,8 @@ def test_pascal_trains_and_evaluates_at_the_original_size(tmp_path):
     assert cfg["task_weights"] == {"semantic": 1.0, "parts": 2.0, "saliency": 5.0, "normal": 10.0, "edge": 50.0}
 
 
-# Every flag applies or is refused (issue 28, rule 3): one EVAL_FLAG_SCOPE table; a flag outside its modes is one
-# line naming where it applies (the --checkpoint / --compare rows: test_compare.py)
+# Every flag applies or is refused (README, "Training", rule 3): one EVAL_FLAG_SCOPE table; a flag outside its
+# modes is one line naming where it applies (the --checkpoint / --compare rows: test_compare.py)
 @pytest.mark.parametrize("flags, message", [
     (["--image", "photo.png", "--split", "train"], "--split applies to --checkpoint and --bench, not --image"),
     (["--image", "photo.png", "--subset", "2"], "--subset applies to --checkpoint and --bench, not --image"),
